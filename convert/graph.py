@@ -1,0 +1,191 @@
+"""The Gemma forward pass as a TensorFlow graph, and its conversion to a weightless template.
+
+One config-driven implementation for Gemma 1, 2 and 3. Every weight is a named graph
+*input* (``tf.TensorSpec([out, in])``), so the template ``.tflite`` is a few hundred KB
+whatever the model size; ``surgery.py`` later turns those inputs into (quantized)
+constants written by a streaming writer. Signatures follow LiteRT-LM's contract:
+``prefill_<T>`` (KV caches only) and ``decode`` (``logits [1, 1, V]`` as well).
+
+Shapes: T tokens in the chunk, S context length, D d_model, N query heads,
+K KV heads, G = N / K, H head_dim, F FFN hidden, V vocab.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..runtime.config import GemmaConfig
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import tensorflow as tf  # noqa: E402
+from tensorflow.compiler.tf2xla.python import xla  # noqa: E402  (DYNAMIC_UPDATE_SLICE)
+
+MASK_VALUE = -1e30  # additive mask; every real query sees at least its own key
+
+
+def weight_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical weight names and shapes ([out, in] for linear layers). Norms hold (1 + w)."""
+    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,)}
+    for i in range(cfg.num_layers):
+        p = f"l{i}_"
+        shapes |= {
+            p + "attn_norm": (d,),
+            p + "q": (cfg.num_heads * h, d),
+            p + "k": (cfg.num_kv_heads * h, d),
+            p + "v": (cfg.num_kv_heads * h, d),
+            p + "o": (d, cfg.num_heads * h),
+            p + "ffn_norm": (d,),
+            p + "gate": (f, d),
+            p + "up": (f, d),
+            p + "down": (d, f),
+        }
+        if cfg.has_post_norms:
+            shapes |= {p + "post_attn_norm": (d,), p + "post_ffn_norm": (d,)}
+        if cfg.has_qk_norm:
+            shapes |= {p + "q_norm": (h,), p + "k_norm": (h,)}
+    return shapes
+
+
+def kv_shape(cfg: GemmaConfig, context: int) -> tuple[int, int, int, int]:
+    return (1, cfg.num_kv_heads, context, cfg.head_dim)  # [1, K, S, H]
+
+
+def _rms_norm(x, scale, eps):
+    """Gemma RMSNorm in fp32; ``scale`` already holds (1 + w)."""
+    return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + eps) * scale
+
+
+def _linear(x, w):
+    """[T, in] x [out, in]^T -> [T, out]; lowers to FULLY_CONNECTED on the [out, in] weight."""
+    return tf.matmul(x, w, transpose_b=True)
+
+
+def _rope(x, cos, sin):
+    """Half-split RoPE. x: [T, n, H]; cos, sin: [T, 1, H/2]."""
+    x1, x2 = tf.split(x, 2, axis=-1)
+    return tf.concat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _inv_freq(cfg: GemmaConfig, layer: int) -> np.ndarray:
+    h = cfg.head_dim
+    exponent = np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)
+    inv = 1.0 / (np.float32(cfg.rope_base_for(layer)) ** exponent)
+    return (inv / np.float32(cfg.rope_scale_for(layer))).astype(np.float32)  # [H/2]
+
+
+def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, with_logits: bool):
+    """One chunk of T tokens written at slots input_pos[0] .. input_pos[0]+T-1 of every cache.
+
+    tokens [1, T] int32, input_pos [T] int32 (real tokens are consecutive; padding
+    slots carry position 0 and are overwritten later), caches name -> [1, K, S, H].
+    Returns the updated caches (and ``logits`` [1, 1, V] of the last token).
+    """
+    T = tokens.shape[1]
+    S = caches["kv_cache_k_0"].shape[2]
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    G = N // K
+    eps = cfg.rms_norm_eps
+
+    x = tf.gather(w["embed"], tokens[0]) * np.float32(cfg.embed_scale)  # [T, D]
+
+    pos = tf.cast(input_pos, tf.float32)[:, None]  # [T, 1]
+    q_pos = input_pos[:, None]  # [T, 1]
+    k_pos = tf.range(S, dtype=tf.int32)[None, :]  # [1, S]
+    causal = k_pos <= q_pos  # [T, S]
+    masks = {False: tf.where(causal, 0.0, MASK_VALUE)}  # [T, S], keyed by "is sliding"
+    if cfg.sliding_window and any(cfg.is_sliding(i) for i in range(cfg.num_layers)):
+        in_window = tf.logical_and(causal, q_pos - k_pos < cfg.sliding_window)
+        masks[True] = tf.where(in_window, 0.0, MASK_VALUE)
+    rope_tables = {}  # inv_freq bytes -> (cos, sin), computed once per distinct base
+    start = tf.stack([0, 0, input_pos[0], 0])
+    new_caches = {}
+
+    for i in range(cfg.num_layers):
+        p = f"l{i}_"
+        inv = _inv_freq(cfg, i)
+        if inv.tobytes() not in rope_tables:
+            ang = pos * tf.constant(inv[None, :])  # [T, H/2]
+            rope_tables[inv.tobytes()] = (tf.cos(ang)[:, None, :], tf.sin(ang)[:, None, :])
+        cos, sin = rope_tables[inv.tobytes()]
+
+        # ---- attention ----
+        h = _rms_norm(x, w[p + "attn_norm"], eps)  # [T, D]
+        q = tf.reshape(_linear(h, w[p + "q"]), [T, N, H])  # [T, N, H]
+        k = tf.reshape(_linear(h, w[p + "k"]), [T, K, H])  # [T, K, H]
+        v = tf.reshape(_linear(h, w[p + "v"]), [T, K, H])  # [T, K, H]
+        if cfg.has_qk_norm:
+            q = _rms_norm(q, w[p + "q_norm"], eps)
+            k = _rms_norm(k, w[p + "k_norm"], eps)
+        q = _rope(q, cos, sin) * np.float32(cfg.query_scale)
+        k = _rope(k, cos, sin)
+
+        kc = xla.dynamic_update_slice(
+            caches[f"kv_cache_k_{i}"], tf.transpose(k, [1, 0, 2])[None], start)  # [1, K, S, H]
+        vc = xla.dynamic_update_slice(
+            caches[f"kv_cache_v_{i}"], tf.transpose(v, [1, 0, 2])[None], start)  # [1, K, S, H]
+        new_caches[f"kv_cache_k_{i}"], new_caches[f"kv_cache_v_{i}"] = kc, vc
+
+        # query head n uses KV head n // G: group the G query heads of each KV head
+        qg = tf.reshape(tf.transpose(tf.reshape(q, [T, K, G, H]), [1, 2, 0, 3]), [K, G * T, H])
+        s = tf.matmul(qg, kc[0], transpose_b=True)  # [K, G*T, S]
+        if cfg.attn_softcap:
+            s = tf.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
+        s = tf.reshape(s, [K, G, T, S]) + masks[cfg.is_sliding(i)]  # [K, G, T, S]
+        a = tf.nn.softmax(s, axis=-1)
+        o = tf.matmul(tf.reshape(a, [K, G * T, S]), vc[0])  # [K, G*T, H]
+        o = tf.reshape(tf.transpose(tf.reshape(o, [K, G, T, H]), [2, 0, 1, 3]), [T, N * H])
+        o = _linear(o, w[p + "o"])  # [T, D]
+        if cfg.has_post_norms:
+            o = _rms_norm(o, w[p + "post_attn_norm"], eps)
+        x = x + o
+
+        # ---- GeGLU feed-forward ----
+        h = _rms_norm(x, w[p + "ffn_norm"], eps)  # [T, D]
+        m = tf.nn.gelu(_linear(h, w[p + "gate"]), approximate=True) * _linear(h, w[p + "up"])  # [T, F]
+        m = _linear(m, w[p + "down"])  # [T, D]
+        if cfg.has_post_norms:
+            m = _rms_norm(m, w[p + "post_ffn_norm"], eps)
+        x = x + m
+
+    out = dict(new_caches)
+    if with_logits:
+        last = _rms_norm(x[-1:], w["final_norm"], eps)  # [1, D]
+        logits = _linear(last, w["embed"])  # [1, V]
+        if cfg.final_softcap:
+            logits = tf.tanh(logits / cfg.final_softcap) * cfg.final_softcap
+        out["logits"] = tf.reshape(logits, [1, 1, cfg.vocab_size])
+    return out
+
+
+def _signature_fn(cfg: GemmaConfig, name: str, T: int, context: int, with_logits: bool):
+    shapes = weight_shapes(cfg)
+    kv_names = [f"kv_cache_{c}_{i}" for i in range(cfg.num_layers) for c in "kv"]
+    specs = [tf.TensorSpec([1, T], tf.int32, name="tokens"), tf.TensorSpec([T], tf.int32, name="input_pos")]
+    specs += [tf.TensorSpec(kv_shape(cfg, context), tf.float32, name=n) for n in kv_names]
+    specs += [tf.TensorSpec(s, tf.float32, name=n) for n, s in shapes.items()]
+    names = ["tokens", "input_pos", *kv_names, *shapes]
+
+    def fn(*args):
+        a = dict(zip(names, args))
+        caches = {n: a[n] for n in kv_names}
+        return forward(cfg, {n: a[n] for n in shapes}, a["tokens"], a["input_pos"], caches, with_logits)
+
+    fn.__name__ = name  # the signature key
+    return tf.function(fn, input_signature=specs, autograph=False)
+
+
+def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int]) -> bytes:
+    """Convert the graph (weights as inputs) to a template .tflite: one subgraph per signature."""
+    module = tf.Module()
+    fns = []
+    for T in sorted(set(prefill_lengths)):
+        setattr(module, f"prefill_{T}", _signature_fn(cfg, f"prefill_{T}", T, context, False))
+        fns.append(getattr(module, f"prefill_{T}").get_concrete_function())
+    module.decode = _signature_fn(cfg, "decode", 1, context, True)
+    fns.append(module.decode.get_concrete_function())
+    converter = tf.lite.TFLiteConverter.from_concrete_functions(fns, module)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    return converter.convert()

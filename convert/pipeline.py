@@ -1,0 +1,223 @@
+"""``convert()``: a Gemma checkpoint to one self-describing .tflite, in bounded memory.
+
+The Python API behind ``gemma-convert``. Steps: open the checkpoint lazily, derive the
+config, map the weight names, rebuild or copy the tokenizer, build the weightless
+template, then stream every weight through the quantizer into a temporary file that is
+renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..quantize.schemes import get_scheme, SCHEMES
+from ..runtime import modelfile
+from ..runtime.chat import GEMMA_TEMPLATE
+from ..runtime.config import GemmaConfig
+from ..runtime.errors import (GemmaEdgeError, OutputExistsError, SourceError, TokenizerError,
+                              UnsupportedModelError)
+from ..runtime.tokenizer import Tokenizer
+from . import names as namemap
+from .checkpoint import GGUFCheckpoint, open_checkpoint
+
+DEFAULT_CONTEXT = 2048
+DEFAULT_PREFILL = (8, 32, 128, 512)
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    path: str
+    file_size: int
+    seconds: float
+    peak_rss_mb: float
+    config: GemmaConfig
+    quant: str
+    context_length: int
+    prefill_lengths: tuple[int, ...]
+
+
+class Source:
+    """A checkpoint with its config, tokenizer and name map: canonical weights by row range."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SourceError(f"{path}: no such file or directory. Give a Hugging Face checkpoint "
+                              "directory (config.json, *.safetensors, tokenizer.model) or a .gguf file")
+        self.ckpt = open_checkpoint(str(self.path))
+        infos = self.ckpt.tensors()
+        self.chat_template_jinja = None
+        if isinstance(self.ckpt, GGUFCheckpoint):
+            self.format = "gguf"
+            meta = self.ckpt.metadata()
+            emb = infos.get("token_embd.weight")
+            if emb is None:
+                raise SourceError(f"{path}: GGUF has no token_embd.weight; it is not a Gemma model file")
+            self.config = GemmaConfig.from_gguf(meta, vocab_size=emb.shape[0])
+            from .gguf_tokenizer import sentencepiece_from_gguf
+
+            self.tokenizer_model = sentencepiece_from_gguf(self.ckpt.reader)
+            self.chat_template_jinja = meta.get("tokenizer.chat_template")
+        else:
+            self.format = "safetensors"
+            root = self.path if self.path.is_dir() else self.path.parent
+            cfg_path = root / "config.json"
+            if not cfg_path.exists():
+                raise SourceError(f"{root}: no config.json next to the safetensors; a Hugging Face "
+                                  "checkpoint directory needs config.json, *.safetensors and tokenizer.model")
+            try:
+                hf = json.loads(cfg_path.read_text())
+            except (ValueError, UnicodeDecodeError) as e:
+                raise SourceError(f"{cfg_path}: not valid JSON ({e}); re-download the checkpoint") from None
+            self.config = GemmaConfig.from_hf_config(hf)
+            tok_path = root / "tokenizer.model"
+            if not tok_path.exists():
+                raise TokenizerError(
+                    f"{root}: no tokenizer.model. gemma-edge embeds the SentencePiece tokenizer in the "
+                    "output file; copy tokenizer.model from the original Gemma checkpoint into this directory")
+            self.tokenizer_model = tok_path.read_bytes()
+            tc = root / "tokenizer_config.json"
+            if tc.exists():
+                try:
+                    self.chat_template_jinja = json.loads(tc.read_text()).get("chat_template")
+                except ValueError:
+                    pass
+        self.tokenizer = Tokenizer(self.tokenizer_model)
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise TokenizerError(
+                f"the tokenizer has {self.tokenizer.vocab_size} pieces but the model's embedding has "
+                f"{self.config.vocab_size} rows; the tokenizer belongs to another model")
+        self.map = namemap.build_map(self.format, self.config, infos)
+        self._shift_baked_in = namemap.shift_baked_in(self.format)
+        self._infos = infos
+
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        bad = []
+        for canon, want in shapes.items():
+            src, _ = self.map[canon]
+            got = tuple(self._infos[src].shape)
+            if got != want:
+                bad.append(f"{src} is {got}, expected {want}")
+        if bad:
+            raise SourceError(f"{self.path}: tensor shapes disagree with the config: " + "; ".join(bad[:5]) +
+                              ". The checkpoint and its config.json come from different models")
+
+    def read_rows(self, canon: str, r0: int, r1: int) -> np.ndarray:
+        src, transform = self.map[canon]
+        info = self._infos[src]
+        if len(info.shape) == 1:
+            w = self.ckpt.read(src)[None, :]
+        else:
+            w = self.ckpt.read(src, rows=(r0, r1))
+        if transform == namemap.NORM:
+            w = namemap.norm_scale(w, self._shift_baked_in)
+        return w
+
+    def files(self) -> list[Path]:
+        if self.path.is_file():
+            return [self.path]
+        return sorted(p for p in self.path.iterdir()
+                      if p.suffix in (".safetensors", ".json", ".model") and p.is_file())
+
+    def sha256(self) -> str:
+        h = hashlib.sha256()
+        for f in self.files():
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                while chunk := fh.read(8 << 20):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def close(self):
+        self.ckpt.close()
+
+
+def special_tokens(tok: Tokenizer, cfg: GemmaConfig) -> dict:
+    sot, eot = tok.piece_to_id("<start_of_turn>"), tok.piece_to_id("<end_of_turn>")
+    stops = [tok.eos_id] + ([eot] if eot is not None else [])
+    return {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
+            "start_of_turn_id": sot, "end_of_turn_id": eot, "stop_token_ids": stops}
+
+
+def convert(source: str, output: str, quant: str = "int8", max_context: int | None = None,
+            prefill_lengths=DEFAULT_PREFILL, force: bool = False, progress: bool = True) -> ConvertResult:
+    """Convert ``source`` (HF checkpoint dir or .gguf) to ``output`` (.tflite)."""
+    t0 = time.time()
+    scheme = get_scheme(quant)
+    out = Path(output)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force (force=True) to overwrite it, or choose another -o")
+    if out.is_dir():
+        raise OutputExistsError(f"{out} is a directory; give a file name such as {out / 'model.tflite'}")
+    if not out.parent.exists():
+        raise SourceError(f"the output folder {out.parent} does not exist; create it first")
+
+    src = Source(source)
+    try:
+        from . import graph  # TensorFlow is imported only now, after cheap input checks
+
+        cfg = src.config
+        context = min(max_context or DEFAULT_CONTEXT, cfg.max_position)
+        if context < 2:
+            raise GemmaEdgeError(f"--max-context {context} is too small; use at least 2")
+        lengths = sorted({int(t) for t in prefill_lengths if 0 < int(t) <= context})
+        if not lengths:
+            raise GemmaEdgeError(f"no prefill length in {list(prefill_lengths)} fits the context {context}")
+        shapes = graph.weight_shapes(cfg)
+        src.check_shapes(shapes)
+        template = graph.build_template(cfg, context, lengths)
+        from .tflite_writer import WeightSlot, write_model
+
+        slots = [WeightSlot(n, s, scheme if len(s) == 2 else SCHEMES["fp32"]) for n, s in shapes.items()]
+        meta = {
+            "format": modelfile.FORMAT, "format_version": modelfile.FORMAT_VERSION,
+            "gemma_edge_version": __version__,
+            "config": cfg.to_dict(),
+            "quantization": {"scheme": scheme.to_dict(),
+                             "tensors": {s.name: s.scheme.name for s in slots}},
+            "context_length": context,
+            "prefill_lengths": lengths,
+            "kv_cache": {"layout": "[1, num_kv_heads, context_length, head_dim]", "dtype": "float32"},
+            "tokenizer": {"kind": "sentencepiece", "metadata_name": modelfile.TOKENIZER_KEY,
+                          "add_bos": True, **special_tokens(src.tokenizer, cfg)},
+            "chat_template": {"kind": "gemma", "text": GEMMA_TEMPLATE, "jinja": src.chat_template_jinja},
+            "source": {"name": src.path.name, "format": src.format, "sha256": src.sha256()},
+        }
+        blobs = {modelfile.CONFIG_KEY: json.dumps(meta, indent=1).encode(),
+                 modelfile.TOKENIZER_KEY: src.tokenizer_model}
+        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+        bar = None
+        try:
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=sum(s.nbytes for s in slots), unit="B", unit_scale=True,
+                           desc=f"writing {out.name} ({quant})", leave=False)
+            size = write_model(template, slots, src.read_rows, blobs, str(tmp),
+                               progress=bar.update if bar else None)
+            os.replace(tmp, out)
+        except BaseException as e:  # KeyboardInterrupt included: never leave a half file
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+                raise GemmaEdgeError(f"could not write {out}: {e.strerror or e}. Free disk space or "
+                                     "choose another output folder") from None
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    finally:
+        src.close()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return ConvertResult(str(out), size, time.time() - t0, peak, cfg, quant, context, tuple(lengths))
+
+
+__all__ = ["convert", "ConvertResult", "Source", "UnsupportedModelError"]

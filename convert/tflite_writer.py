@@ -1,0 +1,186 @@
+"""Surgery on the weightless template, and the streaming writer of the final .tflite.
+
+1. Surgery: every weight input of every signature becomes a constant tensor backed by
+   one buffer shared by all signatures (fp32, or int8 with per-channel scales); it is
+   removed from the subgraph and signature inputs. GATHER on the embedding becomes
+   EMBEDDING_LOOKUP, which reads quantized tables, so the tied embedding / LM head is
+   stored once.
+2. Streaming write: weight and metadata buffers live *after* the flatbuffer header
+   (``Buffer.offset`` / ``Buffer.size``, 64-byte aligned), so files over 2 GB work.
+   The header is packed with placeholder offsets and scales to learn its size, the
+   tensors are quantized in row chunks and ``pwrite``-n into place, then the real
+   header (same size: only fixed-width scalars and same-length vectors change) is
+   written at the start. Peak memory is one row chunk plus the header.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import flatbuffers
+import numpy as np
+from ai_edge_litert import schema_py_generated as fb
+
+from ..quantize.reference import quantize_rows
+from ..quantize.schemes import Scheme
+
+ALIGN = 64
+_PLACEHOLDER_OFFSET = 1 << 40  # non-zero, so the field is serialised at its final width
+CHUNK_BYTES = 64 << 20  # float32 bytes of one row chunk read from the checkpoint
+
+RowReader = Callable[[str, int, int], np.ndarray]  # (name, row0, row1) -> float32 [rows, cols]
+
+
+@dataclass
+class WeightSlot:
+    name: str
+    shape: tuple[int, ...]
+    scheme: Scheme
+    buffer: int = -1
+    offset: int = 0
+    scales: np.ndarray | None = None
+    quant_params: list = field(default_factory=list)  # QuantizationParametersT of every signature
+
+    @property
+    def nbytes(self) -> int:
+        rows, cols = (self.shape[0], int(np.prod(self.shape[1:]))) if len(self.shape) > 1 else (1, self.shape[0])
+        return rows * self.scheme.row_bytes(cols)
+
+
+def _opcode_index(model, builtin: int) -> int:
+    for i, oc in enumerate(model.operatorCodes):
+        if max(oc.builtinCode, oc.deprecatedBuiltinCode) == builtin:
+            return i
+    oc = fb.OperatorCodeT()
+    oc.builtinCode = builtin
+    oc.deprecatedBuiltinCode = min(builtin, 127)
+    oc.version = 1
+    model.operatorCodes.append(oc)
+    return len(model.operatorCodes) - 1
+
+
+def apply_surgery(template: bytes, slots: list[WeightSlot], metadata: dict[str, bytes]):
+    """Return (ModelT, metadata slots) with weights as constants and metadata as buffers."""
+    model = fb.ModelT.InitFromPackedBuf(template, 0)
+    by_name = {s.name: s for s in slots}
+    for s in slots:
+        model.buffers.append(fb.BufferT(offset=_PLACEHOLDER_OFFSET, size=s.nbytes))
+        s.buffer = len(model.buffers) - 1
+        if not s.scheme.is_float:
+            s.scales = np.ones(s.shape[0], dtype=np.float32)
+    gather = _opcode_index(model, fb.BuiltinOperator.GATHER)
+    lookup = None
+
+    for sig in model.signatureDefs:
+        sg = model.subgraphs[sig.subgraphIndex]
+        weight_inputs = {t.name.decode(): t.tensorIndex for t in sig.inputs if t.name.decode() in by_name}
+        for name, ti in weight_inputs.items():
+            s = by_name[name]
+            t = sg.tensors[ti]
+            t.buffer = s.buffer
+            t.type = s.scheme.tflite_type
+            if not s.scheme.is_float:
+                qp = fb.QuantizationParametersT()
+                qp.scale = s.scales
+                qp.zeroPoint = np.zeros(s.shape[0], dtype=np.int64)
+                qp.quantizedDimension = 0
+                t.quantization = qp
+                s.quant_params.append(qp)
+        constant = set(weight_inputs.values())
+        sg.inputs = [i for i in sg.inputs if i not in constant]
+        sig.inputs = [t for t in sig.inputs if t.tensorIndex not in constant]
+        # GATHER(table, ids) -> EMBEDDING_LOOKUP(ids, table): reads int8/int4 tables
+        for op in sg.operators:
+            if op.opcodeIndex == gather and op.inputs[0] == weight_inputs["embed"]:
+                if lookup is None:
+                    lookup = _opcode_index(model, fb.BuiltinOperator.EMBEDDING_LOOKUP)
+                op.opcodeIndex = lookup
+                op.inputs = [op.inputs[1], op.inputs[0]]
+                op.builtinOptionsType = 0
+                op.builtinOptions = None
+
+    meta_slots = []
+    model.metadata = list(model.metadata or [])
+    for name, blob in metadata.items():
+        model.buffers.append(fb.BufferT(offset=_PLACEHOLDER_OFFSET, size=len(blob)))
+        m = fb.MetadataT()
+        m.name = name
+        m.buffer = len(model.buffers) - 1
+        model.metadata.append(m)
+        meta_slots.append((m.buffer, blob))
+    model.description = "gemma-edge"
+    return model, meta_slots
+
+
+def _pack(model) -> bytes:
+    b = flatbuffers.Builder(1 << 20)
+    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _row_chunks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
+    step = max(1, CHUNK_BYTES // (4 * max(cols, 1)))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def write_model(template: bytes, slots: list[WeightSlot], read_rows: RowReader,
+                metadata: dict[str, bytes], path: str, progress=None) -> int:
+    """Write the final file to ``path`` (the caller owns temp-naming and renaming).
+
+    ``read_rows(name, r0, r1)`` returns float32 rows of a canonical weight.
+    ``progress(nbytes)`` is called as bytes are written. Returns the file size.
+    """
+    model, meta_slots = apply_surgery(template, slots, metadata)
+    header_len = len(_pack(model))
+    offset = _align(header_len)
+    buffers_at = {}
+    for s in slots:
+        s.offset = offset
+        buffers_at[s.buffer] = offset
+        offset = _align(offset + s.nbytes)
+    for buf, blob in meta_slots:
+        buffers_at[buf] = offset
+        offset = _align(offset + len(blob))
+    total = offset
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, total)
+        for s in slots:
+            rows = s.shape[0] if len(s.shape) > 1 else 1
+            cols = int(np.prod(s.shape[1:])) if len(s.shape) > 1 else s.shape[0]
+            row_bytes = s.scheme.row_bytes(cols)
+            for r0, r1 in _row_chunks(rows, cols):
+                w = read_rows(s.name, r0, r1).reshape(r1 - r0, cols)
+                data, scales = quantize_rows(w, s.scheme)
+                if scales is not None:
+                    s.scales[r0:r1] = scales
+                _pwrite_all(fd, memoryview(np.ascontiguousarray(data)).cast("B"), s.offset + r0 * row_bytes)
+                if progress:
+                    progress((r1 - r0) * row_bytes)
+        for buf, blob in meta_slots:
+            _pwrite_all(fd, blob, buffers_at[buf])
+        for i, off in buffers_at.items():
+            model.buffers[i].offset = off
+        header = _pack(model)
+        if len(header) != header_len:
+            raise RuntimeError(f"header size changed from {header_len} to {len(header)} bytes")
+        _pwrite_all(fd, header, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return total
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n

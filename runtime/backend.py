@@ -1,0 +1,163 @@
+"""Execution of a gemma-edge file on LiteRT: chunked prefill and one-token decode.
+
+The KV cache never passes through Python. With ``ai_edge_litert``'s CompiledModel, one
+TensorBuffer per cache tensor is bound as *both* the input and the output of every
+signature, so DYNAMIC_UPDATE_SLICE updates it in place (how LiteRT-LM runs on CPU).
+``tflite_runtime`` (no CompiledModel) falls back to the Interpreter, copying each
+signature's cache outputs to its inputs through the interpreter's own tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import GemmaEdgeError, ModelFileError
+from .modelfile import ModelInfo
+
+
+def _threads(threads: int | None) -> int:
+    return int(threads) if threads else max(1, min(os.cpu_count() or 1, 4))
+
+
+class CompiledBackend:
+    """ai_edge_litert CompiledModel with the same buffer as KV input and output."""
+
+    name = "ai_edge_litert.CompiledModel (in-place KV cache)"
+
+    def __init__(self, info: ModelInfo, threads: int | None = None):
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.cpu_options import CpuOptions
+        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+        from ai_edge_litert.options import Options
+
+        self.info = info
+        self.threads = _threads(threads)
+        opts = Options(HardwareAccelerator.CPU, cpu_options=CpuOptions(num_threads=self.threads))
+        try:
+            self.model = CompiledModel.from_file(info.path, options=opts)
+        except Exception as e:  # the native loader reports with RuntimeError/ValueError
+            raise ModelFileError(f"{info.path}: LiteRT could not load the model ({e})") from None
+        cfg = info.config
+        self.kv_names = [f"kv_cache_{c}_{i}" for i in range(cfg.num_layers) for c in "kv"]
+        self.kv = {n: self.model.create_input_buffer_by_name("decode", n) for n in self.kv_names}
+        zeros = np.zeros((1, cfg.num_kv_heads, info.context_length, cfg.head_dim), np.float32)
+        for buf in self.kv.values():  # fresh buffers hold garbage; 0 * NaN in masked slots is NaN
+            buf.write(zeros)
+        self.io = {}
+        for T in [*info.prefill_lengths, None]:
+            sig = "decode" if T is None else f"prefill_{T}"
+            self.io[sig] = (self.model.create_input_buffer_by_name(sig, "tokens"),
+                            self.model.create_input_buffer_by_name(sig, "input_pos"))
+        self.logits = self.model.create_output_buffer_by_name("decode", "logits")
+        self.vocab = cfg.vocab_size
+
+    def _run(self, sig: str, tokens: np.ndarray, pos: np.ndarray, outputs: dict):
+        tok_buf, pos_buf = self.io[sig]
+        tok_buf.write(tokens)
+        pos_buf.write(pos)
+        self.model.run_by_name(sig, {"tokens": tok_buf, "input_pos": pos_buf, **self.kv}, {**self.kv, **outputs})
+
+    def prefill_chunk(self, T: int, tokens: np.ndarray, pos: np.ndarray) -> None:
+        self._run(f"prefill_{T}", tokens, pos, {})
+
+    def decode(self, token: int, pos: int) -> np.ndarray:
+        self._run("decode", np.array([[token]], np.int32), np.array([pos], np.int32), {"logits": self.logits})
+        return self.logits.read(self.vocab, np.float32)
+
+
+class InterpreterBackend:
+    """Plain Interpreter (ai_edge_litert or tflite_runtime): caches copied between signatures."""
+
+    name = "Interpreter (KV cache copied per call)"
+
+    def __init__(self, info: ModelInfo, threads: int | None = None):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            try:
+                from tflite_runtime.interpreter import Interpreter
+            except ImportError:
+                raise GemmaEdgeError("no LiteRT interpreter installed: pip install ai-edge-litert "
+                                     "(or tflite-runtime)") from None
+        self.info = info
+        self.threads = _threads(threads)
+        try:
+            self.interp = Interpreter(model_path=info.path, num_threads=self.threads)
+        except Exception as e:
+            raise ModelFileError(f"{info.path}: the LiteRT interpreter could not load it ({e}); "
+                                 "files over 2 GB need ai-edge-litert rather than tflite-runtime") from None
+        cfg = info.config
+        self.kv_names = [f"kv_cache_{c}_{i}" for i in range(cfg.num_layers) for c in "kv"]
+        shape = (1, cfg.num_kv_heads, info.context_length, cfg.head_dim)
+        self.kv = {n: np.zeros(shape, np.float32) for n in self.kv_names}
+        self.runners = {s: self.interp.get_signature_runner(s) for s in self.interp.get_signature_list()}
+
+    def _run(self, sig, tokens, pos):
+        out = self.runners[sig](tokens=tokens, input_pos=pos, **self.kv)
+        for n in self.kv_names:
+            self.kv[n] = out[n]
+        return out
+
+    def prefill_chunk(self, T, tokens, pos):
+        self._run(f"prefill_{T}", tokens, pos)
+
+    def decode(self, token, pos):
+        return self._run("decode", np.array([[token]], np.int32), np.array([pos], np.int32))["logits"].reshape(-1)
+
+
+def make_backend(info: ModelInfo, threads: int | None = None, kind: str = "auto"):
+    if kind in ("auto", "compiled"):
+        try:
+            import ai_edge_litert.compiled_model  # noqa: F401
+        except ImportError:
+            if kind == "compiled":
+                raise GemmaEdgeError("the in-place KV cache needs ai-edge-litert's CompiledModel: "
+                                     "pip install ai-edge-litert") from None
+        else:
+            return CompiledBackend(info, threads)
+    return InterpreterBackend(info, threads)
+
+
+def plan_prefill(n: int, start: int, lengths: list[int], context: int) -> list[tuple[int, int]]:
+    """Split n tokens starting at position ``start`` into (T, count) chunks.
+
+    Largest chunk that fits first; the last partial chunk uses the smallest T that holds
+    it, padded. A chunk never runs past the cache end (DYNAMIC_UPDATE_SLICE would clamp
+    its start and overwrite earlier slots), so near the end smaller T's are used.
+    """
+    lengths = sorted(lengths)
+    plan, pos, left = [], start, n
+    while left > 0:
+        room = context - pos
+        fits = [T for T in lengths if T <= room]
+        if not fits:
+            raise GemmaEdgeError(f"no prefill chunk fits the {room} free cache slots at position {pos}")
+        full = [T for T in fits if T <= left]
+        if full:
+            T = full[-1]
+            count = T
+        else:
+            T = next(T for T in fits if T >= left) if any(T >= left for T in fits) else fits[-1]
+            count = min(T, left)
+        plan.append((T, count))
+        pos += count
+        left -= count
+    return plan
+
+
+def run_prefill(backend, token_ids, start: int) -> None:
+    """Prefill ``token_ids`` at positions start.. (the caller holds back the last token)."""
+    info = backend.info
+    pos = start
+    ids = list(token_ids)
+    i = 0
+    for T, count in plan_prefill(len(ids), start, info.prefill_lengths, info.context_length):
+        tokens = np.zeros((1, T), np.int32)
+        positions = np.zeros((T,), np.int32)
+        tokens[0, :count] = ids[i:i + count]
+        positions[:count] = np.arange(pos, pos + count, dtype=np.int32)
+        backend.prefill_chunk(T, tokens, positions)
+        i += count
+        pos += count

