@@ -525,7 +525,7 @@ class GGUFCheckpoint:
         cur.take(4, "the magic number")
         version = cur.unpack("<I", 4, "the version")
         if version not in _GGUF_VERSIONS:
-            if version & 0xFFFF == 0 and (version >> 16) in range(1, 256):
+            if struct.unpack("<I", struct.pack(">I", version))[0] in _GGUF_VERSIONS:
                 raise SourceError(
                     f"{self.path}: GGUF file is big-endian; gemma-edge reads little-endian GGUF. "
                     "Convert it with llama.cpp's gguf tools or use the Hugging Face checkpoint."

@@ -15,9 +15,10 @@
 
 Nothing sorts the whole vocabulary (262144 entries for Gemma 3). Top-k is an
 ``argpartition``. Top-p sorts only a candidate set: the top-k survivors, or the
-tokens above a probability threshold that is lowered step by step until the
-candidates hold at least ``top_p`` of the mass (the nucleus is a prefix of the
-sorted order, so it lies inside any such set). Min-p is a threshold. The final
+tokens above a probability threshold lowered step by step until they hold
+``top_p`` of the mass (the nucleus is a prefix of the sorted order, so it lies
+inside any such set); when that set would be large, a quickselect by mass over
+the values finds the nucleus in O(vocab). Min-p is a threshold. The final
 draw over the full vocabulary is an inverse-CDF search in two levels (block sums,
 then one block), because a float64 cumsum over 262144 entries costs more than the
 rest of the sampler. ``benchmarks/sampler_speed.py`` measures each path.
@@ -37,10 +38,9 @@ from .errors import GenerationError
 
 Sampler = Callable[[np.ndarray], int]
 
-# Candidate thresholds for top-p, relative to the largest probability. Each step
-# costs one pass over the vocabulary; the first threshold whose survivors hold
-# `top_p` of the mass gives the set that is sorted.
-_TOP_P_THRESHOLDS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-6, 1e-9, 0.0)
+# Top-p fast path: thresholds relative to the largest probability. Each step costs
+# one cheap pass; the first whose (few) survivors hold `top_p` of the mass is sorted.
+_TOP_P_THRESHOLDS = (1e-1, 1e-2, 1e-3, 1e-4)
 _SMALL = 4096  # below this many candidates, just sort / cumsum them directly
 _BLOCK = 512  # block length of the two-level draw
 
@@ -201,30 +201,52 @@ def make_sampler(
 def _nucleus(w: np.ndarray, top_p: float) -> np.ndarray:
     """Indices of the smallest set of largest ``w`` whose sum reaches ``top_p * w.sum()``.
 
-    ``w`` is non-negative with maximum 1. Only a candidate set is sorted: all of ``w``
-    when it is small, else the entries above the first threshold (relative to the
-    maximum) whose survivors already hold enough mass.
+    ``w`` is non-negative with maximum 1; the indices come in no particular order.
+    Fast path (a peaked, language-model-like distribution): the tokens within a
+    factor 10, 100, ... of the maximum are few; as soon as such a set holds
+    enough mass, the nucleus is a prefix of it and only it is sorted. Otherwise
+    (flat distributions, whose nucleus can hold most of the vocabulary) a
+    quickselect on the values finds the nucleus size ``n`` and its smallest value
+    ``tau`` in O(vocab) expected time, and one pass collects the indices.
     """
-    total = float(w.sum(dtype=np.float64))
-    target = top_p * total
-    if w.size <= _SMALL:
-        cand = np.arange(w.size)
-        return _nucleus_of(cand, w, target)
-    for t in _TOP_P_THRESHOLDS:
-        cand = np.flatnonzero(w >= t) if t > 0 else np.arange(w.size)
-        cw = w[cand]
-        if t > 0 and float(cw.sum(dtype=np.float64)) < target:
-            continue  # the nucleus reaches below this threshold
-        return _nucleus_of(cand, w, target)
-    raise AssertionError("unreachable: the last threshold keeps every token")
+    target = top_p * float(w.sum(dtype=np.float64))
+    if w.size > _SMALL:
+        for t in _TOP_P_THRESHOLDS:
+            cand = np.flatnonzero(w >= t)
+            if cand.size > _SMALL:
+                break
+            cw = w[cand]
+            if float(cw.sum(dtype=np.float64)) >= target:
+                n, _ = _nucleus_size(cw, target)
+                return cand[np.argsort(-cw, kind="stable")[:n]]
+    n, tau = _nucleus_size(w, target)
+    above = np.flatnonzero(w > tau)
+    ties = np.flatnonzero(w == tau)[: n - above.size]  # tokens tied at the edge: lowest ids first
+    return np.concatenate([above, ties])
 
 
-def _nucleus_of(cand: np.ndarray, w: np.ndarray, target: float) -> np.ndarray:
-    cw = w[cand]
-    order = np.argsort(-cw, kind="stable")  # most probable first
-    c = np.cumsum(cw[order], dtype=np.float64)
-    n = int(np.searchsorted(c, target, side="left"))  # first prefix with mass >= target
-    return cand[order[: min(n, order.size)]]
+def _nucleus_size(v: np.ndarray, target: float) -> tuple[int, float]:
+    """``(n, tau)``: the fewest largest values of ``v`` summing to ``target``, and the n-th largest.
+
+    Quickselect by mass: split the values in halves with ``np.partition`` and keep the
+    half that holds the answer, so the work is about two passes over ``v``.
+    """
+    count = 0
+    while v.size > _SMALL:
+        k = v.size // 2
+        v = np.partition(v, v.size - k)
+        top = v[v.size - k :]  # the k largest, unordered
+        mass = float(top.sum(dtype=np.float64))
+        if mass >= target:
+            v = top
+        else:
+            count += k
+            target -= mass
+            v = v[: v.size - k]
+    s = np.sort(v)[::-1]  # most probable first
+    c = np.cumsum(s, dtype=np.float64)
+    j = min(int(np.searchsorted(c, target, side="left")) + 1, s.size)  # first prefix reaching target
+    return count + j, float(s[j - 1])
 
 
 def _draw(w: np.ndarray, u: float) -> int:

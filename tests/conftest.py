@@ -63,8 +63,43 @@ def tiny_hf_config(family: int):
                             **common)
 
 
-def make_hf_checkpoint(family: int, out_dir, sp_model_path: str, seed: int = 0, std: float = 0.25):
-    """Save a random-weight transformers Gemma as a real HF checkpoint; returns the model."""
+def corpus_ids(sp_model_path: str, n_tokens: int, seed: int = 1) -> list[int]:
+    """Tokens of generated text (the tiny models' training distribution)."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=sp_model_path)
+    ids: list[int] = []
+    for line in _corpus(400, seed=seed):
+        ids += sp.encode(line)
+        if len(ids) >= n_tokens:
+            break
+    return ids[:n_tokens]
+
+
+def _train(model, sp_model_path: str, steps: int, seq_len: int = 48, batch: int = 16):
+    """A few hundred Adam steps on the generated corpus: the model gets real, peaked
+    next-token distributions, as trained models have (random weights give near-ties,
+    where any rounding flips the argmax)."""
+    import torch
+
+    data = torch.tensor(corpus_ids(sp_model_path, 20000, seed=7))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - seq_len - 1, (batch,), generator=g)
+        x = torch.stack([data[s:s + seq_len] for s in starts])
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def make_hf_checkpoint(family: int, out_dir, sp_model_path: str, seed: int = 0, std: float = 0.25,
+                       train_steps: int = 0):
+    """Save a transformers Gemma (random weights, optionally briefly trained) as a real HF
+    checkpoint; returns the model."""
     import shutil
 
     import torch
@@ -79,6 +114,8 @@ def make_hf_checkpoint(family: int, out_dir, sp_model_path: str, seed: int = 0, 
             # norms around 0 so that the (1 + w) shift matters; linear weights large enough
             # that attention is far from uniform and logits have clear margins
             p.normal_(0.0, 0.3 if "norm" in name else std)
+    if train_steps:
+        _train(model, sp_model_path, train_steps)
     model.save_pretrained(out_dir, safe_serialization=True)
     shutil.copy(sp_model_path, os.path.join(out_dir, "tokenizer.model"))
     return model

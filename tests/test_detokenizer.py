@@ -171,7 +171,7 @@ def test_invalid_bytes_and_control_tokens_inside_a_character(gemma_like):
         check_invariant(gemma_like, ids)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_invariant_random_token_sequences(gemma_like, dummy_prefix, data):
     tok = data.draw(st.sampled_from([gemma_like, dummy_prefix]))
@@ -189,7 +189,7 @@ def test_invariant_random_text(gemma_like, dummy_prefix, text):
         assert not any("\ufffd" in s for s in segments)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(ids=st.lists(st.integers(0, 256 + 24 - 1), max_size=30))
 def test_invariant_byte_level_tokenizer(ids):
     """Pieces that split characters at both ends, and Python's errors='replace' policy."""

