@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from gemma_edge.runtime.errors import SourceError
+from gemma_edge.runtime.errors import GemmaEdgeError, SourceError
 
 __all__ = [
     "Checkpoint",
@@ -342,7 +342,9 @@ class SafetensorsCheckpoint:
         self._where = {name: f for name in f.entries}
 
     def _open_sharded(self, index: Path) -> None:
-        fail = lambda problem: SourceError(f"{index}: {problem}. {_REDOWNLOAD}")  # noqa: E731
+        def fail(problem: str) -> SourceError:
+            return SourceError(f"{index}: {problem}. {_REDOWNLOAD}")
+
         try:
             doc = json.loads(index.read_text(encoding="utf-8"))
         except OSError as e:
@@ -492,7 +494,12 @@ class GGUFCheckpoint:
     """
 
     def __init__(self, path: str | os.PathLike[str]):
-        import gguf  # the converter extra; imported here so the runtime does not need it
+        try:
+            import gguf  # the converter extra; imported here so the runtime does not need it
+        except ImportError as e:
+            raise GemmaEdgeError(
+                f"reading {path} needs the gguf package ({e}); install it with pip install 'gemma-edge[convert]'"
+            ) from e
 
         self._gguf = gguf
         self.path = Path(path)
@@ -586,8 +593,8 @@ class GGUFCheckpoint:
                     f"tensor {n1!r} (bytes {b1}..{e1}) overlaps tensor {n0!r} (bytes {b0}..{e0}); "
                     "the header lies about where the data is"
                 )
-        if spans and spans[-1][1] > self._size:
-            b, e, n = max(spans, key=lambda s: s[1])
+        b, e, n = max(spans, key=lambda s: s[1], default=(0, 0, ""))
+        if e > self._size:
             raise _GGUFTruncated(f"the data of tensor {n!r} (bytes {b}..{e})", e)
         return kv_offsets, tensors
 

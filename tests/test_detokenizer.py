@@ -223,3 +223,22 @@ def test_constant_work_per_token(gemma_like):
     _, segments, tail = stream(Counting(), ids)
     assert "".join(segments) + tail == gemma_like.decode(ids)
     assert max(calls) <= 5 and sum(calls) <= 2 * len(ids)
+
+
+@pytest.mark.slow
+def test_invariant_on_the_real_gemma3_vocabulary(real_gguf):
+    """262144 pieces with USER_DEFINED whitespace runs and the chat markers (~25 s to load)."""
+    import gguf
+
+    from gemma_edge.convert.gguf_tokenizer import sentencepiece_from_gguf
+
+    tok = Tokenizer(sentencepiece_from_gguf(gguf.GGUFReader(real_gguf)))
+    for text in SAMPLES + ["<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ꙮ 𓀀"]:
+        segments = check_invariant(tok, tok.encode(text, add_bos=True, parse_special=True))
+        assert not any("\ufffd" in s for s in segments)
+    rng = random.Random(0)
+    byte_ids = [tok.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
+    for _ in range(2000):
+        n = rng.randint(1, 30)
+        check_invariant(tok, [rng.randrange(tok.vocab_size) if rng.random() < 0.6 else rng.choice(byte_ids)
+                              for _ in range(n)])

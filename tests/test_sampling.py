@@ -65,7 +65,7 @@ def logits() -> np.ndarray:
     return np.random.default_rng(1).normal(0.0, 2.0, 64).astype(np.float32)
 
 
-N = 3000
+N = 2000
 
 
 # ------------------------------------------------------------------------ greedy / temperature
@@ -157,8 +157,8 @@ def big_logits() -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99, 0.999])
-@pytest.mark.parametrize("temperature", [0.7, 1.5, 4.0])
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999])
+@pytest.mark.parametrize("temperature", [0.7, 4.0])  # the threshold fast path, the quickselect
 def test_nucleus_is_exact_on_the_full_vocabulary(big_logits, top_p, temperature):
     w = np.exp((big_logits - big_logits.max()) / np.float32(temperature), dtype=np.float32)
     got = np.sort(_nucleus(w, top_p))
@@ -171,12 +171,25 @@ def test_nucleus_of_a_flat_distribution():
     assert len(_nucleus(w, 0.25)) == 65536
 
 
+@pytest.mark.parametrize("top_p", [0.3, 0.8, 0.97])
+def test_nucleus_with_many_ties_has_the_smallest_size(top_p):
+    """Logits on a coarse grid (as from a quantized model): thousands of exact ties."""
+    x = np.round(np.random.default_rng(6).normal(0.0, 1.5, 262144) * 2) / 2
+    w = np.exp(x - x.max()).astype(np.float32)
+    got = _nucleus(w, top_p)
+    assert len(np.unique(got)) == len(got)
+    s = np.sort(w.astype(np.float64))[::-1]
+    n = int(np.searchsorted(np.cumsum(s), top_p * s.sum())) + 1
+    assert len(got) == n
+    assert np.array_equal(np.sort(w[got])[::-1], s[:n].astype(np.float32))
+
+
 def test_full_vocabulary_samplers_stay_in_their_sets(big_logits):
     for kw in (dict(top_p=0.9), dict(top_k=40), dict(min_p=0.05), dict(top_k=1000, top_p=0.95, min_p=0.01)):
         ref = reference_probs(big_logits, 1.0, **kw)
-        s = draws(make_sampler(temperature=1.0, seed=2, **kw), big_logits, 100)
+        s = draws(make_sampler(temperature=1.0, seed=2, **kw), big_logits, 40)
         assert (ref[s] > 0).all(), kw
-    s = draws(make_sampler(temperature=1.0, seed=2), big_logits, 100)
+    s = draws(make_sampler(temperature=1.0, seed=2), big_logits, 40)
     assert np.isfinite(big_logits[s]).all()
 
 
@@ -188,7 +201,7 @@ def test_two_level_draw_frequencies():
     hot[0] = w.size - 1  # the ragged last block
     hot[1] = 0
     w[hot] = rng.uniform(0.2, 1.0, 12).astype(np.float32)
-    u = np.random.default_rng(9).random(2500)
+    u = np.random.default_rng(9).random(1000)
     samples = np.array([_draw(w, float(x)) for x in u])
     assert_frequencies_match(samples, w / w.sum(dtype=np.float64))
     assert _draw(w, 0.0) == 0 and _draw(w, np.nextafter(1.0, 0.0)) == w.size - 1

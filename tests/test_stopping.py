@@ -94,7 +94,7 @@ def test_empty_stop_string_is_an_error():
         StopStringMatcher([None])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     stops=st.lists(st.text(alphabet="abc\n", min_size=1, max_size=4), min_size=1, max_size=3),
     text=st.text(alphabet="abcd\n", max_size=40),
