@@ -65,7 +65,7 @@ class Source:
             self.config = GemmaConfig.from_gguf(meta, vocab_size=emb.shape[0])
             from .gguf_tokenizer import sentencepiece_from_gguf
 
-            self.tokenizer_model = sentencepiece_from_gguf(self.ckpt.reader)
+            self.tokenizer_model = sentencepiece_from_gguf(self.ckpt)
             self.chat_template_jinja = meta.get("tokenizer.chat_template")
         else:
             self.format = "safetensors"

@@ -9,12 +9,39 @@ signature's cache outputs to its inputs through the interpreter's own tensors.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import numpy as np
 
 from .errors import GemmaEdgeError, ModelFileError
 from .modelfile import ModelInfo
+
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Silence LiteRT's native INFO/WARNING chatter (accelerator registry, plugins) on fd 2.
+
+    Errors still surface as exceptions. Set GEMMA_EDGE_DEBUG=1 to see the native log.
+    """
+    if os.environ.get("GEMMA_EDGE_DEBUG"):
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _threads(threads: int | None) -> int:
@@ -36,7 +63,8 @@ class CompiledBackend:
         self.threads = _threads(threads)
         opts = Options(HardwareAccelerator.CPU, cpu_options=CpuOptions(num_threads=self.threads))
         try:
-            self.model = CompiledModel.from_file(info.path, options=opts)
+            with quiet_native_stderr():
+                self.model = CompiledModel.from_file(info.path, options=opts)
         except Exception as e:  # the native loader reports with RuntimeError/ValueError
             raise ModelFileError(f"{info.path}: LiteRT could not load the model ({e})") from None
         cfg = info.config
@@ -134,13 +162,13 @@ def plan_prefill(n: int, start: int, lengths: list[int], context: int) -> list[t
         fits = [T for T in lengths if T <= room]
         if not fits:
             raise GemmaEdgeError(f"no prefill chunk fits the {room} free cache slots at position {pos}")
+        cover = [T for T in fits if T >= left]
         full = [T for T in fits if T <= left]
-        if full:
-            T = full[-1]
-            count = T
+        if cover and (not full or cover[0] <= 1.25 * left + 8):
+            T = cover[0]  # one padded call beats several small ones when little is wasted
         else:
-            T = next(T for T in fits if T >= left) if any(T >= left for T in fits) else fits[-1]
-            count = min(T, left)
+            T = full[-1] if full else fits[-1]
+        count = min(T, left)
         plan.append((T, count))
         pos += count
         left -= count

