@@ -99,6 +99,26 @@ def proc_status(pid: int) -> dict[str, float]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """All live descendants of pid (via /proc/<pid>/task/<tid>/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
 def fmt_mb(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f} MB"
 
@@ -283,15 +303,17 @@ def _result(obj: dict) -> None:
 
 def child_convert(spec: dict) -> None:
     _mark("python start + import gemma_edge")
+    import importlib.util
+
     import gemma_edge.convert.pipeline as P
     from gemma_edge.convert import tflite_writer
 
-    _mark("import tensorflow")
-    from gemma_edge.convert import graph
-
-    # Stage markers: wrap the pipeline's steps (this process only; no file is changed).
+    # Stage markers: wrap the pipeline's steps (in this process only; no file is changed).
+    # Wrap only what exists, and import TensorFlow only if the pipeline itself would.
     def wrap(obj, attr, stage):
-        orig = getattr(obj, attr)
+        orig = getattr(obj, attr, None)
+        if orig is None:
+            return
 
         def f(*a, **k):
             _mark(stage)
@@ -299,8 +321,14 @@ def child_convert(spec: dict) -> None:
 
         setattr(obj, attr, f)
 
+    if importlib.util.find_spec("gemma_edge.convert.template") is not None:
+        from gemma_edge.convert import template  # TF-free: the template is built in grandchildren
+        wrap(template, "build_template", "build template (TF in child processes)")
+    else:  # older pipeline: TensorFlow in this process, as convert() would import it anyway
+        _mark("import tensorflow")
+        from gemma_edge.convert import graph
+        wrap(graph, "build_template", "build template (TF trace + TFLite convert)")
     wrap(P.Source, "__init__", "open checkpoint (headers, config, tokenizer)")
-    wrap(graph, "build_template", "build template (TF trace + TFLite convert)")
     wrap(P.Source, "sha256", "sha256 of the source files")
     wrap(tflite_writer, "write_model", "surgery + layout")
     wrap(tflite_writer.os, "fsync", "metadata, header, fsync")
@@ -322,7 +350,7 @@ def child_convert(spec: dict) -> None:
     _result({"path": r.path, "file_size": r.file_size, "seconds": r.seconds, "wall_in_child": time.time() - t0,
              "peak_rss_mb": r.peak_rss_mb, "quant": r.quant, "context_length": r.context_length,
              "prefill_lengths": list(r.prefill_lengths), "num_layers": r.config.num_layers,
-             "vocab_size": r.config.vocab_size})
+             "vocab_size": r.config.vocab_size, "tensorflow_in_converter_process": "tensorflow" in sys.modules})
 
 
 def child_load(spec: dict) -> None:
@@ -392,6 +420,9 @@ def run_child(mode: str, spec: dict, interval: float, verbose: bool) -> dict:
         while not done.is_set():
             st = proc_status(proc.pid)
             if st.get("VmRSS"):
+                kids = [proc_status(k).get("VmRSS", 0.0) for k in descendants(proc.pid)]
+                st["Desc"] = sum(kids)  # VmRSS of the child's own children (e.g. TF template builders)
+                st["Tree"] = st["VmRSS"] + st["Desc"]
                 samples.append((time.monotonic(), st))
             done.wait(interval)
 
@@ -432,7 +463,9 @@ def stage_table(run: dict) -> list[dict]:
         rows.append({"stage": name, "start_s": t - run["t_start"], "seconds": t1 - t,
                      "max_rss_mb": max((s.get("VmRSS", 0) for s in inside), default=None),
                      "max_anon_mb": max((s.get("RssAnon", 0) for s in inside), default=None),
-                     "max_file_mb": max((s.get("RssFile", 0) for s in inside), default=None)})
+                     "max_file_mb": max((s.get("RssFile", 0) for s in inside), default=None),
+                     "max_desc_mb": max((s.get("Desc", 0) for s in inside), default=None),
+                     "max_tree_mb": max((s.get("Tree", 0) for s in inside), default=None)})
     return rows
 
 
@@ -446,7 +479,7 @@ def print_stages(run: dict, merge_layers: bool = True) -> None:
                     acc = dict(r, first=r["stage"])
                 else:
                     acc["seconds"] += r["seconds"]
-                    for k in ("max_rss_mb", "max_anon_mb", "max_file_mb"):
+                    for k in ("max_rss_mb", "max_anon_mb", "max_file_mb", "max_desc_mb", "max_tree_mb"):
                         acc[k] = max(x for x in (acc[k], r[k]) if x is not None) if (acc[k] or r[k]) else None
                     acc["stage"] = f"{acc['first']} .. {r['stage'][len('write '):]}"
                 continue
@@ -457,25 +490,27 @@ def print_stages(run: dict, merge_layers: bool = True) -> None:
         if acc is not None:
             merged.append(acc)
         rows = merged
-    print(f"    {'stage':46s} {'start':>7s} {'secs':>7s} {'max VmRSS':>11s} {'RssAnon':>10s} {'RssFile':>10s}")
+    print(f"    {'stage':46s} {'start':>7s} {'secs':>7s} {'max VmRSS':>11s} {'RssAnon':>10s} {'RssFile':>10s} "
+          f"{'children':>10s} {'tree':>10s}")
     for r in rows:
         print(f"    {r['stage'][:46]:46s} {r['start_s']:7.1f} {r['seconds']:7.1f} {fmt_mb(r['max_rss_mb']):>11s} "
-              f"{fmt_mb(r['max_anon_mb']):>10s} {fmt_mb(r['max_file_mb']):>10s}")
+              f"{fmt_mb(r['max_anon_mb']):>10s} {fmt_mb(r['max_file_mb']):>10s} {fmt_mb(r.get('max_desc_mb')):>10s} "
+              f"{fmt_mb(r.get('max_tree_mb')):>10s}")
 
 
 def print_timeline(run: dict, step_mb: float = 64.0, every_s: float = 5.0) -> None:
     """Coarse timeline: a row when the stage changes, RSS moves by step_mb, or every every_s."""
     marks = sorted(run["marks"])
-    print(f"    {'t (s)':>7s} {'VmRSS':>10s} {'RssAnon':>10s} {'RssFile':>10s}  stage")
+    print(f"    {'t (s)':>7s} {'VmRSS':>10s} {'RssAnon':>10s} {'RssFile':>10s} {'children':>10s}  stage")
     last = None
     for i, (ts, s) in enumerate(run["samples"]):
         stage = stage_of(marks, ts)
-        rss = s.get("VmRSS", 0.0)
+        rss = s.get("Tree", s.get("VmRSS", 0.0))
         final = i == len(run["samples"]) - 1
         if (last is None or stage != last[1] or abs(rss - last[2]) >= step_mb
                 or ts - last[0] >= every_s or final):
             print(f"    {ts - run['t_start']:7.1f} {fmt_mb(rss):>10s} {fmt_mb(s.get('RssAnon')):>10s} "
-                  f"{fmt_mb(s.get('RssFile')):>10s}  {stage}")
+                  f"{fmt_mb(s.get('RssFile')):>10s} {fmt_mb(s.get('Desc')):>10s}  {stage}")
             last = (ts, stage, rss)
 
 
@@ -507,7 +542,7 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cold", action="store_true",
                     help="evict the checkpoint from the page cache before converting (fadvise DONTNEED)")
-    ap.add_argument("--no-progress", action="store_true", help="no converter progress bar")
+    ap.add_argument("--no-progress", action="store_true", help="no converter progress bar (shown only when stderr is a terminal)")
     ap.add_argument("--quiet-children", action="store_true", help="hide the children's output")
     return ap.parse_args(argv)
 
@@ -557,7 +592,8 @@ def main(argv=None) -> int:
             # 2. convert in a child
             print(f"\n[2] converting ({quant}) in a child process -> {out}")
             spec = {"source": str(ckpt), "output": str(out), "quant": quant, "max_context": args.max_context,
-                    "prefill_lengths": lengths, "progress": not args.no_progress}
+                    "prefill_lengths": lengths,
+                    "progress": not args.no_progress and not args.quiet_children and sys.stderr.isatty()}
             run = run_child("convert", spec, args.interval, not args.quiet_children)
             q["convert"] = summarize_run(run)
             if run["returncode"] != 0 or not run["result"]:
@@ -569,7 +605,8 @@ def main(argv=None) -> int:
                   f"file {fmt_bytes(r['file_size'])}")
             print(f"    peak RSS: wait4 {fmt_mb(run['wait4_maxrss_mb'])}, RUSAGE_CHILDREN "
                   f"{fmt_mb(run['rusage_children_maxrss_mb'])}, ConvertResult.peak_rss_mb "
-                  f"{fmt_mb(r['peak_rss_mb'])}")
+                  f"{fmt_mb(r['peak_rss_mb'])} (each is the largest single process: the child or one of its "
+                  f"children); TensorFlow imported in the converter process: {r.get('tensorflow_in_converter_process')}")
             print("    per stage (sampled every %.1f s):" % args.interval)
             print_stages(run)
             if args.timeline:
@@ -635,6 +672,7 @@ def print_summary(report: dict, args) -> None:
         peak_ok = peak is not None and cr and peak < TARGET_PEAK_MB
         anon = max((s["max_anon_mb"] or 0 for s in c.get("stages", [])), default=None)
         fil = max((s["max_file_mb"] or 0 for s in c.get("stages", [])), default=None)
+        tree = max((s.get("max_tree_mb") or 0 for s in c.get("stages", [])), default=None)
         rows += [
             (f"[{quant}] convert wall time", f"{c.get('wall_s', float('nan')):.1f} s"
              + (f" ({cr['seconds']:.1f} s in convert())" if cr else ""), ""),
@@ -642,7 +680,9 @@ def print_summary(report: dict, args) -> None:
              + ("PASS" if peak_ok else "FAIL")),
             (f"[{quant}] ConvertResult.peak_rss_mb", fmt_mb(cr.get("peak_rss_mb")), ""),
             (f"[{quant}] RUSAGE_CHILDREN max", fmt_mb(c.get("rusage_children_maxrss_mb")), ""),
-            (f"[{quant}] sampled max RssAnon / RssFile", f"{fmt_mb(anon)} / {fmt_mb(fil)}", ""),
+            (f"[{quant}] sampled max RssAnon / RssFile", f"{fmt_mb(anon)} / {fmt_mb(fil)}", "(converter process)"),
+            (f"[{quant}] sampled max tree RSS", fmt_mb(tree), "(converter + its children, summed)"),
+            (f"[{quant}] TensorFlow in converter process", str(cr.get("tensorflow_in_converter_process", "-")), ""),
             (f"[{quant}] output size", fmt_bytes(cr["file_size"]) if cr else "-", ""),
         ]
         load_ok = bool(lr) and lr.get("logits_finite") and not lr.get("tensorflow_imported")

@@ -17,40 +17,13 @@ import os
 import numpy as np
 
 from ..runtime.config import GemmaConfig
+from .template import kv_shape, weight_shapes
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import tensorflow as tf  # noqa: E402
 from tensorflow.compiler.tf2xla.python import xla  # noqa: E402  (DYNAMIC_UPDATE_SLICE)
 
 MASK_VALUE = -1e30  # additive mask; every real query sees at least its own key
-
-
-def weight_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical weight names and shapes ([out, in] for linear layers). Norms hold (1 + w)."""
-    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,)}
-    for i in range(cfg.num_layers):
-        p = f"l{i}_"
-        shapes |= {
-            p + "attn_norm": (d,),
-            p + "q": (cfg.num_heads * h, d),
-            p + "k": (cfg.num_kv_heads * h, d),
-            p + "v": (cfg.num_kv_heads * h, d),
-            p + "o": (d, cfg.num_heads * h),
-            p + "ffn_norm": (d,),
-            p + "gate": (f, d),
-            p + "up": (f, d),
-            p + "down": (d, f),
-        }
-        if cfg.has_post_norms:
-            shapes |= {p + "post_attn_norm": (d,), p + "post_ffn_norm": (d,)}
-        if cfg.has_qk_norm:
-            shapes |= {p + "q_norm": (h,), p + "k_norm": (h,)}
-    return shapes
-
-
-def kv_shape(cfg: GemmaConfig, context: int) -> tuple[int, int, int, int]:
-    return (1, cfg.num_kv_heads, context, cfg.head_dim)  # [1, K, S, H]
 
 
 def _rms_norm(x, scale, eps):
@@ -180,15 +153,30 @@ def _signature_fn(cfg: GemmaConfig, name: str, T: int, context: int, with_logits
     return tf.function(fn, input_signature=specs, autograph=False)
 
 
-def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int]) -> bytes:
+def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], decode: bool = True) -> bytes:
     """Convert the graph (weights as inputs) to a template .tflite: one subgraph per signature."""
     module = tf.Module()
     fns = []
     for T in sorted(set(prefill_lengths)):
         setattr(module, f"prefill_{T}", _signature_fn(cfg, f"prefill_{T}", T, context, False))
         fns.append(getattr(module, f"prefill_{T}").get_concrete_function())
-    module.decode = _signature_fn(cfg, "decode", 1, context, True)
-    fns.append(module.decode.get_concrete_function())
+    if decode:
+        module.decode = _signature_fn(cfg, "decode", 1, context, True)
+        fns.append(module.decode.get_concrete_function())
     converter = tf.lite.TFLiteConverter.from_concrete_functions(fns, module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     return converter.convert()
+
+
+if __name__ == "__main__":  # one signature per child process: see template.py
+    import json
+    import sys
+
+    cfg_json, context, signature, out_path = sys.argv[1:5]
+    cfg = GemmaConfig.from_dict(json.loads(cfg_json))
+    if signature == "decode":
+        data = build_template(cfg, int(context), [])
+    else:
+        data = build_template(cfg, int(context), [int(signature.removeprefix("prefill_"))], decode=False)
+    with open(out_path, "wb") as f:
+        f.write(data)

@@ -163,7 +163,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
 
     src = Source(source)
     try:
-        from . import graph  # TensorFlow is imported only now, after cheap input checks
+        from . import template
 
         cfg = src.config
         context = min(max_context or DEFAULT_CONTEXT, cfg.max_position)
@@ -172,9 +172,9 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         lengths = sorted({int(t) for t in prefill_lengths if 0 < int(t) <= context})
         if not lengths:
             raise GemmaEdgeError(f"no prefill length in {list(prefill_lengths)} fits the context {context}")
-        shapes = graph.weight_shapes(cfg)
+        shapes = template.weight_shapes(cfg)
         src.check_shapes(shapes)
-        template = graph.build_template(cfg, context, lengths)
+        tpl = template.build_template(cfg, context, lengths)  # TensorFlow runs in children
         from .tflite_writer import WeightSlot, write_model
 
         slots = [WeightSlot(n, s, scheme if len(s) == 2 else SCHEMES["fp32"]) for n, s in shapes.items()]
@@ -202,7 +202,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
 
                 bar = tqdm(total=sum(s.nbytes for s in slots), unit="B", unit_scale=True,
                            desc=f"writing {out.name} ({quant})", leave=False)
-            size = write_model(template, slots, src.read_rows, blobs, str(tmp),
+            size = write_model(tpl, slots, src.read_rows, blobs, str(tmp),
                                progress=bar.update if bar else None)
             os.replace(tmp, out)
         except BaseException as e:  # KeyboardInterrupt included: never leave a half file
@@ -216,7 +216,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
                 bar.close()
     finally:
         src.close()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     return ConvertResult(str(out), size, time.time() - t0, peak, cfg, quant, context, tuple(lengths))
 
 

@@ -114,7 +114,7 @@ def apply_surgery(template: bytes, slots: list[WeightSlot], metadata: dict[str, 
     return model, meta_slots
 
 
-def _pack(model) -> bytes:
+def pack(model) -> bytes:
     b = flatbuffers.Builder(1 << 20)
     b.Finish(model.Pack(b), file_identifier=b"TFL3")
     return bytes(b.Output())
@@ -138,7 +138,7 @@ def write_model(template: bytes, slots: list[WeightSlot], read_rows: RowReader,
     ``progress(nbytes)`` is called as bytes are written. Returns the file size.
     """
     model, meta_slots = apply_surgery(template, slots, metadata)
-    header_len = len(_pack(model))
+    header_len = len(pack(model))
     offset = _align(header_len)
     buffers_at = {}
     for s in slots:
@@ -169,7 +169,7 @@ def write_model(template: bytes, slots: list[WeightSlot], read_rows: RowReader,
             _pwrite_all(fd, blob, buffers_at[buf])
         for i, off in buffers_at.items():
             model.buffers[i].offset = off
-        header = _pack(model)
+        header = pack(model)
         if len(header) != header_len:
             raise RuntimeError(f"header size changed from {header_len} to {len(header)} bytes")
         _pwrite_all(fd, header, 0)

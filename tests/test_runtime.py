@@ -1,0 +1,344 @@
+"""The Python API (``gemma_edge.load``) on a real converted file, run by the real LiteRT runtime.
+
+One tiny Gemma 3 (briefly trained, so its next-token distributions are peaked) is made and
+converted at fp32 once per session; ``test_cli.py`` shares it through ``tiny_gemma3()``.
+Greedy decoding is checked against transformers run greedily from the same ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import corpus_ids, hf_logits, make_hf_checkpoint
+
+CONTEXT, PREFILL = 64, (8, 32)
+BOS, EOS, SOT, EOT = 2, 1, 4, 5  # ids fixed by the test tokenizer (conftest.sp_model_path)
+
+# The greedy oracle is meaningful only where transformers' top-1 beats its top-2 clearly;
+# fp32 LiteRT agrees with transformers to ~1e-5 relative, so this margin is ample.
+MIN_MARGIN = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyGemma3:
+    checkpoint: Path  # Hugging Face directory (config.json, model.safetensors, tokenizer.model)
+    model_file: Path  # its fp32 gemma-edge .tflite, context 64, prefill chunks 8 and 32
+
+
+def tiny_gemma3(tmp_path_factory, sp_model_path: str) -> TinyGemma3:
+    """Make the checkpoint and its conversion once per session (both test modules call this).
+
+    The result lives under the session's base temp directory; the .tflite is renamed into
+    place by ``convert`` only when complete, so its existence means both steps finished.
+    """
+    root = tmp_path_factory.getbasetemp() / "tiny_gemma3"
+    made = TinyGemma3(root / "ckpt", root / "model_fp32.tflite")
+    if made.model_file.exists():
+        return made
+    import torch
+
+    from gemma_edge.convert.pipeline import convert
+
+    root.mkdir(exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the model is tiny: one thread trains it 3x faster on a busy machine
+    try:
+        make_hf_checkpoint(3, made.checkpoint, sp_model_path, seed=3, std=0.1, train_steps=100)
+    finally:
+        torch.set_num_threads(threads)
+    convert(str(made.checkpoint), str(made.model_file), quant="fp32", max_context=CONTEXT,
+            prefill_lengths=PREFILL, progress=False)
+    return made
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, sp_model_path) -> TinyGemma3:
+    return tiny_gemma3(tmp_path_factory, sp_model_path)
+
+
+@pytest.fixture(scope="module")
+def path(tiny) -> str:
+    return str(tiny.model_file)
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny.checkpoint, attn_implementation="eager").eval()
+
+
+@pytest.fixture
+def model(path):
+    """A freshly loaded model: its KV cache holds nothing yet."""
+    import gemma_edge
+
+    return gemma_edge.load(path)
+
+
+def hf_greedy(hf_model, ids: list[int], n: int, stop_ids=(EOS, EOT)) -> list[int]:
+    """transformers, greedily: n tokens (fewer if a stop id comes first, which is kept)."""
+    seq, out = list(ids), []
+    for _ in range(n):
+        logits = hf_logits(hf_model, seq)[-1]  # [V]
+        top2 = np.sort(logits)[-2:]
+        assert top2[1] - top2[0] > MIN_MARGIN, f"near-tie after {len(out)} tokens: pick another prompt"
+        token = int(np.argmax(logits))
+        out.append(token)
+        seq.append(token)
+        if token in stop_ids:
+            break
+    return out
+
+
+def prompt_ids(sp_model_path: str, n: int, seed: int) -> list[int]:
+    return [BOS] + corpus_ids(sp_model_path, n - 1, seed=seed)
+
+
+# ---- greedy generation against transformers -----------------------------------------------
+
+@pytest.mark.parametrize("n_prompt", [3, 11, 40])
+def test_greedy_matches_transformers(model, hf_model, sp_model_path, n_prompt):
+    """40 tokens prefill as 32 + 8 and decode past the sliding window (8)."""
+    ids = prompt_ids(sp_model_path, n_prompt, seed=5)
+    want = hf_greedy(hf_model, ids, 16)
+    got = model.generate(ids, max_tokens=16, temperature=0)
+    assert got.tokens == want
+    assert got.finish_reason == ("stop" if want[-1] in (EOS, EOT) else "length")
+    assert got.prompt_tokens == n_prompt and got.prefilled_tokens == n_prompt
+
+
+def test_text_prompt_gets_one_bos(model, hf_model):
+    text = "the model and the cache"
+    ids = model.tokenizer.encode(text, add_bos=True)
+    assert ids[0] == BOS and BOS not in ids[1:]
+    got = model.generate(text, max_tokens=8, temperature=0)
+    assert got.prompt_tokens == len(ids)
+    assert got.tokens == hf_greedy(hf_model, ids, 8)
+
+
+# ---- streaming -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0),
+                                      dict(temperature=1.0, top_k=20, seed=1),
+                                      dict(temperature=1.5, top_p=0.9, seed=2),
+                                      dict(temperature=1.0, seed=3)],
+                         ids=["greedy", "top_k", "top_p", "plain"])
+def test_stream_segments_join_to_decode(model, sp_model_path, sampling):
+    ids = prompt_ids(sp_model_path, 9, seed=6)
+    responses = list(model.stream_generate(ids, max_tokens=40, **sampling))
+    tokens = [r.token for r in responses]
+    shown = [t for t in tokens if t not in model.stop_token_ids]
+    assert "".join(r.text for r in responses) == model.tokenizer.decode(shown)
+    assert [r.finish_reason for r in responses[:-1]] == [None] * (len(responses) - 1)
+    assert responses[-1].finish_reason in ("stop", "length")
+    assert [r.generation_tokens for r in responses] == list(range(1, len(responses) + 1))
+    for r in responses:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            r.text = "changed"
+    result = model.generate(ids, max_tokens=40, **sampling)  # generate() joins the same stream
+    assert (result.text, result.tokens) == ("".join(r.text for r in responses), tokens)
+
+
+# ---- sampling ------------------------------------------------------------------------------
+
+def test_seeded_sampling_repeats_and_seeds_differ(model, sp_model_path):
+    ids = prompt_ids(sp_model_path, 6, seed=8)
+    kw = dict(max_tokens=32, temperature=1.0, top_k=20, stop_tokens=False)
+    a = model.generate(ids, seed=7, **kw).tokens
+    b = model.generate(ids, seed=7, **kw).tokens
+    c = model.generate(ids, seed=8, **kw).tokens
+    assert a == b
+    assert a != c
+    assert a != model.generate(ids, max_tokens=32, temperature=0, stop_tokens=False).tokens
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-1),
+                                 dict(max_tokens=0)], ids=lambda d: next(iter(d)))
+def test_bad_sampling_values_raise(model, bad):
+    from gemma_edge.runtime.errors import GenerationError
+
+    name = next(iter(bad))
+    with pytest.raises(GenerationError, match=name):
+        model.generate([BOS, 300], **bad)
+    with pytest.raises(GenerationError, match=name):
+        next(model.stream_generate([BOS, 300], **bad))
+
+
+# ---- the KV cache across calls ---------------------------------------------------------------
+
+def test_prefix_reuse(model, hf_model, sp_model_path):
+    ids = prompt_ids(sp_model_path, 20, seed=9)
+    first = model.generate(ids, max_tokens=8, temperature=0)
+    again = model.generate(ids, max_tokens=8, temperature=0)
+    assert first.prefilled_tokens == 20
+    assert again.prefilled_tokens == 1  # only the last prompt token runs, through decode
+    assert again.tokens == first.tokens == hf_greedy(hf_model, ids, 8)
+
+    # A prompt that continues the last generation reuses the generated tokens too.
+    longer = ids + first.tokens[:3]
+    cont = model.generate(longer, max_tokens=5, temperature=0)
+    assert cont.prefilled_tokens == 1
+    assert cont.tokens == first.tokens[3:8]
+
+    # A prompt that diverges at position 12 keeps 12 cached positions; the stale entries
+    # after them must not leak into the new continuation.
+    other = ids[:12] + corpus_ids(sp_model_path, 10, seed=10)
+    diverged = model.generate(other, max_tokens=8, temperature=0)
+    assert diverged.prefilled_tokens == len(other) - 12
+    assert diverged.tokens == hf_greedy(hf_model, other, 8)
+
+
+# ---- chat ------------------------------------------------------------------------------------
+
+def test_chat_second_turn_prefills_only_new_tokens(model, path, hf_model):
+    import gemma_edge
+    from gemma_edge.runtime import chat
+
+    system, first_msg, second_msg = "Be brief.", "the model", "a cache"
+    rendered = chat.render([{"role": "system", "content": system}, {"role": "user", "content": first_msg}])
+    assert rendered == (f"<start_of_turn>user\n{system}\n\n{first_msg}<end_of_turn>\n"
+                        "<start_of_turn>model\n")  # no turn of its own: folded into the first user turn
+
+    conv = model.chat(system=system)
+    turn1 = list(conv.send(first_msg, temperature=0, max_tokens=8))
+    prompt1 = model.tokenizer.encode(rendered, add_bos=True, parse_special=True)
+    assert prompt1[:2] == [BOS, SOT] and prompt1.count(SOT) == 2 and prompt1.count(EOT) == 1
+    assert turn1[-1].prompt_tokens == len(prompt1)
+    assert conv.tokens[:len(prompt1)] == prompt1
+    assert conv.tokens[len(prompt1):len(prompt1) + len(turn1)] == [r.token for r in turn1]
+    assert conv.tokens[-1] == EOT  # a reply cut by max_tokens still closes its turn
+    history = list(conv.tokens)
+
+    turn2 = list(conv.send(second_msg, temperature=0, max_tokens=8))
+    reply2 = [r.token for r in turn2]
+    prompt2 = conv.tokens[:turn2[-1].prompt_tokens]
+    assert prompt2[:len(history)] == history
+    new = prompt2[len(history):]
+    assert new == model.tokenizer.encode(
+        "\n" + chat.render([{"role": "user", "content": second_msg}]), add_bos=False, parse_special=True)
+    assert conv.messages == [{"role": "user", "content": first_msg},
+                             {"role": "model", "content": "".join(r.text for r in turn1)},
+                             {"role": "user", "content": second_msg},
+                             {"role": "model", "content": "".join(r.text for r in turn2)}]
+
+    # The cache held every token fed so far (prompt 1 and reply 1 but its last token, which
+    # was sampled and never run); turn 2 prefills the rest: reply 1's last token, the closing
+    # <end_of_turn> and the new user turn.
+    fed = len(prompt1) + len(turn1) - 1
+    assert all(r.prefilled_tokens == len(prompt2) - fed for r in turn2)
+    assert turn2[-1].prefilled_tokens <= len(new) + 2 < len(prompt2) // 2
+
+    fresh = gemma_edge.load(path).generate(prompt2, temperature=0, max_tokens=8)
+    assert fresh.prefilled_tokens == len(prompt2)
+    assert reply2 == fresh.tokens == hf_greedy(hf_model, prompt2, 8)
+
+
+# ---- stop strings --------------------------------------------------------------------------
+
+def test_stop_string_spanning_tokens(model, sp_model_path):
+    ids = prompt_ids(sp_model_path, 9, seed=11)
+    greedy = model.generate(ids, max_tokens=24, temperature=0, stop_tokens=False)
+    decode = model.tokenizer.decode
+    ends = [len(decode(greedy.tokens[:k])) for k in range(len(greedy.tokens) + 1)]  # text after k tokens
+    assert decode(greedy.tokens) == greedy.text
+    # From the second character of one token's text to the first character of the next one's.
+    j = next(j for j in range(2, len(greedy.tokens) - 1)
+             if ends[j + 1] - ends[j] >= 2 and ends[j + 2] > ends[j + 1])
+    stop = greedy.text[ends[j] + 1:ends[j + 1] + 1]
+    cut = greedy.text.find(stop)
+    k = next(k for k in range(len(greedy.tokens) + 1) if stop in decode(greedy.tokens[:k]))
+
+    got = model.generate(ids, max_tokens=24, temperature=0, stop=["never appears", stop],
+                         stop_tokens=False)
+    assert got.finish_reason == "stop"
+    assert got.text == greedy.text[:cut]
+    assert got.tokens == greedy.tokens[:k]  # generation ended at the token completing the stop
+
+    streamed = list(model.stream_generate(ids, max_tokens=24, temperature=0, stop=[stop], stop_tokens=False))
+    assert "".join(r.text for r in streamed) == greedy.text[:cut]
+
+    untouched = model.generate(ids, max_tokens=24, temperature=0, stop=["never appears"], stop_tokens=False)
+    assert (untouched.text, untouched.finish_reason) == (greedy.text, "length")
+
+
+# ---- the context -----------------------------------------------------------------------------
+
+def test_prompt_over_context_raises_before_any_work(model, sp_model_path):
+    from gemma_edge.runtime.errors import GenerationError
+
+    short = prompt_ids(sp_model_path, 10, seed=12)
+    before = model.generate(short, max_tokens=4, temperature=0)
+    too_long = prompt_ids(sp_model_path, CONTEXT + 1, seed=13)
+    with pytest.raises(GenerationError) as e:
+        model.generate(too_long, max_tokens=4)
+    assert str(CONTEXT + 1) in str(e.value) and str(CONTEXT) in str(e.value)
+    text = " ".join(["model"] * 100)
+    with pytest.raises(GenerationError, match=f"{len(model.encode(text))} tokens .* {CONTEXT}"):
+        model.generate(text)  # text, too
+    after = model.generate(short, max_tokens=4, temperature=0)  # the cache was not touched
+    assert after.prefilled_tokens == 1 and after.tokens == before.tokens
+
+
+def test_every_prompt_that_fits_can_be_prefilled(path):
+    """Wherever the cached prefix ends, the rest of a prompt that fits is prefilled, in
+    chunks that never run past the cache end (the chunk lengths here are 8 and 32)."""
+    from gemma_edge.runtime.backend import plan_prefill
+
+    failures = []
+    for start in range(CONTEXT):
+        for n in range(1, CONTEXT - start + 1):
+            try:
+                plan = plan_prefill(n, start, list(PREFILL), CONTEXT)
+            except Exception as e:  # noqa: BLE001 - collected and reported below
+                failures.append(f"{n} tokens at {start}: {e}")
+                continue
+            pos = start
+            for T, count in plan:
+                assert 0 < count <= T and pos + T <= CONTEXT, (n, start, plan)
+                pos += count
+            assert pos == start + n, (n, start, plan)
+    assert not failures, f"{len(failures)} cases, e.g. " + "; ".join(failures[:3])
+
+
+def test_prefill_near_the_context_end_after_a_cached_prefix(model, hf_model, sp_model_path):
+    """A chat's later turns: 41 positions cached, then 18 new tokens (8 + 8 + 2 near the end)."""
+    ids = prompt_ids(sp_model_path, 60, seed=15)
+    model.generate(ids[:42], max_tokens=1, temperature=0)  # caches positions 0..40
+    got = model.generate(ids[:60], max_tokens=4, temperature=0, stop_tokens=False)
+    assert got.prefilled_tokens == 60 - 41
+    assert got.tokens == hf_greedy(hf_model, ids[:60], 4, stop_ids=())
+
+
+@pytest.mark.parametrize("n_prompt", [CONTEXT - 5, CONTEXT])
+def test_generation_stops_at_context_end(model, hf_model, sp_model_path, n_prompt):
+    """Every cache slot is used: prompt + generated - 1 (the last token is never run) = context."""
+    ids = prompt_ids(sp_model_path, n_prompt, seed=14)
+    got = model.generate(ids, max_tokens=100, temperature=0, stop_tokens=False)
+    assert got.finish_reason == "length"
+    assert n_prompt + len(got.tokens) - 1 == CONTEXT
+    assert got.tokens == hf_greedy(hf_model, ids, len(got.tokens), stop_ids=())
+
+
+# ---- imports ---------------------------------------------------------------------------------
+
+def test_runtime_never_imports_tensorflow(path):
+    code = (
+        "import json, sys\n"
+        "import gemma_edge\n"
+        f"m = gemma_edge.load({path!r})\n"
+        "r = m.generate('the model', max_tokens=4, temperature=0)\n"
+        "print(json.dumps({'tokens': r.tokens, 'tf': sorted(k for k in sys.modules if k.split('.')[0] in "
+        "('tensorflow', 'tf_keras', 'keras', 'torch', 'transformers'))}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(out["tokens"]) >= 1
+    assert out["tf"] == []
