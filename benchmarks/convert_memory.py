@@ -10,7 +10,8 @@
    appended, so this process stays small (its peak RSS is printed).
 2. Converts it with ``gemma_edge.convert.pipeline.convert`` in a child process, so the
    converter's peak RSS is measured alone: ``wait4`` rusage of that child,
-   ``getrusage(RUSAGE_CHILDREN)`` and the ``ConvertResult.peak_rss_mb`` the child reports.
+   ``getrusage(RUSAGE_CHILDREN)`` and the ``ConvertResult.peak_rss_mb`` the child reports
+   (ru_maxrss survives fork + exec, so this process's own peak, ~100 MB, is a floor).
    /proc/<pid>/status is sampled while it runs (VmRSS = RssAnon + RssFile + RssShmem):
    the per-stage peaks are always printed, ``--timeline`` prints the samples too.
 3. Loads the result TensorFlow-free in another child (read_info, make_backend,
@@ -398,9 +399,11 @@ def child_load(spec: dict) -> None:
 def run_child(mode: str, spec: dict, interval: float, verbose: bool) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
     cmd = [sys.executable, os.path.abspath(__file__), f"--child-{mode}", json.dumps(spec)]
+    floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss survives fork + exec
     t_start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None if verbose else subprocess.PIPE,
                             text=True, env=env)
+    err_tail: list[str] = []  # the last lines of a quiet child's stderr, shown if it fails
     marks: list[tuple[float, str]] = [(t_start, "spawn")]
     samples: list[tuple[float, dict]] = []
     result: dict = {}
@@ -426,7 +429,14 @@ def run_child(mode: str, spec: dict, interval: float, verbose: bool) -> dict:
                 samples.append((time.monotonic(), st))
             done.wait(interval)
 
+    def err_reader():
+        for line in proc.stderr:
+            err_tail.append(line)
+            del err_tail[:-20]
+
     threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=sampler, daemon=True)]
+    if not verbose:
+        threads.append(threading.Thread(target=err_reader, daemon=True))
     for t in threads:
         t.start()
     _, status, ru = os.wait4(proc.pid, 0)
@@ -436,11 +446,11 @@ def run_child(mode: str, spec: dict, interval: float, verbose: bool) -> dict:
     for t in threads:
         t.join(timeout=5)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"mode": mode, "returncode": proc.returncode, "wall_s": t_end - t_start, "t_start": t_start,
+    return {"mode": mode, "returncode": proc.returncode, "maxrss_floor_mb": floor, "wall_s": t_end - t_start, "t_start": t_start,
             "t_end": t_end, "wait4_maxrss_mb": ru.ru_maxrss / 1024,
             "rusage_children_maxrss_mb": children.ru_maxrss / 1024,
             "last_hwm_mb": max((s.get("VmHWM", 0.0) for _, s in samples), default=None),
-            "marks": marks, "samples": samples, "result": result}
+            "marks": marks, "samples": samples, "result": result, "stderr_tail": "".join(err_tail)}
 
 
 def stage_of(marks, t: float) -> str:
@@ -597,7 +607,7 @@ def main(argv=None) -> int:
             run = run_child("convert", spec, args.interval, not args.quiet_children)
             q["convert"] = summarize_run(run)
             if run["returncode"] != 0 or not run["result"]:
-                print(f"    converter child failed (exit {run['returncode']})")
+                print(f"    converter child failed (exit {run['returncode']})\n" + run["stderr_tail"])
                 print_stages(run)
                 continue
             r = run["result"]
@@ -605,8 +615,10 @@ def main(argv=None) -> int:
                   f"file {fmt_bytes(r['file_size'])}")
             print(f"    peak RSS: wait4 {fmt_mb(run['wait4_maxrss_mb'])}, RUSAGE_CHILDREN "
                   f"{fmt_mb(run['rusage_children_maxrss_mb'])}, ConvertResult.peak_rss_mb "
-                  f"{fmt_mb(r['peak_rss_mb'])} (each is the largest single process: the child or one of its "
-                  f"children); TensorFlow imported in the converter process: {r.get('tensorflow_in_converter_process')}")
+                  f"{fmt_mb(r['peak_rss_mb'])}\n    (each is the largest single process, the child or one of its "
+                  f"children; ru_maxrss is never below this process's {fmt_mb(run['maxrss_floor_mb'])} peak at spawn, "
+                  f"as it survives fork + exec); TensorFlow imported in the converter process: "
+                  f"{r.get('tensorflow_in_converter_process')}")
             print("    per stage (sampled every %.1f s):" % args.interval)
             print_stages(run)
             if args.timeline:
@@ -618,7 +630,7 @@ def main(argv=None) -> int:
             lrun = run_child("load", lspec, args.interval, not args.quiet_children)
             q["load"] = summarize_run(lrun)
             if lrun["returncode"] != 0 or not lrun["result"]:
-                print(f"    loader child failed (exit {lrun['returncode']})")
+                print(f"    loader child failed (exit {lrun['returncode']})\n" + lrun["stderr_tail"])
                 print_stages(lrun)
                 continue
             lr = lrun["result"]
@@ -653,7 +665,7 @@ def main(argv=None) -> int:
 
 
 def summarize_run(run: dict) -> dict:
-    return {"returncode": run["returncode"], "wall_s": run["wall_s"], "wait4_maxrss_mb": run["wait4_maxrss_mb"],
+    return {"returncode": run["returncode"], "wall_s": run["wall_s"], "maxrss_floor_mb": run["maxrss_floor_mb"], "wait4_maxrss_mb": run["wait4_maxrss_mb"],
             "rusage_children_maxrss_mb": run["rusage_children_maxrss_mb"], "sampled_hwm_mb": run["last_hwm_mb"],
             "result": run["result"], "stages": stage_table(run)}
 
