@@ -112,6 +112,18 @@ def _map_file(path: Path) -> tuple[mmap.mmap | None, int]:
         raise SourceError(f"{path}: cannot open the file ({e.strerror or e}). Check the path and its permissions.") from e
 
 
+def _release(mm: mmap.mmap | None, offset: int, nbytes: int) -> None:
+    """Drop the mapped pages just read: file-backed pages count in RSS until released, so
+    a whole streamed checkpoint would otherwise show up as resident (4.8 GB for Gemma 2B)."""
+    if mm is None or nbytes <= 0 or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = offset - offset % mmap.PAGESIZE
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, start, min(len(mm), offset + nbytes) - start)
+    except (OSError, ValueError):
+        pass  # only an optimisation
+
+
 def _unmap(mm: mmap.mmap | None) -> None:
     if mm is None:
         return
@@ -273,6 +285,7 @@ class _SafetensorsFile:
         else:
             out = raw.astype(np.float32)  # astype copies, so nothing keeps the map alive
         del raw
+        _release(self._mm, offset, count * src.itemsize)
         return out.reshape(out_shape)
 
     def close(self) -> None:
@@ -740,6 +753,8 @@ class GGUFCheckpoint:
             ) from None
         finally:
             del data, part
+        row_bytes = t.nbytes // t.shape[0] if t.shape and t.shape[0] else 0
+        _release(self._mm, t.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
         if quantized and len(t.shape) == 1:
             out = out[r0:r1].copy()
         return np.asarray(out, dtype=np.float32).reshape((r1 - r0, *t.shape[1:]))

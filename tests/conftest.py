@@ -10,6 +10,10 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if "GEMMA_EDGE_CACHE" not in os.environ:  # XNNPACK weight caches of test models stay out of ~/.cache
+    import tempfile
+
+    os.environ["GEMMA_EDGE_CACHE"] = tempfile.mkdtemp(prefix="gemma-edge-test-cache-")
 
 SP_VOCAB = 400
 MODEL_VOCAB = 512

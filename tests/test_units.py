@@ -1,0 +1,117 @@
+"""Fast unit tests of the pieces around the oracle: norm shift, config, name maps, prefill
+planning, the metadata reader's errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from gemma_edge.convert.names import build_map, norm_scale, shift_baked_in
+from gemma_edge.runtime.backend import plan_prefill
+from gemma_edge.runtime.config import FULL, SLIDING, GemmaConfig
+from gemma_edge.runtime.errors import ModelFileError, UnsupportedModelError, WeightMapError
+
+GEMMA3_270M_HF = {  # google/gemma-3-270m config.json (transformers 4.x format)
+    "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048,
+    "num_hidden_layers": 18, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+    "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "sliding_window": 512,
+    "sliding_window_pattern": 6, "query_pre_attn_scalar": 256, "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh", "rope_scaling": None,
+}
+
+
+def test_norm_shift_lives_in_one_place():
+    w = np.array([-0.5, 0.0, 1.5], np.float32)
+    np.testing.assert_array_equal(norm_scale(w, shift_baked_in=False), [0.5, 1.0, 2.5])  # HF stores w
+    np.testing.assert_array_equal(norm_scale(w, shift_baked_in=True), w)  # llama.cpp baked in +1
+    assert not shift_baked_in("safetensors") and shift_baked_in("gguf")
+
+
+def test_config_from_hf_gemma3_old_format():
+    c = GemmaConfig.from_hf_config(GEMMA3_270M_HF)
+    assert c.family == 3 and c.num_layers == 18 and c.head_dim == 256
+    assert [i for i in range(18) if not c.is_sliding(i)] == [5, 11, 17]  # global where (i+1) % 6 == 0
+    assert c.rope_base_for(5) == 1e6 and c.rope_base_for(0) == 1e4
+    assert c.query_scale == 1 / 16 and c.has_qk_norm and c.has_post_norms
+    assert GemmaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_config_matches_between_hf_and_gguf(real_gguf):
+    from gemma_edge.convert.checkpoint import GGUFCheckpoint
+
+    with GGUFCheckpoint(real_gguf) as ck:
+        g = GemmaConfig.from_gguf(ck.metadata(), vocab_size=262144)
+    h = GemmaConfig.from_hf_config(GEMMA3_270M_HF)
+    assert g == dataclasses.replace(h, rms_norm_eps=g.rms_norm_eps)
+    assert abs(g.rms_norm_eps - 1e-6) < 1e-12
+
+
+def test_gemma2_layer_pattern_and_softcaps():
+    hf = {"model_type": "gemma2", "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216,
+          "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+          "sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
+          "final_logit_softcapping": 30.0}
+    c = GemmaConfig.from_hf_config(hf)
+    assert c.layer_types[:2] == (SLIDING, FULL) and c.attn_softcap == 50.0 and c.final_softcap == 30.0
+
+
+def test_unsupported_architecture_names_what_was_found():
+    with pytest.raises(UnsupportedModelError, match="llama.*gemma"):
+        GemmaConfig.from_hf_config({"model_type": "llama"})
+    with pytest.raises(UnsupportedModelError, match="'qwen2'"):
+        GemmaConfig.from_gguf({"general.architecture": "qwen2"}, vocab_size=10)
+
+
+def test_name_map_reports_missing_and_leftover():
+    c = GemmaConfig.from_hf_config({**GEMMA3_270M_HF, "num_hidden_layers": 1, "layer_types": [SLIDING]})
+    names = {src for src, _ in build_map("safetensors", c, _all_hf_names(c)).values()}
+    with pytest.raises(WeightMapError, match="model.layers.0.mlp.up_proj.weight"):
+        build_map("safetensors", c, names - {"model.layers.0.mlp.up_proj.weight"})
+    with pytest.raises(WeightMapError, match="model.layers.1.mlp.up_proj.weight"):
+        build_map("safetensors", c, names | {"model.layers.1.mlp.up_proj.weight"})
+    build_map("safetensors", c, names | {"lm_head.weight"})  # tied head: allowed, unused
+
+
+def _all_hf_names(c):
+    from gemma_edge.convert.names import FORMATS
+
+    common, fam, _, _ = FORMATS["safetensors"]
+    return {src.format(i=i) for _, src, _ in common + fam[c.family] for i in range(c.num_layers)}
+
+
+@pytest.mark.parametrize("n,start,want", [
+    (39, 0, [(32, 32), (8, 7)]),         # largest first, then a padded small chunk
+    (127, 0, [(128, 127)]),              # one padded call instead of 32+32+32+32
+    (3, 58, None),
+])
+def test_plan_prefill(n, start, want):
+    if want is None:
+        # near the end of a 64-slot cache, chunks must never run past it
+        plan = plan_prefill(3, 58, [8, 32], 64)
+        pos = 58
+        for T, count in plan:
+            assert pos + T <= 64
+            pos += count
+        assert plan == [(1, 1)] * 3  # 6 free slots < the smallest chunk: decode calls
+        with pytest.raises(Exception, match="cache is full"):
+            plan_prefill(3, 62, [8, 32], 64)
+        return
+    assert plan_prefill(n, start, [8, 32, 128], 2048) == want
+
+
+def test_metadata_reader_errors(tmp_path):
+    from gemma_edge.runtime.modelfile import read_info
+
+    with pytest.raises(ModelFileError, match="no such file"):
+        read_info(str(tmp_path / "missing.tflite"))
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"\x00" * 100)
+    with pytest.raises(ModelFileError, match="not a TensorFlow Lite"):
+        read_info(str(junk))
+    bad = tmp_path / "bad.tflite"
+    bad.write_bytes(b"\x10\x00\x00\x00TFL3" + b"\xff" * 64)
+    with pytest.raises(ModelFileError):
+        read_info(str(bad))
