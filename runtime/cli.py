@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
+import os
 import sys
 
 import click
@@ -52,6 +54,24 @@ def _sampling_kwargs(kw) -> dict:
                 seed=kw["seed"], stop=list(kw["stop"]) or None)
 
 
+def _silence_native_stderr() -> None:
+    """LiteRT's native library logs INFO lines (accelerator registry, plugins) to fd 2, some
+    only at exit. Point fd 2 at /dev/null for native code and keep Python's sys.stderr on
+    the real stderr. GEMMA_EDGE_DEBUG=1 keeps the native log."""
+    if os.environ.get("GEMMA_EDGE_DEBUG"):
+        return
+    try:
+        sys.stderr.flush()
+        real = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        sys.stderr = io.TextIOWrapper(io.FileIO(real, "w"), encoding="utf-8", errors="replace",
+                                      line_buffering=True, write_through=True)
+    except (OSError, ValueError):
+        pass
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
     """Run Gemma models converted by gemma-convert on CPUs, Raspberry Pis and phones.
@@ -62,7 +82,10 @@ def main():
     gemma-edge chat MODEL                             interactive multi-turn chat
     gemma-edge bench MODEL                            prefill/decode speed, memory
     gemma-edge info MODEL                             what the file holds
+
+    Set GEMMA_EDGE_DEBUG=1 to see LiteRT's own log.
     """
+    _silence_native_stderr()
 
 
 @main.command()

