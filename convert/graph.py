@@ -20,6 +20,7 @@ from ..runtime.config import GemmaConfig
 from .template import kv_shape, weight_shapes
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import tensorflow as tf  # noqa: E402
 from tensorflow.compiler.tf2xla.python import xla  # noqa: E402  (DYNAMIC_UPDATE_SLICE)
 

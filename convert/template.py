@@ -61,7 +61,12 @@ def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], i
     if not isolate:
         from . import graph
 
-        return graph.build_template(cfg, context, prefill_lengths)
+        try:
+            return graph.build_template(cfg, context, prefill_lengths)
+        except Exception as e:  # TensorFlow reports conversion failures as assorted exceptions
+            raise GemmaEdgeError(f"TensorFlow could not convert the graph ({type(e).__name__}: {e}). "
+                                 "Check that tensorflow-cpu is installed (pip install 'gemma-edge[convert]') "
+                                 "and that the output folder has space") from None
 
     from .tflite_writer import pack
 
@@ -73,7 +78,7 @@ def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], i
             proc = subprocess.run(
                 [sys.executable, "-m", "gemma_edge.convert.graph", json.dumps(cfg.to_dict()), str(context), sig, out],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"})
             if proc.returncode != 0:
                 if proc.returncode < 0 or proc.returncode == 130:
                     raise KeyboardInterrupt

@@ -109,7 +109,7 @@ class Model:
         pos = len(self._cached)
         logits = self.backend.decode(token, pos)
         self._cached.append(token)
-        return logits
+        return logits[:self.tokenizer.vocab_size]  # embedding rows past the tokenizer have no text
 
     def stream_generate(self, prompt, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                         top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
@@ -194,8 +194,9 @@ class Model:
             raise GenerationError(f"-p {prompt_tokens} + -n {gen_tokens} exceeds the context {self.context_length}")
         rng = np.random.default_rng(0)
         special = set(self.stop_token_ids) | {self.bos_id}
-        ids = [self.bos_id] + [int(t) for t in rng.integers(1000, min(self.config.vocab_size, 30000),
-                                                          prompt_tokens - 1) if t not in special]
+        lo, hi = min(1000, self.tokenizer.vocab_size // 2), min(self.tokenizer.vocab_size, 30000)
+        pool = [t for t in range(lo, hi) if t not in special and not self.tokenizer.is_special(t)]
+        ids = [self.bos_id] + [int(t) for t in rng.choice(pool, prompt_tokens - 1)]
         rows = []
         for _ in range(runs):
             self._cached = []

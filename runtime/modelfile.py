@@ -30,8 +30,8 @@ def read_metadata(path: str) -> dict[str, bytes]:
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             return _parse(m, os.path.getsize(path))
-    except GemmaEdgeError:
-        raise
+    except GemmaEdgeError as e:
+        raise ModelFileError(f"{path}: {e}") from None
     except (ValueError, OSError) as e:
         raise ModelFileError(f"{path}: cannot be read as a .tflite file ({e})") from None
 

@@ -1,0 +1,338 @@
+"""The console scripts as a user runs them: ``gemma-edge`` and ``gemma-convert`` in subprocesses.
+
+Successful commands print only their product on stdout; bad input exits with code 2 and one
+paragraph on stderr, never a traceback. The tiny Gemma 3 of ``test_runtime.py`` is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_runtime import CONTEXT, tiny_gemma3
+
+BIN = Path(sys.executable).parent  # the console scripts of this environment
+GEMMA_EDGE, GEMMA_CONVERT = str(BIN / "gemma-edge"), str(BIN / "gemma-convert")
+PROMPT = "the model and the cache"
+LONG_PROMPT = " ".join(["model"] * 100)  # more tokens than the context (64)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, sp_model_path):
+    return tiny_gemma3(tmp_path_factory, sp_model_path)
+
+
+@pytest.fixture(scope="module")
+def path(tiny) -> str:
+    return str(tiny.model_file)
+
+
+def cli(*args, stdin: str | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, prog: str, *names: str) -> str:
+    """Exit code 2, nothing on stdout, and one paragraph on stderr that names ``names``."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, f"exit code {proc.returncode}; stderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert err.startswith(f"{prog}: error: "), f"stderr is not just the error message:\n{proc.stderr}"
+    assert "\n\n" not in err, f"more than one paragraph:\n{proc.stderr}"
+    for name in names:
+        assert name in err, f"{name!r} not named in: {err}"
+    assert proc.stdout == ""
+    return err
+
+
+def temp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob(".*.tmp*"))
+
+
+# ---- gemma-edge run ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def api_greedy_text(path) -> str:
+    import gemma_edge
+
+    return gemma_edge.load(path).generate(PROMPT, temperature=0, max_tokens=8).text
+
+
+def test_run_prints_only_generated_text(path, api_greedy_text):
+    args = (GEMMA_EDGE, "run", path, "-p", PROMPT, "--temperature", "0", "--max-tokens", "8")
+    plain = cli(*args)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == api_greedy_text + "\n"
+    assert "tok/s" not in plain.stderr
+
+    verbose = cli(*args, "-v")
+    assert verbose.returncode == 0, verbose.stderr
+    assert verbose.stdout == plain.stdout  # statistics never mix with the text
+    stats = [line for line in verbose.stderr.splitlines() if "tok/s" in line]
+    assert len(stats) == 1 and "generated 8 tokens" in stats[0], verbose.stderr
+
+    piped = cli(GEMMA_EDGE, "run", path, "-p", "-", "--temperature", "0", "--max-tokens", "8", stdin=PROMPT)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout == plain.stdout
+
+
+def test_run_is_quiet_without_verbose(path):
+    """Nothing but the text: LiteRT's native INFO/WARNING log is not for the user."""
+    proc = cli(GEMMA_EDGE, "run", path, "-p", PROMPT, "--temperature", "0", "--max-tokens", "4")
+    assert proc.returncode == 0
+    assert proc.stderr == ""
+
+
+def test_run_chat_matches_api(path):
+    import gemma_edge
+
+    want = gemma_edge.load(path).chat(system="Be brief.").ask("the model", temperature=0, max_tokens=6)
+    proc = cli(GEMMA_EDGE, "run", path, "--system", "Be brief.", "-p", "the model", "--temperature", "0",
+               "--max-tokens", "6")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == want + "\n"
+
+
+# ---- gemma-edge info and bench ---------------------------------------------------------------
+
+def test_info(path):
+    proc = cli(GEMMA_EDGE, "info", path)
+    assert proc.returncode == 0, proc.stderr
+    for fact in ("Gemma 3: 4 layers, d_model 64", "vocab 512", "fp32", f"context       {CONTEXT} tokens",
+                 "prefill chunks 8, 32", "3 sliding (window 8) / 1 global"):
+        assert fact in proc.stdout, proc.stdout
+    as_json = cli(GEMMA_EDGE, "info", path, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    meta = json.loads(as_json.stdout)
+    assert (meta["format"], meta["context_length"], meta["prefill_lengths"]) == ("gemma-edge", CONTEXT, [8, 32])
+
+
+def test_bench_json(path):
+    proc = cli(GEMMA_EDGE, "bench", path, "-p", "8", "-n", "8", "--runs", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["runs"] == 2 and r["gen_tokens"] == 8 and r["prompt_tokens"] == 8
+    assert r["decode_tps"]["median"] > 0 and r["prefill_tps"]["median"] > 0
+    assert r["decode_tps"]["min"] <= r["decode_tps"]["median"] <= r["decode_tps"]["max"]
+
+
+# ---- gemma-edge: bad input -------------------------------------------------------------------
+
+def tiny_tflite() -> bytes:
+    """y = x + x: a valid one-op .tflite without gemma-edge metadata (built with the schema)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as fb
+
+    m = fb.ModelT()
+    m.version = 3
+    m.buffers = [fb.BufferT(), fb.BufferT(), fb.BufferT()]
+    add = fb.OperatorCodeT()
+    add.builtinCode = add.deprecatedBuiltinCode = fb.BuiltinOperator.ADD
+    add.version = 1
+    m.operatorCodes = [add]
+    tensors = []
+    for i, name in enumerate([b"x", b"y"]):
+        t = fb.TensorT()
+        t.shape, t.type, t.buffer, t.name = [1], fb.TensorType.FLOAT32, i + 1, name
+        tensors.append(t)
+    op = fb.OperatorT()
+    op.opcodeIndex, op.inputs, op.outputs = 0, [0, 0], [1]
+    op.builtinOptionsType, op.builtinOptions = fb.BuiltinOptions.AddOptions, fb.AddOptionsT()
+    sg = fb.SubGraphT()
+    sg.tensors, sg.inputs, sg.outputs, sg.operators, sg.name = tensors, [0], [1], [op], b"main"
+    m.subgraphs = [sg]
+    b = flatbuffers.Builder(1024)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory) -> dict[str, Path]:
+    import numpy as np
+    from ai_edge_litert.interpreter import Interpreter
+
+    d = tmp_path_factory.mktemp("bad_models")
+    rng = np.random.default_rng(0)
+    files = {"missing": d / "missing.tflite", "random": d / "random.tflite",
+             "corrupt": d / "corrupt.tflite", "plain": d / "plain.tflite"}
+    files["random"].write_bytes(rng.bytes(4096))
+    corrupt = bytearray(rng.bytes(4096))
+    corrupt[4:8] = b"TFL3"  # the identifier is right, the flatbuffer is garbage
+    files["corrupt"].write_bytes(bytes(corrupt))
+    files["plain"].write_bytes(tiny_tflite())
+    interp = Interpreter(model_path=str(files["plain"]))  # it really is a valid model
+    interp.allocate_tensors()
+    interp.set_tensor(interp.get_input_details()[0]["index"], np.array([1.5], np.float32))
+    interp.invoke()
+    assert interp.get_tensor(interp.get_output_details()[0]["index"])[0] == 3.0
+    return files
+
+
+@pytest.mark.parametrize("command", [["run", "-p", "hello"], ["info"], ["bench", "-p", "4", "-n", "4"]],
+                         ids=["run", "info", "bench"])
+@pytest.mark.parametrize("kind,names", [("missing", ["no such file", "gemma-convert"]),
+                                        ("random", ["not a TensorFlow Lite"]),
+                                        ("corrupt", ["corrupt"]),
+                                        ("plain", ["not a gemma-edge model", "gemma-convert"])])
+def test_not_a_model_file(bad_files, command, kind, names):
+    f = bad_files[kind]
+    proc = cli(GEMMA_EDGE, command[0], f, *command[1:])
+    assert_user_error(proc, "gemma-edge", str(f), *names)
+
+
+@pytest.mark.parametrize("args,names", [
+    (["-p", PROMPT, "--temperature", "-1"], ["temperature", "-1"]),
+    (["-p", PROMPT, "--top-p", "0"], ["top_p"]),
+    (["-p", ""], ["empty"]),
+    (["-p", LONG_PROMPT], [f"context is {CONTEXT}", "--max-context"]),
+], ids=["temperature", "top_p", "empty_prompt", "prompt_over_context"])
+def test_run_bad_input(path, args, names):
+    assert_user_error(cli(GEMMA_EDGE, "run", path, *args), "gemma-edge", *names)
+
+
+def test_run_prompt_over_context_from_stdin_names_its_length(path):
+    import gemma_edge
+
+    n = len(gemma_edge.load(path).encode(LONG_PROMPT))
+    proc = cli(GEMMA_EDGE, "run", path, "-p", "-", stdin=LONG_PROMPT)
+    assert_user_error(proc, "gemma-edge", f"{n} tokens", str(CONTEXT))
+
+
+# ---- gemma-convert ---------------------------------------------------------------------------
+
+def convert_cli(source, output, *extra, **kw) -> subprocess.CompletedProcess:
+    return cli(GEMMA_CONVERT, source, "-o", output, "--quant", "fp32", "--max-context", "16",
+               "--prefill-lengths", "8", "-q", *extra, **kw)
+
+
+def broken_copy(tiny, tmp_path: Path) -> Path:
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny.checkpoint, d)
+    return d
+
+
+def assert_convert_failed(proc, out: Path, *names: str) -> str:
+    err = assert_user_error(proc, "gemma-convert", *names)
+    assert not out.exists()
+    assert temp_files(out.parent) == []
+    return err
+
+
+def test_convert_missing_source(tmp_path):
+    src = tmp_path / "no-such-checkpoint"
+    out = tmp_path / "out" / "m.tflite"
+    out.parent.mkdir()
+    assert_convert_failed(convert_cli(src, out), out, str(src))
+
+
+def test_convert_directory_without_config(tiny, tmp_path):
+    src = broken_copy(tiny, tmp_path)
+    (src / "config.json").unlink()
+    out = tmp_path / "m.tflite"
+    assert_convert_failed(convert_cli(src, out), out, "config.json")
+
+
+def test_convert_unsupported_model_type(tiny, tmp_path):
+    from gemma_edge.runtime.config import HF_MODEL_TYPES
+
+    src = broken_copy(tiny, tmp_path)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    out = tmp_path / "m.tflite"
+    assert_convert_failed(convert_cli(src, out), out, "'llama'", *HF_MODEL_TYPES)
+
+
+def test_convert_checkpoint_missing_a_tensor(tiny, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    src = broken_copy(tiny, tmp_path)
+    tensors = load_file(src / "model.safetensors")
+    gone = "model.layers.1.mlp.up_proj.weight"
+    del tensors[gone]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "m.tflite"
+    assert_convert_failed(convert_cli(src, out), out, gone, "missing")
+
+
+def test_convert_missing_tokenizer(tiny, tmp_path):
+    src = broken_copy(tiny, tmp_path)
+    (src / "tokenizer.model").unlink()
+    out = tmp_path / "m.tflite"
+    assert_convert_failed(convert_cli(src, out), out, "tokenizer.model")
+
+
+def test_convert_refuses_to_overwrite_then_force_replaces(tiny, tmp_path):
+    from gemma_edge.runtime.modelfile import read_info
+
+    out = tmp_path / "m.tflite"
+    out.write_bytes(b"precious")
+    err = assert_user_error(convert_cli(tiny.checkpoint, out), "gemma-convert", str(out), "--force")
+    assert out.read_bytes() == b"precious" and temp_files(tmp_path) == [], err
+
+    forced = convert_cli(tiny.checkpoint, out, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout == "" and "Traceback" not in forced.stderr
+    assert f"wrote {out}" in forced.stderr
+    assert temp_files(tmp_path) == []
+    info = read_info(str(out))
+    assert (info.context_length, info.prefill_lengths, info.quant) == (16, [8], "fp32")
+    ran = cli(GEMMA_EDGE, "run", out, "-p", PROMPT, "--temperature", "0", "--max-tokens", "4")
+    assert ran.returncode == 0 and ran.stdout.strip(), ran.stderr
+
+
+def test_convert_write_failure_keeps_old_file_and_leaves_no_temp(tiny, tmp_path):
+    """A write that fails half way (here: a file-size limit, as a full disk would) removes
+    the temporary file and leaves the existing output as it was."""
+    out = tmp_path / "m.tflite"
+    out.write_bytes(b"precious")
+    # Below the output's size (its fp32 weights are the same as the fixture's file), above
+    # what TensorFlow writes while converting the graph (~0.3 MB; the weights are not in it).
+    limit = int(0.7 * tiny.model_file.stat().st_size)
+    # A shell-free wrapper: ignore SIGXFSZ (so writes fail with EFBIG) and cap file sizes, then exec.
+    wrapper = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+               "os.execv(sys.argv[1], sys.argv[1:])")
+    proc = cli(sys.executable, "-c", wrapper, GEMMA_CONVERT, tiny.checkpoint, "-o", out, "--quant", "fp32",
+               "--max-context", "16", "--prefill-lengths", "8", "-q", "--force")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"gemma-convert: error: could not write {out}")
+    assert out.read_bytes() == b"precious"
+    assert temp_files(tmp_path) == []
+    assert_user_error(proc, "gemma-convert", str(out))  # and nothing else on stderr (TensorFlow's log)
+
+
+def test_convert_interrupted_leaves_nothing(tiny, tmp_path):
+    """Ctrl-C (SIGINT to the process group) while converting: exit 130, no output, no temp file."""
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs /proc to see when the conversion has started")
+    out = tmp_path / "m.tflite"
+    proc = subprocess.Popen([GEMMA_CONVERT, str(tiny.checkpoint), "-o", str(out), "--quant", "fp32",
+                             "--max-context", "16", "--prefill-lengths", "8", "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        # The conversion has started once the checkpoint is memory-mapped; a second later it
+        # is building the graph with TensorFlow (the whole conversion takes several seconds).
+        deadline = time.monotonic() + 60
+        while "model.safetensors" not in Path(f"/proc/{proc.pid}/maps").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, "the conversion never started"
+            time.sleep(0.01)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the conversion ended before it could be interrupted"
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert stdout == ""
+    assert not out.exists() and temp_files(tmp_path) == []
