@@ -58,9 +58,10 @@ def test_fp32_matches_transformers(family_case):
     want = ref[PROMPT_LEN - 1:PROMPT_LEN - 1 + DECODE_STEPS]
     assert got.shape == (DECODE_STEPS, MODEL_VOCAB)
     assert 40 + DECODE_STEPS > 8  # the sliding window (8) is shorter than the sequence
-    for step in range(DECODE_STEPS):
-        rel = np.max(np.abs(got[step] - want[step])) / np.max(np.abs(want[step]))
-        assert rel < 1e-4, f"gemma{family} step {step}: relative max error {rel:.2e}"
+    rel = [float(np.max(np.abs(got[s] - want[s])) / np.max(np.abs(want[s]))) for s in range(DECODE_STEPS)]
+    print(f"gemma{family} fp32: worst relative max logit error over {DECODE_STEPS} steps {max(rel):.2e}")
+    for step, r in enumerate(rel):
+        assert r < 1e-4, f"gemma{family} step {step}: relative max error {r:.2e}"
 
 
 def test_int8_statistics(family_case, record_property):
