@@ -1,0 +1,73 @@
+"""Reference int8 quantizer, and the written file's bytes and scales against it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from gemma_edge.quantize.reference import dequantize_per_channel, quantize_per_channel
+from gemma_edge.quantize.schemes import SCHEMES
+
+
+def test_zero_row_is_exact_and_finite():
+    w = np.zeros((3, 8), np.float32)
+    w[1] = np.linspace(-1, 1, 8)
+    q, s = quantize_per_channel(w, 8)
+    assert s[0] == 1.0 and not q[0].any() and np.isfinite(s).all()
+    np.testing.assert_array_equal(dequantize_per_channel(q, s)[0], 0.0)
+
+
+def test_round_trip_error_bound_and_range():
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((64, 256)) * rng.uniform(0.01, 3, (64, 1))).astype(np.float32)
+    q, s = quantize_per_channel(w, 8)
+    assert q.dtype == np.int8 and q.min() >= -127 and q.max() <= 127
+    assert (np.abs(q).max(axis=1) == 127).all()  # every row uses its full range
+    err = np.abs(dequantize_per_channel(q, s) - w)
+    assert (err <= s[:, None] / 2 + 1e-7).all()
+
+
+def test_written_file_holds_the_reference_bytes_and_scales(tmp_path):
+    from ai_edge_litert import schema_py_generated as fb
+
+    from gemma_edge.convert import tflite_writer as tw
+    from gemma_edge.convert.template import build_template, weight_shapes
+    from gemma_edge.runtime import modelfile
+    from gemma_edge.runtime.config import FULL, GemmaConfig
+
+    cfg = GemmaConfig(family=1, vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, layer_types=(FULL,))
+    shapes = weight_shapes(cfg)
+    rng = np.random.default_rng(1)
+    weights = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    slots = [tw.WeightSlot(n, s, SCHEMES["int8" if len(s) == 2 else "fp32"]) for n, s in shapes.items()]
+    tw.CHUNK_BYTES, saved = 1024, tw.CHUNK_BYTES  # many row chunks even for tiny tensors
+    try:
+        path = tmp_path / "m.tflite"
+        tw.write_model(build_template(cfg, 16, [4], isolate=False), slots,
+                       lambda n, a, b: weights[n].reshape(-1, weights[n].shape[-1])[a:b],
+                       {modelfile.CONFIG_KEY: json.dumps({"x": 1}).encode()}, str(path))
+    finally:
+        tw.CHUNK_BYTES = saved
+    data = path.read_bytes()
+    model = fb.ModelT.InitFromPackedBuf(data, 0)
+    sg = next(model.subgraphs[s.subgraphIndex] for s in model.signatureDefs if s.signatureKey == b"decode")
+    seen = set()
+    for t in sg.tensors:
+        name = t.name.decode()
+        for canon in ("l0_q", "l0_down", "embed", "l0_attn_norm"):
+            if name.endswith(f"_{canon}:0") or name.endswith(f"_{canon}"):
+                buf = model.buffers[t.buffer]
+                raw = np.frombuffer(data, np.uint8, count=buf.size, offset=buf.offset)
+                assert buf.offset % tw.ALIGN == 0
+                if len(shapes[canon]) == 2:
+                    q, s = quantize_per_channel(weights[canon], 8)
+                    assert t.type == fb.TensorType.INT8
+                    np.testing.assert_array_equal(raw.view(np.int8).reshape(q.shape), q)
+                    np.testing.assert_array_equal(np.asarray(t.quantization.scale, np.float32), s)
+                    assert t.quantization.quantizedDimension == 0 and not np.any(t.quantization.zeroPoint)
+                else:
+                    np.testing.assert_array_equal(raw.view(np.float32), weights[canon])
+                seen.add(canon)
+    assert seen == {"l0_q", "l0_down", "embed", "l0_attn_norm"}, seen
