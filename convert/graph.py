@@ -74,6 +74,17 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, with_log
         in_window = tf.logical_and(causal, q_pos - k_pos < cfg.sliding_window)
         masks[True] = tf.where(in_window, 0.0, MASK_VALUE)
     rope_tables = {}  # inv_freq bytes -> (cos, sin), computed once per distinct base
+    # Decode on a sliding layer reads only the window's W slots: a SLICE (a memcpy of
+    # contiguous rows) of the cache from `w0`, not all S. Keys outside the window get
+    # exactly zero weight either way, so this changes speed, not results.
+    W = cfg.sliding_window or S
+    window_slice = T == 1 and W < S and True in masks
+    if window_slice:
+        w0 = tf.clip_by_value(input_pos[0] - W + 1, 0, S - W)  # first slot of the window
+        w_pos = w0 + tf.range(W, dtype=tf.int32)[None, :]  # [1, W]
+        w_visible = tf.logical_and(w_pos <= q_pos, q_pos - w_pos < W)  # [T=1, W]
+        w_mask = tf.where(w_visible, 0.0, MASK_VALUE)  # [1, W]
+        w_begin = tf.stack([0, 0, w0, 0])
     start = tf.stack([0, 0, input_pos[0], 0])
     new_caches = {}
 
@@ -107,12 +118,17 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, with_log
         # kc[0] becomes a STRIDED_SLICE that copies the cache element by element
         # (~3 ms per layer at S=2048, measured), more than all the weights cost.
         qg = tf.reshape(tf.transpose(tf.reshape(q, [T, K, G, H]), [1, 2, 0, 3]), [1, K, G * T, H])
-        s = tf.matmul(qg, kc, transpose_b=True)  # [1, K, G*T, S]
+        keys, values, mask, L = kc, vc, masks[cfg.is_sliding(i)], S
+        if window_slice and cfg.is_sliding(i):
+            keys = tf.slice(kc, w_begin, [1, K, W, H])  # [1, K, W, H]
+            values = tf.slice(vc, w_begin, [1, K, W, H])
+            mask, L = w_mask, W
+        s = tf.matmul(qg, keys, transpose_b=True)  # [1, K, G*T, L]
         if cfg.attn_softcap:
             s = tf.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
-        s = tf.reshape(s, [K, G, T, S]) + masks[cfg.is_sliding(i)]  # [K, G, T, S]
+        s = tf.reshape(s, [K, G, T, L]) + mask  # [K, G, T, L]
         a = tf.nn.softmax(s, axis=-1)
-        o = tf.matmul(tf.reshape(a, [1, K, G * T, S]), vc)  # [1, K, G*T, H]
+        o = tf.matmul(tf.reshape(a, [1, K, G * T, L]), values)  # [1, K, G*T, H]
         o = tf.reshape(tf.transpose(tf.reshape(o, [K, G, T, H]), [2, 0, 1, 3]), [T, N * H])
         o = _linear(o, w[p + "o"])  # [T, D]
         if cfg.has_post_norms:
