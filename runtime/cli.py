@@ -147,7 +147,9 @@ def chat_cmd(model, system, **kw):
                "Ctrl-D exits.", err=True)
     while True:
         try:
-            msg = input("> ")
+            sys.stdout.write("> ")  # input()'s own prompt goes to fd 2, which is silenced
+            sys.stdout.flush()
+            msg = input()
         except EOFError:
             click.echo("", err=True)
             return
