@@ -134,6 +134,13 @@ class InterpreterBackend:
             except ImportError:
                 raise GemmaEdgeError("no LiteRT interpreter installed: pip install ai-edge-litert "
                                      "(or tflite-runtime)") from None
+            if info.quant != "fp32":
+                # measured with tflite-runtime 2.14.0, its last release: fp32 files run, but the
+                # int8 file of the tiny Gemma 3 gave all-zero logits (per-channel int8 tables)
+                raise GemmaEdgeError(
+                    f"{info.path} holds {info.quant} weights, which tflite-runtime computes wrongly "
+                    "(all-zero logits). Install ai-edge-litert (pip install ai-edge-litert), or use an "
+                    "fp32 file with tflite-runtime")
         self.info = info
         self.threads = _threads(threads)
         try:

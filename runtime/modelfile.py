@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -36,33 +37,89 @@ def read_metadata(path: str) -> dict[str, bytes]:
         raise ModelFileError(f"{path}: cannot be read as a .tflite file ({e})") from None
 
 
+class _FlatBuffer:
+    """Just enough of the flatbuffer wire format to read Model.metadata and Model.buffers,
+    with every offset bounds-checked: no dependency on a generated schema module, so the
+    metadata reads the same under ai-edge-litert and tflite-runtime."""
+
+    def __init__(self, buf, size: int):
+        self.buf, self.size = buf, size
+
+    def u32(self, at: int) -> int:
+        if not 0 <= at <= self.size - 4:
+            raise ModelFileError(f"offset {at} lies outside the {self.size}-byte file")
+        return struct.unpack_from("<I", self.buf, at)[0]
+
+    def field(self, table: int, index: int) -> int | None:
+        """Absolute position of field ``index`` of the table at ``table``, or None."""
+        vtable = table - struct.unpack_from("<i", self.buf, table)[0] if 0 <= table <= self.size - 4 else -1
+        if not 0 <= vtable <= self.size - 4:
+            raise ModelFileError(f"table at {table} has a vtable outside the file")
+        vsize = struct.unpack_from("<H", self.buf, vtable)[0]
+        if 4 + 2 * index + 2 > vsize or vtable + vsize > self.size:
+            return None
+        rel = struct.unpack_from("<H", self.buf, vtable + 4 + 2 * index)[0]
+        return table + rel if rel else None
+
+    def table_vector(self, table: int, index: int) -> list[int]:
+        at = self.field(table, index)
+        if at is None:
+            return []
+        vec = at + self.u32(at)
+        n = self.u32(vec)
+        if n > (self.size - vec) // 4:
+            raise ModelFileError(f"vector of {n} entries at {vec} runs past the end of the file")
+        return [vec + 4 + 4 * i + self.u32(vec + 4 + 4 * i) for i in range(n)]
+
+    def string(self, table: int, index: int) -> str:
+        at = self.field(table, index)
+        if at is None:
+            return ""
+        s = at + self.u32(at)
+        n = self.u32(s)
+        if s + 4 + n > self.size:
+            raise ModelFileError(f"string at {s} runs past the end of the file")
+        return bytes(self.buf[s + 4:s + 4 + n]).decode("utf-8", "replace")
+
+    def scalar(self, table: int, index: int, fmt: str) -> int:
+        at = self.field(table, index)
+        if at is None:
+            return 0
+        if at + struct.calcsize(fmt) > self.size:
+            raise ModelFileError(f"field at {at} runs past the end of the file")
+        return struct.unpack_from(fmt, self.buf, at)[0]
+
+
 def _parse(buf, size: int) -> dict[str, bytes]:
     if size < 8 or bytes(buf[4:8]) != b"TFL3":
         raise ModelFileError("not a TensorFlow Lite flatbuffer (no TFL3 identifier)")
-    from ai_edge_litert.schema_py_generated import Model
-
-    try:
-        model = Model.GetRootAs(buf, 0)
-        out = {}
-        for i in range(model.MetadataLength()):
-            m = model.Metadata(i)
-            name = (m.Name() or b"").decode("utf-8", "replace")
-            b = model.Buffers(m.Buffer())
-            if b is None:
-                raise ModelFileError(f"metadata {name!r} points at a missing buffer")
-            if b.Offset() > 1:
-                start, n = b.Offset(), b.Size()
-                if start + n > size:
-                    raise ModelFileError(f"metadata {name!r} lies past the end of the file "
-                                         f"({start + n} > {size} bytes): the file is truncated")
-                out[name] = bytes(buf[start:start + n])
-            else:
-                out[name] = b.DataAsNumpy().tobytes() if b.DataLength() else b""
-        return out
-    except GemmaEdgeError:
-        raise
-    except Exception as e:  # a corrupt flatbuffer raises anything from struct/index errors
-        raise ModelFileError(f"corrupt flatbuffer header ({type(e).__name__}: {e})") from None
+    fbuf = _FlatBuffer(buf, size)
+    root = fbuf.u32(0)
+    buffers = fbuf.table_vector(root, 4)  # Model.buffers
+    out = {}
+    for m in fbuf.table_vector(root, 6):  # Model.metadata
+        name = fbuf.string(m, 0)
+        index = fbuf.scalar(m, 1, "<I")
+        if index >= len(buffers):
+            raise ModelFileError(f"metadata {name!r} points at buffer {index} of {len(buffers)}")
+        b = buffers[index]
+        offset, n = fbuf.scalar(b, 1, "<Q"), fbuf.scalar(b, 2, "<Q")
+        if offset > 1:
+            if offset + n > size:
+                raise ModelFileError(f"metadata {name!r} lies past the end of the file "
+                                     f"({offset + n} > {size} bytes): the file is truncated")
+            out[name] = bytes(buf[offset:offset + n])
+        else:
+            at = fbuf.field(b, 0)
+            if at is None:
+                out[name] = b""
+                continue
+            vec = at + fbuf.u32(at)
+            n = fbuf.u32(vec)
+            if vec + 4 + n > size:
+                raise ModelFileError(f"metadata {name!r} runs past the end of the file")
+            out[name] = bytes(buf[vec + 4:vec + 4 + n])
+    return out
 
 
 @dataclass(frozen=True)

@@ -27,13 +27,13 @@ def family_case(request, tmp_path_factory, sp_model_path):
     return family, d, model, seq, hf_logits(model, seq)
 
 
-def _run_file(path, seq) -> np.ndarray:
+def _run_file(path, seq, kind: str = "auto") -> np.ndarray:
     """Prefill seq[:PROMPT_LEN-1], then decode seq[PROMPT_LEN-1:]; logits of every decode step."""
     from gemma_edge.runtime.backend import make_backend, run_prefill
     from gemma_edge.runtime.modelfile import read_info
 
     info = read_info(str(path))
-    backend = make_backend(info)
+    backend = make_backend(info, kind=kind)
     run_prefill(backend, seq[:PROMPT_LEN - 1], 0)  # 39 tokens: prefill_32 + prefill_8 (7 + 1 pad)
     out = []
     for pos in range(PROMPT_LEN - 1, PROMPT_LEN - 1 + DECODE_STEPS):
@@ -98,3 +98,12 @@ def test_sliding_window_matters(family_case):
         layer.self_attn.sliding_window = None
     alt = hf_logits(full, seq)
     assert np.max(np.abs(alt[PROMPT_LEN:] - ref[PROMPT_LEN:])) > 1e-2
+
+
+def test_interpreter_backend_matches_transformers(family_case):
+    """The fallback for runtimes without CompiledModel (tflite-runtime): caches copied per call."""
+    family, _, _, seq, ref = family_case
+    got = _run_file(_convert(family_case, "fp32"), seq, kind="interp")
+    want = ref[PROMPT_LEN - 1:PROMPT_LEN - 1 + DECODE_STEPS]
+    rel = np.max(np.abs(got - want), axis=-1) / np.max(np.abs(want), axis=-1)
+    assert rel.max() < 1e-4, f"gemma{family}: relative max error {rel.max():.2e}"

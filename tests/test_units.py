@@ -12,7 +12,7 @@ import pytest
 from gemma_edge.convert.names import build_map, norm_scale, shift_baked_in
 from gemma_edge.runtime.backend import plan_prefill
 from gemma_edge.runtime.config import FULL, SLIDING, GemmaConfig
-from gemma_edge.runtime.errors import ModelFileError, UnsupportedModelError, WeightMapError
+from gemma_edge.runtime.errors import GemmaEdgeError, ModelFileError, UnsupportedModelError, WeightMapError
 
 GEMMA3_270M_HF = {  # google/gemma-3-270m config.json (transformers 4.x format)
     "model_type": "gemma3_text", "vocab_size": 262144, "hidden_size": 640, "intermediate_size": 2048,
@@ -115,3 +115,54 @@ def test_metadata_reader_errors(tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00TFL3" + b"\xff" * 64)
     with pytest.raises(ModelFileError):
         read_info(str(bad))
+
+
+@pytest.fixture(scope="module")
+def small_model_file(tmp_path_factory) -> bytes:
+    from gemma_edge.convert import tflite_writer as tw
+    from gemma_edge.convert.template import build_template, weight_shapes
+    from gemma_edge.quantize.schemes import SCHEMES
+    from gemma_edge.runtime import modelfile
+
+    cfg = GemmaConfig(family=1, vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=8, layer_types=(FULL,))
+    shapes = weight_shapes(cfg)
+    meta = {"format": "gemma-edge", "format_version": 1, "config": cfg.to_dict(),
+            "quantization": {"scheme": SCHEMES["int8"].to_dict()}, "context_length": 8,
+            "prefill_lengths": [4], "tokenizer": {"bos_id": 2}}
+    path = tmp_path_factory.mktemp("fuzz") / "m.tflite"
+    tw.write_model(build_template(cfg, 8, [4], isolate=False),
+                   [tw.WeightSlot(n, s, SCHEMES["int8" if len(s) == 2 else "fp32"]) for n, s in shapes.items()],
+                   lambda n, a, b: np.ones((b - a, shapes[n][-1]), np.float32),
+                   {modelfile.CONFIG_KEY: json.dumps(meta).encode(), modelfile.TOKENIZER_KEY: b"sp"}, str(path))
+    return path.read_bytes()
+
+
+def test_metadata_reader_fuzz(small_model_file, tmp_path_factory):
+    """Bit flips and truncations of a real file: read_info succeeds or raises a typed error."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from gemma_edge.runtime.modelfile import read_info
+
+    d = tmp_path_factory.mktemp("fuzzcases")
+    data = small_model_file
+    header = int.from_bytes(data[:4], "little") + 4096  # flips within the flatbuffer header region
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.integers(0, min(header, len(data)) - 1), st.integers(1, 255)), max_size=6),
+           st.one_of(st.none(), st.integers(0, len(data))))
+    def check(flips, cut):
+        b = bytearray(data)
+        for at, x in flips:
+            b[at] ^= x
+        if cut is not None:
+            b = b[:cut]
+        p = d / "case.tflite"
+        p.write_bytes(bytes(b))
+        try:
+            read_info(str(p))
+        except GemmaEdgeError:  # ModelFileError, or e.g. UnsupportedModelError for a mangled config key
+            pass
+
+    check()
