@@ -174,7 +174,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
             raise GemmaEdgeError(f"no prefill length in {list(prefill_lengths)} fits the context {context}")
         shapes = template.weight_shapes(cfg)
         src.check_shapes(shapes)
-        tpl = template.build_template(cfg, context, lengths)  # TensorFlow runs in children
+        tpl = template.build_template(cfg, context, lengths, progress=progress)  # TensorFlow runs in children
         from .tflite_writer import WeightSlot, write_model
 
         slots = [WeightSlot(n, s, scheme if len(s) == 2 else SCHEMES["fp32"]) for n, s in shapes.items()]

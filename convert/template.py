@@ -52,7 +52,8 @@ def kv_shape(cfg: GemmaConfig, context: int) -> tuple[int, int, int, int]:
 ISOLATE_ABOVE_PARAMS = 100_000_000  # smaller models (tests) convert in-process: faster, memory is moot
 
 
-def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], isolate: bool | None = None) -> bytes:
+def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], isolate: bool | None = None,
+                   progress: bool = False) -> bytes:
     """Convert every signature in its own child process and merge them into one model."""
     from ai_edge_litert import schema_py_generated as fb
 
@@ -73,7 +74,13 @@ def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], i
     signatures = [f"prefill_{T}" for T in sorted(set(prefill_lengths))] + ["decode"]
     models = []
     with tempfile.TemporaryDirectory(prefix="gemma-edge-template-") as tmp:
-        for sig in signatures:
+        steps = signatures
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(signatures, desc="converting the graph (TensorFlow, one signature at a time)",
+                         unit="sig", leave=False)
+        for sig in steps:
             out = os.path.join(tmp, f"{sig}.tflite")
             proc = subprocess.run(
                 [sys.executable, "-m", "gemma_edge.convert.graph", json.dumps(cfg.to_dict()), str(context), sig, out],
