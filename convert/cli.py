@@ -6,10 +6,20 @@ import sys
 
 import click
 
-from ..quantize.schemes import SCHEMES
+from ..quantize.schemes import PRESETS, ROLES, SCHEMES
 from ..runtime.errors import GemmaEdgeError
 
 _QUANT_HELP = "; ".join(f"{s.name}: {s.description}" for s in SCHEMES.values())
+
+
+def _recipe(ctx, param, value: str) -> str:
+    from ..quantize.schemes import parse_recipe
+
+    try:
+        parse_recipe(value)
+    except GemmaEdgeError as e:
+        raise click.BadParameter(str(e))
+    return value
 
 
 def _lengths(ctx, param, value: str) -> tuple[int, ...]:
@@ -25,8 +35,9 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("source", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output .tflite path.")
-@click.option("--quant", type=click.Choice(list(SCHEMES)), default="int8", show_default=True,
-              help=f"Weight quantization. {_QUANT_HELP}.")
+@click.option("--quant", default="int8", show_default=True, callback=_recipe,
+              help=f"Weight quantization: a preset ({', '.join(PRESETS)}) or role=scheme pairs over a preset, "
+                   f"e.g. 'int4,embedding=int8' (roles: {', '.join(ROLES)}). Schemes: {_QUANT_HELP}.")
 @click.option("--max-context", type=click.IntRange(min=2), default=None,
               help="Context length S of the KV cache (default 2048, or the model's maximum if smaller).")
 @click.option("--prefill-lengths", default="8,32,128,512", show_default=True, callback=_lengths,

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..quantize.schemes import get_scheme, SCHEMES
+from ..quantize.schemes import SCHEMES, get_scheme, parse_recipe, recipe_name, role_of
 from ..runtime import modelfile
 from ..runtime.chat import GEMMA_TEMPLATE
 from ..runtime.config import GemmaConfig
-from ..runtime.errors import (GemmaEdgeError, OutputExistsError, SourceError, TokenizerError,
+from ..runtime.errors import (GemmaEdgeError, OutputExistsError, QuantizationError, SourceError, TokenizerError,
                               UnsupportedModelError)
 from ..runtime.tokenizer import Tokenizer
 from . import names as namemap
@@ -148,11 +148,21 @@ def special_tokens(tok: Tokenizer, cfg: GemmaConfig) -> dict:
             "start_of_turn_id": sot, "end_of_turn_id": eot, "stop_token_ids": stops}
 
 
+def _summary_scheme(name: str, recipe: dict[str, str]) -> dict:
+    """The file-level scheme entry: the table's row when one scheme covers every role."""
+    schemes = set(recipe.values())
+    if len(schemes) == 1:
+        return get_scheme(schemes.pop()).to_dict()
+    return {"name": name, "description": "mixed: " + ", ".join(
+        f"{role} {get_scheme(s).description.split(':')[0]}" for role, s in recipe.items())}
+
+
 def convert(source: str, output: str, quant: str = "int8", max_context: int | None = None,
             prefill_lengths=DEFAULT_PREFILL, force: bool = False, progress: bool = True) -> ConvertResult:
     """Convert ``source`` (HF checkpoint dir or .gguf) to ``output`` (.tflite)."""
     t0 = time.time()
-    scheme = get_scheme(quant)
+    recipe = parse_recipe(quant)  # role -> scheme name
+    quant = recipe_name(quant)
     out = Path(output)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} exists; pass --force (force=True) to overwrite it, or choose another -o")
@@ -177,12 +187,18 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         tpl = template.build_template(cfg, context, lengths, progress=progress)  # TensorFlow runs in children
         from .tflite_writer import WeightSlot, write_model
 
-        slots = [WeightSlot(n, s, scheme if len(s) == 2 else SCHEMES["fp32"]) for n, s in shapes.items()]
+        slots = [WeightSlot(n, s, get_scheme(recipe[role_of(n)]) if role_of(n) else SCHEMES["fp32"])
+                 for n, s in shapes.items()]
+        for s in slots:
+            if s.scheme.bits < 8 and (s.shape[-1] * s.scheme.bits) % 8:
+                raise QuantizationError(
+                    f"tensor {s.name} of shape {s.shape} cannot be stored as {s.scheme.name}: its rows of "
+                    f"{s.shape[-1]} values do not fill whole bytes; use --quant int8")
         meta = {
             "format": modelfile.FORMAT, "format_version": modelfile.FORMAT_VERSION,
             "gemma_edge_version": __version__,
             "config": cfg.to_dict(),
-            "quantization": {"scheme": scheme.to_dict(),
+            "quantization": {"scheme": _summary_scheme(quant, recipe), "recipe": recipe,
                              "tensors": {s.name: s.scheme.name for s in slots}},
             "context_length": context,
             "prefill_lengths": lengths,

@@ -27,10 +27,35 @@ def dequantize_per_channel(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scales[:, None].astype(np.float32)
 
 
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 values in [-8, 7], [rows, cols] with cols even -> uint8 [rows, cols / 2];
+    element 2k in the low nibble, 2k+1 in the high nibble (TFLite's INT4 layout)."""
+    q = np.asarray(q, dtype=np.int8)
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even row length, got {q.shape[-1]}")
+    lo = q[..., 0::2].view(np.uint8) & 0x0F
+    hi = (q[..., 1::2].view(np.uint8) & 0x0F) << 4
+    return (lo | hi).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """Inverse of pack_int4: uint8 [rows, cols / 2] -> int8 [rows, cols] (sign-extended nibbles)."""
+    p = np.asarray(packed, dtype=np.uint8)
+    lo = (p & 0x0F).astype(np.int8)
+    hi = (p >> 4).astype(np.int8)
+    out = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), np.int8)
+    out[..., 0::2] = np.where(lo > 7, lo - 16, lo)
+    out[..., 1::2] = np.where(hi > 7, hi - 16, hi)
+    return out
+
+
 def quantize_rows(w: np.ndarray, scheme: Scheme) -> tuple[bytes | np.ndarray, np.ndarray | None]:
     """Quantize a [rows, cols] chunk as ``scheme`` stores it: (row-major bytes, per-row scales)."""
     if scheme.is_float:
         return np.ascontiguousarray(w, dtype=np.float32), None
     if scheme.granularity == "channel" and scheme.bits == 8:
         return quantize_per_channel(w, 8)
+    if scheme.granularity == "channel" and scheme.bits == 4:
+        q, scales = quantize_per_channel(w, 4)
+        return pack_int4(q), scales
     raise NotImplementedError(f"scheme {scheme.name}")

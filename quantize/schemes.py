@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 # TFLite TensorType values (schema.fbs)
 TFLITE_FLOAT32 = 0
 TFLITE_INT8 = 9
+TFLITE_INT4 = 17  # two values a byte, the even element in the low nibble
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ SCHEMES: dict[str, Scheme] = {
                "float32 weights: the reference, 4 bytes a weight"),
         Scheme("int8", 8, "channel", None, True, TFLITE_INT8,
                "int8 per output channel, symmetric, dynamic range: 1 byte a weight"),
+        Scheme("int4", 4, "channel", None, True, TFLITE_INT4,
+               "int4 per output channel, symmetric, dynamic range: half a byte a weight"),
     )
 }
 
@@ -59,3 +62,58 @@ def get_scheme(name: str) -> Scheme:
     except KeyError:
         raise QuantizationError(
             f"unknown quantization scheme {name!r}; choose one of {', '.join(SCHEMES)}") from None
+
+
+# ---- recipes: a scheme per tensor role ------------------------------------------------
+# Norm scales are never quantized. Roles follow the canonical weight names of the graph.
+ROLES = {
+    "embedding": ("embed",),  # the tied input embedding / LM head
+    "attention": ("q", "k", "v", "o"),
+    "ffn": ("gate", "up", "down"),
+}
+
+PRESETS: dict[str, dict[str, str]] = {
+    "fp32": {"embedding": "fp32", "attention": "fp32", "ffn": "fp32"},
+    "int8": {"embedding": "int8", "attention": "int8", "ffn": "int8"},
+    "int4": {"embedding": "int4", "attention": "int4", "ffn": "int4"},
+    # int4 embeddings are where int4 hurts most (MediaPipe's "<bos> forever"): keep them int8
+    "int4-mixed": {"embedding": "int8", "attention": "int4", "ffn": "int4"},
+}
+
+
+def role_of(name: str) -> str | None:
+    """Role of a canonical weight name (``embed``, ``l3_q``, ``l0_down``), None for norms."""
+    if name == "embed":
+        return "embedding"
+    suffix = name.split("_", 1)[1] if name.startswith("l") and "_" in name else name
+    for role, names in ROLES.items():
+        if suffix in names:
+            return role
+    return None
+
+
+def parse_recipe(text: str) -> dict[str, str]:
+    """A preset name, or ``role=scheme`` pairs (``embedding=int8,attention=int4,ffn=int4``)
+    over a base preset given first (``int4,embedding=int8``; the base defaults to int8)."""
+    from ..runtime.errors import QuantizationError
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise QuantizationError("empty quantization recipe; give a preset such as int8")
+    recipe = dict(PRESETS["int8"])
+    if "=" not in parts[0]:
+        if parts[0] not in PRESETS:
+            raise QuantizationError(f"unknown quantization preset {parts[0]!r}; choose one of "
+                                    f"{', '.join(PRESETS)} or give role=scheme pairs (roles: {', '.join(ROLES)})")
+        recipe = dict(PRESETS[parts.pop(0)])
+    for p in parts:
+        role, _, scheme = p.partition("=")
+        if role not in ROLES or "=" not in p:
+            raise QuantizationError(f"{p!r} is not role=scheme with a role among {', '.join(ROLES)}")
+        get_scheme(scheme)  # raises with the list of schemes
+        recipe[role] = scheme
+    return recipe
+
+
+def recipe_name(text: str) -> str:
+    return text if text in PRESETS else ",".join(f"{r}={s}" for r, s in parse_recipe(text).items())

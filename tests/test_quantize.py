@@ -6,8 +6,11 @@ import json
 
 import numpy as np
 
-from gemma_edge.quantize.reference import dequantize_per_channel, quantize_per_channel
-from gemma_edge.quantize.schemes import SCHEMES
+import pytest
+
+from gemma_edge.quantize.reference import dequantize_per_channel, pack_int4, quantize_per_channel, unpack_int4
+from gemma_edge.quantize.schemes import PRESETS, SCHEMES, parse_recipe, role_of
+from gemma_edge.runtime.errors import QuantizationError
 
 
 def test_zero_row_is_exact_and_finite():
@@ -28,7 +31,38 @@ def test_round_trip_error_bound_and_range():
     assert (err <= s[:, None] / 2 + 1e-7).all()
 
 
-def test_written_file_holds_the_reference_bytes_and_scales(tmp_path):
+def test_int4_nibble_packing():
+    # element 2k in the low nibble, 2k+1 in the high one; negative values two's complement
+    assert pack_int4(np.array([[1, -1, -8, 7]], np.int8)).tolist() == [[0xF1, 0x78]]
+    q = np.random.default_rng(0).integers(-8, 8, (7, 64)).astype(np.int8)
+    np.testing.assert_array_equal(unpack_int4(pack_int4(q)), q)
+    with pytest.raises(ValueError, match="even"):
+        pack_int4(np.zeros((2, 3), np.int8))
+
+
+def test_int4_per_channel_round_trip():
+    w = np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)
+    q, s = quantize_per_channel(w, 4)
+    assert q.min() >= -7 and q.max() <= 7
+    assert (np.abs(dequantize_per_channel(q, s) - w) <= s[:, None] / 2 + 1e-7).all()
+
+
+def test_recipes_and_roles():
+    assert role_of("embed") == "embedding" and role_of("l12_q") == "attention"
+    assert role_of("l0_down") == "ffn" and role_of("l3_q_norm") is None and role_of("final_norm") is None
+    assert parse_recipe("int4-mixed") == PRESETS["int4-mixed"]
+    assert parse_recipe("int4,embedding=int8") == {"embedding": "int8", "attention": "int4", "ffn": "int4"}
+    assert parse_recipe("ffn=int4") == {"embedding": "int8", "attention": "int8", "ffn": "int4"}
+    with pytest.raises(QuantizationError, match="int3"):
+        parse_recipe("int3")
+    with pytest.raises(QuantizationError, match="roles?"):
+        parse_recipe("int8,mlp=int4")
+    with pytest.raises(QuantizationError, match="fp32, int8, int4"):
+        parse_recipe("int8,ffn=int2")
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_written_file_holds_the_reference_bytes_and_scales(tmp_path, quant):
     from ai_edge_litert import schema_py_generated as fb
 
     from gemma_edge.convert import tflite_writer as tw
@@ -41,7 +75,7 @@ def test_written_file_holds_the_reference_bytes_and_scales(tmp_path):
     shapes = weight_shapes(cfg)
     rng = np.random.default_rng(1)
     weights = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
-    slots = [tw.WeightSlot(n, s, SCHEMES["int8" if len(s) == 2 else "fp32"]) for n, s in shapes.items()]
+    slots = [tw.WeightSlot(n, s, SCHEMES[quant if len(s) == 2 else "fp32"]) for n, s in shapes.items()]
     tw.CHUNK_BYTES, saved = 1024, tw.CHUNK_BYTES  # many row chunks even for tiny tensors
     try:
         path = tmp_path / "m.tflite"
@@ -62,9 +96,13 @@ def test_written_file_holds_the_reference_bytes_and_scales(tmp_path):
                 raw = np.frombuffer(data, np.uint8, count=buf.size, offset=buf.offset)
                 assert buf.offset % tw.ALIGN == 0
                 if len(shapes[canon]) == 2:
-                    q, s = quantize_per_channel(weights[canon], 8)
-                    assert t.type == fb.TensorType.INT8
-                    np.testing.assert_array_equal(raw.view(np.int8).reshape(q.shape), q)
+                    q, s = quantize_per_channel(weights[canon], SCHEMES[quant].bits)
+                    if quant == "int8":
+                        assert t.type == fb.TensorType.INT8
+                        np.testing.assert_array_equal(raw.view(np.int8).reshape(q.shape), q)
+                    else:
+                        assert t.type == fb.TensorType.INT4
+                        np.testing.assert_array_equal(unpack_int4(raw.reshape(q.shape[0], -1)), q)
                     np.testing.assert_array_equal(np.asarray(t.quantization.scale, np.float32), s)
                     assert t.quantization.quantizedDimension == 0 and not np.any(t.quantization.zeroPoint)
                 else:
