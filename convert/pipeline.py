@@ -190,6 +190,11 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         slots = [WeightSlot(n, s, get_scheme(recipe[role_of(n)]) if role_of(n) else SCHEMES["fp32"])
                  for n, s in shapes.items()]
         for s in slots:
+            if s.scheme.block_size and s.shape[-1] % s.scheme.block_size:
+                raise QuantizationError(
+                    f"tensor {s.name} of shape {s.shape} cannot be stored as {s.scheme.name}: its rows of "
+                    f"{s.shape[-1]} values are not a multiple of the block size {s.scheme.block_size}; "
+                    "choose a smaller block (int4-b32) or per-channel int4 for that role")
             if s.scheme.bits < 8 and (s.shape[-1] * s.scheme.bits) % 8:
                 raise QuantizationError(
                     f"tensor {s.name} of shape {s.shape} cannot be stored as {s.scheme.name}: its rows of "

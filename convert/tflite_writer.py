@@ -40,13 +40,24 @@ class WeightSlot:
     scheme: Scheme
     buffer: int = -1
     offset: int = 0
-    scales: np.ndarray | None = None
+    scales: np.ndarray | None = None  # per-channel scales (they live in the header)
     quant_params: list = field(default_factory=list)  # QuantizationParametersT of every signature
+    scale_buffer: int = -1  # blockwise: fp16 scales [rows, cols / block] in a buffer of their own
+    scale_offset: int = 0
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        return (self.shape[0], int(np.prod(self.shape[1:]))) if len(self.shape) > 1 else (1, self.shape[0])
 
     @property
     def nbytes(self) -> int:
-        rows, cols = (self.shape[0], int(np.prod(self.shape[1:]))) if len(self.shape) > 1 else (1, self.shape[0])
+        rows, cols = self.rows_cols
         return rows * self.scheme.row_bytes(cols)
+
+    @property
+    def scale_nbytes(self) -> int:
+        rows, cols = self.rows_cols
+        return rows * self.scheme.scale_row_bytes(cols)
 
 
 def _opcode_index(model, builtin: int) -> int:
@@ -68,8 +79,11 @@ def apply_surgery(template: bytes, slots: list[WeightSlot], metadata: dict[str, 
     for s in slots:
         model.buffers.append(fb.BufferT(offset=_PLACEHOLDER_OFFSET, size=s.nbytes))
         s.buffer = len(model.buffers) - 1
-        if not s.scheme.is_float:
+        if s.scheme.granularity == "channel":
             s.scales = np.ones(s.shape[0], dtype=np.float32)
+        elif s.scheme.granularity == "block":
+            model.buffers.append(fb.BufferT(offset=_PLACEHOLDER_OFFSET, size=s.scale_nbytes))
+            s.scale_buffer = len(model.buffers) - 1
     gather = _opcode_index(model, fb.BuiltinOperator.GATHER)
     lookup = None
 
@@ -81,13 +95,29 @@ def apply_surgery(template: bytes, slots: list[WeightSlot], metadata: dict[str, 
             t = sg.tensors[ti]
             t.buffer = s.buffer
             t.type = s.scheme.tflite_type
-            if not s.scheme.is_float:
+            if s.scheme.granularity == "channel":
                 qp = fb.QuantizationParametersT()
                 qp.scale = s.scales
                 qp.zeroPoint = np.zeros(s.shape[0], dtype=np.int64)
                 qp.quantizedDimension = 0
                 t.quantization = qp
                 s.quant_params.append(qp)
+            elif s.scheme.granularity == "block":
+                # BlockwiseQuantization: the scales are an fp16 [rows, cols / B] *tensor* of this
+                # subgraph (all subgraphs share its buffer); no zero points (-1); dimension 0
+                rows, cols = s.rows_cols
+                st = fb.TensorT()
+                st.name = f"{name}_scales".encode()
+                st.shape = np.array([rows, cols // s.scheme.block_size], dtype=np.int32)
+                st.type = fb.TensorType.FLOAT16
+                st.buffer = s.scale_buffer
+                sg.tensors.append(st)
+                qp = fb.QuantizationParametersT()
+                qp.quantizedDimension = 0
+                qp.detailsType = fb.QuantizationDetails.BlockwiseQuantization
+                qp.details = fb.BlockwiseQuantizationT(scales=len(sg.tensors) - 1, zeroPoints=-1,
+                                                       blockSize=s.scheme.block_size)
+                t.quantization = qp
         constant = set(weight_inputs.values())
         sg.inputs = [i for i in sg.inputs if i not in constant]
         sig.inputs = [t for t in sig.inputs if t.tensorIndex not in constant]
@@ -145,6 +175,10 @@ def write_model(template: bytes, slots: list[WeightSlot], read_rows: RowReader,
         s.offset = offset
         buffers_at[s.buffer] = offset
         offset = _align(offset + s.nbytes)
+        if s.scale_buffer >= 0:
+            s.scale_offset = offset
+            buffers_at[s.scale_buffer] = offset
+            offset = _align(offset + s.scale_nbytes)
     for buf, blob in meta_slots:
         buffers_at[buf] = offset
         offset = _align(offset + len(blob))
@@ -160,7 +194,10 @@ def write_model(template: bytes, slots: list[WeightSlot], read_rows: RowReader,
             for r0, r1 in _row_chunks(rows, cols):
                 w = read_rows(s.name, r0, r1).reshape(r1 - r0, cols)
                 data, scales = quantize_rows(w, s.scheme)
-                if scales is not None:
+                if s.scale_buffer >= 0:
+                    _pwrite_all(fd, memoryview(np.ascontiguousarray(scales)).cast("B"),
+                                s.scale_offset + r0 * s.scheme.scale_row_bytes(cols))
+                elif scales is not None:
                     s.scales[r0:r1] = scales
                 _pwrite_all(fd, memoryview(np.ascontiguousarray(data)).cast("B"), s.offset + r0 * row_bytes)
                 if progress:

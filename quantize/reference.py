@@ -49,6 +49,46 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     return out
 
 
+FP16_MIN_NORMAL = 2.0 ** -14
+FP16_SAFE_MAX = 65280.0  # the largest value whose bf16 rounding stays finite in fp16
+
+
+def round_scale_fp16(s: np.ndarray) -> np.ndarray:
+    """float32 -> bf16 precision (round to nearest even) -> fp16. XNNPACK computes with bf16
+    scales, so scales rounded this way give identical results on every kernel."""
+    u = np.ascontiguousarray(s, dtype=np.float32).view(np.uint32)
+    u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return u.view(np.float32).astype(np.float16)
+
+
+def quantize_blockwise(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """w: [rows, cols], cols a multiple of ``block`` -> (q int8 [rows, cols], fp16 scales [rows, cols/block]).
+
+    scale = max|block| / qmax, stored as fp16 at bf16 precision; q = round(w / stored scale).
+    An all-zero block gets scale 1 (XNNPACK refuses a zero scale); scales are kept inside
+    fp16's normal range.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    rows, cols = w.shape
+    if cols % block:
+        raise ValueError(f"row length {cols} is not a multiple of the block size {block}")
+    qmax = 2 ** (bits - 1) - 1
+    wb = w.reshape(rows, cols // block, block)  # [rows, blocks, block]
+    amax = np.max(np.abs(wb), axis=2)  # [rows, blocks]
+    s = np.where(amax > 0, np.minimum(amax, FP16_SAFE_MAX * qmax) / np.float32(qmax), np.float32(1.0))
+    scales = round_scale_fp16(np.maximum(s, FP16_MIN_NORMAL).astype(np.float32))
+    q = np.rint(wb / scales.astype(np.float32)[:, :, None])
+    np.clip(q, -qmax - 1, qmax, out=q)
+    return q.astype(np.int8).reshape(rows, cols), scales
+
+
+def dequantize_blockwise(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    rows, cols = q.shape
+    nb = scales.shape[1]
+    return (q.reshape(rows, nb, cols // nb).astype(np.float32)
+            * scales.astype(np.float32)[:, :, None]).reshape(rows, cols)
+
+
 def quantize_rows(w: np.ndarray, scheme: Scheme) -> tuple[bytes | np.ndarray, np.ndarray | None]:
     """Quantize a [rows, cols] chunk as ``scheme`` stores it: (row-major bytes, per-row scales)."""
     if scheme.is_float:
@@ -57,5 +97,8 @@ def quantize_rows(w: np.ndarray, scheme: Scheme) -> tuple[bytes | np.ndarray, np
         return quantize_per_channel(w, 8)
     if scheme.granularity == "channel" and scheme.bits == 4:
         q, scales = quantize_per_channel(w, 4)
+        return pack_int4(q), scales
+    if scheme.granularity == "block" and scheme.bits == 4:
+        q, scales = quantize_blockwise(w, 4, scheme.block_size)
         return pack_int4(q), scales
     raise NotImplementedError(f"scheme {scheme.name}")

@@ -19,7 +19,7 @@ TFLITE_INT4 = 17  # two values a byte, the even element in the low nibble
 class Scheme:
     name: str
     bits: int
-    granularity: str         # "none" (float), "channel" (one scale per output row)
+    granularity: str         # "none" (float), "channel" (one scale per output row), "block"
     block_size: int | None   # elements per scale along the input axis, for "block"
     symmetric: bool
     tflite_type: int
@@ -34,8 +34,12 @@ class Scheme:
         return 2 ** (self.bits - 1) - 1  # symmetric, narrow range: [-qmax, qmax]
 
     def row_bytes(self, cols: int) -> int:
-        """Bytes one stored row of ``cols`` values takes."""
+        """Bytes one stored row of ``cols`` values takes (without blockwise scales)."""
         return cols * self.bits // 8
+
+    def scale_row_bytes(self, cols: int) -> int:
+        """Bytes of one row's blockwise fp16 scales (0 for per-channel and float schemes)."""
+        return 2 * (cols // self.block_size) if self.granularity == "block" else 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +54,9 @@ SCHEMES: dict[str, Scheme] = {
                "int8 per output channel, symmetric, dynamic range: 1 byte a weight"),
         Scheme("int4", 4, "channel", None, True, TFLITE_INT4,
                "int4 per output channel, symmetric, dynamic range: half a byte a weight"),
+        *(Scheme(f"int4-b{b}", 4, "block", b, True, TFLITE_INT4,
+                 f"int4 in blocks of {b} inputs with an fp16 scale each, symmetric, dynamic range: "
+                 f"{0.5 + 2 / b:.4g} bytes a weight") for b in (32, 64, 128)),
     )
 }
 
@@ -78,6 +85,8 @@ PRESETS: dict[str, dict[str, str]] = {
     "int4": {"embedding": "int4", "attention": "int4", "ffn": "int4"},
     # int4 embeddings are where int4 hurts most (MediaPipe's "<bos> forever"): keep them int8
     "int4-mixed": {"embedding": "int8", "attention": "int4", "ffn": "int4"},
+    "int4-b32": {"embedding": "int4-b32", "attention": "int4-b32", "ffn": "int4-b32"},
+    "int4-b32-mixed": {"embedding": "int8", "attention": "int4-b32", "ffn": "int4-b32"},
 }
 
 

@@ -8,7 +8,8 @@ import numpy as np
 
 import pytest
 
-from gemma_edge.quantize.reference import dequantize_per_channel, pack_int4, quantize_per_channel, unpack_int4
+from gemma_edge.quantize.reference import (dequantize_blockwise, dequantize_per_channel, pack_int4,
+                                           quantize_blockwise, quantize_per_channel, unpack_int4)
 from gemma_edge.quantize.schemes import PRESETS, SCHEMES, parse_recipe, role_of
 from gemma_edge.runtime.errors import QuantizationError
 
@@ -61,7 +62,22 @@ def test_recipes_and_roles():
         parse_recipe("int8,ffn=int2")
 
 
-@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_blockwise_reference():
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((6, 128)) * rng.uniform(0.001, 5, (6, 1))).astype(np.float32)
+    w[2, 32:64] = 0.0  # an all-zero block
+    q, s = quantize_blockwise(w, 4, 32)
+    assert s.shape == (6, 4) and s.dtype == np.float16 and s[2, 1] == 1.0 and not q[2, 32:64].any()
+    assert q.min() >= -8 and q.max() <= 7
+    # scales carry bf16 precision (XNNPACK computes with bf16 scales): low mantissa bits are zero
+    assert not np.any(s.astype(np.float32).view(np.uint32) & 0xFFFF)
+    err = np.abs(dequantize_blockwise(q, s) - w).reshape(6, 4, 32)
+    assert (err <= s.astype(np.float32)[:, :, None] * 0.51 + 1e-6).all()
+    with pytest.raises(ValueError, match="multiple of the block size 32"):
+        quantize_blockwise(np.zeros((2, 48), np.float32), 4, 32)
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4", "int4-b32"])
 def test_written_file_holds_the_reference_bytes_and_scales(tmp_path, quant):
     from ai_edge_litert import schema_py_generated as fb
 
@@ -95,7 +111,19 @@ def test_written_file_holds_the_reference_bytes_and_scales(tmp_path, quant):
                 buf = model.buffers[t.buffer]
                 raw = np.frombuffer(data, np.uint8, count=buf.size, offset=buf.offset)
                 assert buf.offset % tw.ALIGN == 0
-                if len(shapes[canon]) == 2:
+                if len(shapes[canon]) == 2 and quant == "int4-b32":
+                    q, s = quantize_blockwise(weights[canon], 4, 32)
+                    assert t.type == fb.TensorType.INT4
+                    np.testing.assert_array_equal(unpack_int4(raw.reshape(q.shape[0], -1)), q)
+                    d = t.quantization.details
+                    assert t.quantization.detailsType == fb.QuantizationDetails.BlockwiseQuantization
+                    assert d.blockSize == 32 and d.zeroPoints == -1
+                    st = sg.tensors[d.scales]
+                    assert st.type == fb.TensorType.FLOAT16 and list(st.shape) == list(s.shape)
+                    sb = model.buffers[st.buffer]
+                    np.testing.assert_array_equal(
+                        np.frombuffer(data, np.float16, count=s.size, offset=sb.offset).reshape(s.shape), s)
+                elif len(shapes[canon]) == 2:
                     q, s = quantize_per_channel(weights[canon], SCHEMES[quant].bits)
                     if quant == "int8":
                         assert t.type == fb.TensorType.INT8
@@ -109,3 +137,25 @@ def test_written_file_holds_the_reference_bytes_and_scales(tmp_path, quant):
                     np.testing.assert_array_equal(raw.view(np.float32), weights[canon])
                 seen.add(canon)
     assert seen == {"l0_q", "l0_down", "embed", "l0_attn_norm"}, seen
+
+    # the file runs in LiteRT and computes with exactly these weights: its logits match an
+    # fp32 file of the dequantized weights up to the kernels' on-the-fly activation rounding
+    from gemma_edge.runtime.backend import make_backend
+    from gemma_edge.runtime.modelfile import ModelInfo
+
+    deq = {n: (dequantize_blockwise(*quantize_blockwise(w, 4, 32)) if quant == "int4-b32" else
+               dequantize_per_channel(*quantize_per_channel(w, SCHEMES[quant].bits))) if w.ndim == 2 else w
+           for n, w in weights.items()}
+    ref_path = tmp_path / "ref.tflite"
+    tw.write_model(build_template(cfg, 16, [4], isolate=False),
+                   [tw.WeightSlot(n, s, SCHEMES["fp32"]) for n, s in shapes.items()],
+                   lambda n, a, b: deq[n].reshape(-1, deq[n].shape[-1])[a:b],
+                   {modelfile.CONFIG_KEY: b"{}"}, str(ref_path))
+    meta = {"config": cfg.to_dict(), "context_length": 16, "prefill_lengths": [4],
+            "quantization": {"scheme": {"name": quant}}, "tokenizer": {"bos_id": 2}}
+    logits = []
+    for p in (path, ref_path):
+        b = make_backend(ModelInfo(str(p), meta, b"x"))
+        logits.append(np.stack([b.decode(t, i) for i, t in enumerate([2, 7, 11, 13])]))
+    got, want = logits
+    assert np.mean(np.abs(got - want)) < 0.03 * np.mean(np.abs(want))
