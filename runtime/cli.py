@@ -81,6 +81,7 @@ def main():
     gemma-edge run MODEL --chat -p "Hi"               one chat turn (Gemma template)
     gemma-edge chat MODEL                             interactive multi-turn chat
     gemma-edge bench MODEL                            prefill/decode speed, memory
+    gemma-edge eval MODEL --text FILE                 perplexity of a text
     gemma-edge info MODEL                             what the file holds
 
     Set GEMMA_EDGE_DEBUG=1 to see LiteRT's own log.
@@ -197,6 +198,44 @@ def bench(model, prompt_tokens, gen_tokens, runs, threads, as_json):
                f"prefill    {f(r['prefill_tps'])} tok/s\n"
                f"decode     {f(r['decode_tps'])} tok/s over {r['gen_tokens']} tokens, {r['runs']} runs\n"
                f"peak RSS   {r['peak_rss_mb']:.0f} MB")
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path())
+@click.option("--text", "text_file", required=True, type=click.Path(),
+              help="UTF-8 text file to score.")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None,
+              help="Score at most this many tokens (default: the file's context length).")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@_handle_errors
+def eval_cmd(model, text_file, max_tokens, threads, as_json):
+    """Perplexity of a text (BOS prepended, one window of up to the context length)."""
+    try:
+        with open(text_file, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise GemmaEdgeError(f"{text_file}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise GemmaEdgeError(f"{text_file} is not valid UTF-8 (byte {e.start}); convert it to UTF-8 first") from None
+    from .engine import load
+
+    m = load(model, threads=threads)
+    bar = None
+    if not as_json:
+        bar = click.progressbar(length=1, label="scoring", file=sys.stderr)
+
+        def progress(done, total):
+            bar.length = total
+            bar.update(done - bar.pos)
+    r = m.perplexity(text, max_tokens=max_tokens, progress=progress if bar else None)
+    if bar:
+        bar.render_finish()
+    if as_json:
+        click.echo(json.dumps(r, indent=1))
+    else:
+        click.echo(f"perplexity {r['perplexity']:.3f} (mean NLL {r['mean_nll']:.4f}) over {r['predicted']} "
+                   f"predicted tokens of {r['tokens']} (BOS + text); {r['quant']}; {r['seconds']:.1f} s")
 
 
 @main.command()

@@ -336,3 +336,19 @@ def test_convert_interrupted_leaves_nothing(tiny, tmp_path):
     assert "interrupted" in stderr and "Traceback" not in stderr, stderr
     assert stdout == ""
     assert not out.exists() and temp_files(tmp_path) == []
+
+
+def test_eval_reports_the_api_perplexity(path, tmp_path):
+    import gemma_edge
+
+    text = tmp_path / "text.txt"
+    text.write_text("the model token gemma edge phone laptop raspberry cache layer weight quantize " * 3,
+                    encoding="utf-8")
+    proc = cli(GEMMA_EDGE, "eval", path, "--text", str(text), "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    want = gemma_edge.load(path).perplexity(text.read_text(encoding="utf-8"))
+    assert got["predicted"] == want["predicted"] and abs(got["mean_nll"] - want["mean_nll"]) < 1e-9
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9 latin-1")
+    assert_user_error(cli(GEMMA_EDGE, "eval", path, "--text", str(bad)), "gemma-edge", "UTF-8")

@@ -355,3 +355,23 @@ def test_runtime_never_imports_tensorflow(path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out["tokens"]) >= 1
     assert out["heavy"] == []
+
+
+def test_perplexity_matches_transformers(path, hf_model, sp_model_path):
+    """Mean NLL over every predicted token equals transformers' cross-entropy (an oracle)."""
+    import torch
+
+    ids = [2] + corpus_ids(sp_model_path, 59, seed=11)  # 60 tokens: past the window, within the context
+    import gemma_edge
+
+    m = gemma_edge.load(path)
+    calls = []
+    r = m.perplexity(ids, progress=lambda done, total: calls.append((done, total)))
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([ids])).logits[0].double()
+    want = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
+    assert r["predicted"] == len(ids) - 1 and calls[-1] == (len(ids) - 1, len(ids) - 1)
+    assert abs(r["mean_nll"] - want) < 1e-4 * max(1.0, want)
+    assert abs(r["perplexity"] - np.exp(want)) < 1e-3 * np.exp(want)
+    # the cap: at most max_tokens tokens are scored
+    assert m.perplexity(ids, max_tokens=10)["predicted"] == 9
