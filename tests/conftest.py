@@ -138,3 +138,20 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()  # [L, V]
+
+
+
+def _silence_native_exit_log():
+    """LiteRT's native library logs INFO lines to fd 2 while the interpreter shuts down,
+    after pytest's summary; keep the summary the last thing a run prints."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if not os.environ.get("GEMMA_EDGE_DEBUG"):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+
+
+import atexit  # noqa: E402
+
+atexit.register(_silence_native_exit_log)
