@@ -36,7 +36,7 @@ _HF_IGNORED = {
     "rms_norm_eps", "query_pre_attn_scalar", "sliding_window", "final_logit_softcapping",
     "attn_logit_softcapping", "final_logit_soft_cap", "attn_logit_soft_cap",
     "text_config", "vision_config", "boi_token_index", "eoi_token_index", "image_token_index",
-    "mm_tokens_per_image", "architectures", "tf_legacy_loss", "pruned_heads", "torchscript",
+    "mm_tokens_per_image", "tf_legacy_loss", "pruned_heads", "torchscript",
     "tie_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
     "num_beams", "num_return_sequences", "max_length", "min_length", "do_sample",
     "temperature", "top_k", "top_p", "bad_words_ids", "forced_bos_token_id",
@@ -136,6 +136,19 @@ class GemmaConfig:
     @classmethod
     def from_hf_config(cls, hf: dict) -> "GemmaConfig":
         """Build from a Hugging Face ``config.json`` dict (old and new transformers formats)."""
+        try:
+            return cls._from_hf_config(hf)
+        except KeyError as e:
+            raise UnsupportedModelError(
+                f"config.json lacks {e}; it is incomplete. Re-download the checkpoint's config.json") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise UnsupportedModelError(f"config.json holds a value of the wrong type ({e}); "
+                                        "re-download the checkpoint's config.json") from None
+
+    @classmethod
+    def _from_hf_config(cls, hf: dict) -> "GemmaConfig":
+        if not isinstance(hf, dict):
+            raise TypeError(f"expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type == "gemma3" and "text_config" in hf:  # multimodal wrapper: take the text part
             hf = {**hf["text_config"], "model_type": "gemma3_text"}
@@ -206,6 +219,14 @@ class GemmaConfig:
     @classmethod
     def from_gguf(cls, meta: dict, vocab_size: int) -> "GemmaConfig":
         """Build from GGUF metadata (``general.architecture`` and ``<arch>.*`` keys)."""
+        try:
+            return cls._from_gguf(meta, vocab_size)
+        except (TypeError, ValueError) as e:
+            raise UnsupportedModelError(f"GGUF metadata holds a value of the wrong type ({e}); "
+                                        "the file is corrupt: re-download it") from None
+
+    @classmethod
+    def _from_gguf(cls, meta: dict, vocab_size: int) -> "GemmaConfig":
         arch = meta.get("general.architecture")
         family = GGUF_ARCHITECTURES.get(arch)
         if family is None:

@@ -65,6 +65,16 @@ def test_unsupported_architecture_names_what_was_found():
         GemmaConfig.from_gguf({"general.architecture": "qwen2"}, vocab_size=10)
 
 
+def test_incomplete_or_mistyped_config_is_a_typed_error():
+    incomplete = {k: v for k, v in GEMMA3_270M_HF.items() if k != "num_hidden_layers"}
+    with pytest.raises(UnsupportedModelError, match="num_hidden_layers"):
+        GemmaConfig.from_hf_config(incomplete)
+    with pytest.raises(UnsupportedModelError, match="wrong type"):
+        GemmaConfig.from_hf_config({**GEMMA3_270M_HF, "num_hidden_layers": "eighteen"})
+    with pytest.raises(UnsupportedModelError, match="wrong type"):
+        GemmaConfig.from_gguf({"general.architecture": "gemma3", "gemma3.block_count": "x"}, vocab_size=10)
+
+
 def test_name_map_reports_missing_and_leftover():
     c = GemmaConfig.from_hf_config({**GEMMA3_270M_HF, "num_hidden_layers": 1, "layer_types": [SLIDING]})
     names = {src for src, _ in build_map("safetensors", c, _all_hf_names(c)).values()}
@@ -83,23 +93,20 @@ def _all_hf_names(c):
 
 
 @pytest.mark.parametrize("n,start,want", [
-    (39, 0, [(32, 32), (8, 7)]),         # largest first, then a padded small chunk
-    (127, 0, [(128, 127)]),              # one padded call instead of 32+32+32+32
-    (3, 58, None),
+    (39, 0, [(32, 32), (8, 7)]),  # largest first, then a padded small chunk
+    (127, 0, [(128, 127)]),       # one padded call instead of 32+32+32+32
 ])
 def test_plan_prefill(n, start, want):
-    if want is None:
-        # near the end of a 64-slot cache, chunks must never run past it
-        plan = plan_prefill(3, 58, [8, 32], 64)
-        pos = 58
-        for T, count in plan:
-            assert pos + T <= 64
-            pos += count
-        assert plan == [(1, 1)] * 3  # 6 free slots < the smallest chunk: decode calls
-        with pytest.raises(Exception, match="cache is full"):
-            plan_prefill(3, 62, [8, 32], 64)
-        return
     assert plan_prefill(n, start, [8, 32, 128], 2048) == want
+
+
+def test_plan_prefill_near_the_cache_end():
+    """A chunk never runs past the cache (DYNAMIC_UPDATE_SLICE would clamp its start and
+    overwrite earlier slots); where no chunk fits, tokens go one by one through decode."""
+    assert plan_prefill(3, 58, [8, 32], 64) == [(1, 1)] * 3  # 6 free slots < the smallest chunk
+    assert plan_prefill(12, 50, [8, 32], 64) == [(8, 8)] + [(1, 1)] * 4  # 8+8 would pass slot 64
+    with pytest.raises(GemmaEdgeError, match="cache is full"):
+        plan_prefill(3, 62, [8, 32], 64)
 
 
 def test_metadata_reader_errors(tmp_path):
