@@ -23,8 +23,8 @@ from ..quantize.schemes import SCHEMES, get_scheme, parse_recipe, recipe_name, r
 from ..runtime import modelfile
 from ..runtime.chat import GEMMA_TEMPLATE
 from ..runtime.config import GemmaConfig
-from ..runtime.errors import (GemmaEdgeError, OutputExistsError, QuantizationError, SourceError, TokenizerError,
-                              UnsupportedModelError)
+from ..runtime.errors import (GemmaEdgeError, OutputExistsError, QuantizationError, SourceError,
+                              TokenizerError)
 from ..runtime.tokenizer import Tokenizer
 from . import names as namemap
 from .checkpoint import GGUFCheckpoint, open_checkpoint
@@ -241,4 +241,4 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     return ConvertResult(str(out), size, time.time() - t0, peak, cfg, quant, context, tuple(lengths))
 
 
-__all__ = ["convert", "ConvertResult", "Source", "UnsupportedModelError"]
+__all__ = ["convert", "ConvertResult", "Source"]

@@ -98,25 +98,31 @@ class CompiledBackend:
         zeros = np.zeros((1, cfg.num_kv_heads, info.context_length, cfg.head_dim), np.float32)
         for buf in self.kv.values():  # fresh buffers hold garbage; 0 * NaN in masked slots is NaN
             buf.write(zeros)
+        self.logits = self.model.create_output_buffer_by_name("decode", "logits")
+        self.vocab = cfg.vocab_size
+        # per signature, built once: (tokens buffer, input_pos buffer, input map, output map)
         self.io = {}
         for T in [*info.prefill_lengths, None]:
             sig = "decode" if T is None else f"prefill_{T}"
-            self.io[sig] = (self.model.create_input_buffer_by_name(sig, "tokens"),
-                            self.model.create_input_buffer_by_name(sig, "input_pos"))
-        self.logits = self.model.create_output_buffer_by_name("decode", "logits")
-        self.vocab = cfg.vocab_size
+            tok = self.model.create_input_buffer_by_name(sig, "tokens")
+            pos = self.model.create_input_buffer_by_name(sig, "input_pos")
+            outputs = {**self.kv, "logits": self.logits} if T is None else dict(self.kv)
+            self.io[sig] = (tok, pos, {"tokens": tok, "input_pos": pos, **self.kv}, outputs)
+        self._token = np.zeros((1, 1), np.int32)
+        self._pos = np.zeros((1,), np.int32)
 
-    def _run(self, sig: str, tokens: np.ndarray, pos: np.ndarray, outputs: dict):
-        tok_buf, pos_buf = self.io[sig]
+    def _run(self, sig: str, tokens: np.ndarray, pos: np.ndarray):
+        tok_buf, pos_buf, inputs, outputs = self.io[sig]
         tok_buf.write(tokens)
         pos_buf.write(pos)
-        self.model.run_by_name(sig, {"tokens": tok_buf, "input_pos": pos_buf, **self.kv}, {**self.kv, **outputs})
+        self.model.run_by_name(sig, inputs, outputs)
 
     def prefill_chunk(self, T: int, tokens: np.ndarray, pos: np.ndarray) -> None:
-        self._run(f"prefill_{T}", tokens, pos, {})
+        self._run(f"prefill_{T}", tokens, pos)
 
     def decode(self, token: int, pos: int) -> np.ndarray:
-        self._run("decode", np.array([[token]], np.int32), np.array([pos], np.int32), {"logits": self.logits})
+        self._token[0, 0], self._pos[0] = token, pos
+        self._run("decode", self._token, self._pos)
         return self.logits.read(self.vocab, np.float32)
 
 
@@ -170,7 +176,7 @@ class InterpreterBackend:
 def make_backend(info: ModelInfo, threads: int | None = None, kind: str = "auto", weight_cache: bool = True):
     if kind in ("auto", "compiled"):
         try:
-            import ai_edge_litert.compiled_model  # noqa: F401
+            import ai_edge_litert.compiled_model  # noqa: F401  (is CompiledModel available?)
         except ImportError:
             if kind == "compiled":
                 raise GemmaEdgeError("the in-place KV cache needs ai-edge-litert's CompiledModel: "
