@@ -1,8 +1,9 @@
 """Surgery on the weightless template, and the streaming writer of the final .tflite.
 
 1. Surgery: every weight input of every signature becomes a constant tensor backed by
-   one buffer shared by all signatures (fp32, or int8 with per-channel scales); it is
-   removed from the subgraph and signature inputs. GATHER on the embedding becomes
+   one buffer shared by all signatures (fp32; int8 or int4 with per-channel scales in
+   the header; or blockwise int4, whose fp16 scales are a tensor of each subgraph over
+   one more shared buffer); it is removed from the subgraph and signature inputs. GATHER on the embedding becomes
    EMBEDDING_LOOKUP, which reads quantized tables, so the tied embedding / LM head is
    stored once.
 2. Streaming write: weight and metadata buffers live *after* the flatbuffer header

@@ -2,7 +2,9 @@
 
 Per-channel symmetric: for each output row r, scale[r] = max|w[r]| / qmax and
 q = round(w / scale) clipped to [-qmax, qmax]. An all-zero row gets scale 1 (q = 0),
-so dequantization is exact for it and no division by zero happens.
+so dequantization is exact for it and no division by zero happens. Blockwise int4 does
+the same per block of B inputs, with fp16 scales (see quantize_blockwise); int4 values
+are packed two a byte (pack_int4).
 """
 
 from __future__ import annotations
