@@ -47,9 +47,9 @@ def quiet_native_stderr():
 def weight_cache_path(model_path: str) -> str | None:
     """Where XNNPACK keeps its packed weights for ``model_path``, shared by all signatures.
 
-    Without it every signature packs its own copy (the 270M int8 file: 1012 MB peak RSS,
-    2.3 s load); with it one packed copy is written once and then memory-mapped (127 MB,
-    0.3 s on later loads). Keyed by path, size and mtime, under $XDG_CACHE_HOME or
+    Without it every signature packs its own copy (the 270M int8 file: 1165 MB peak RSS,
+    1.1 s load); with it one packed copy is written once and then memory-mapped (545 MB,
+    0.28 s on later loads; benchmarks/runtime_memory.py). Keyed by path, size and mtime, under $XDG_CACHE_HOME or
     ~/.cache. None if no cache folder can be written.
     """
     try:
