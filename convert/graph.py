@@ -4,7 +4,9 @@ One config-driven implementation for Gemma 1, 2 and 3. Every weight is a named g
 *input* (``tf.TensorSpec([out, in])``), so the template ``.tflite`` is a few hundred KB
 whatever the model size; ``surgery.py`` later turns those inputs into (quantized)
 constants written by a streaming writer. Signatures follow LiteRT-LM's contract:
-``prefill_<T>`` (KV caches only) and ``decode`` (``logits [1, 1, V]`` as well).
+``prefill_<T>`` (KV caches only) and ``decode`` (``logits [1, 1, V]`` as well). An extra
+``score_<T>`` signature (a prefill chunk that also returns ``logits [1, T, V]`` for every
+position) lets perplexity run T tokens a call; LiteRT-LM ignores it.
 
 Shapes: T tokens in the chunk, S context length, D d_model, N query heads,
 K KV heads, G = N / K, H head_dim, F FFN hidden, V vocab.
@@ -50,12 +52,16 @@ def _inv_freq(cfg: GemmaConfig, layer: int) -> np.ndarray:
     return (inv / np.float32(cfg.rope_scale_for(layer))).astype(np.float32)  # [H/2]
 
 
-def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, with_logits: bool):
+LOGITS = ("none", "last", "all")  # prefill, decode, score
+
+
+def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, logits: str):
     """One chunk of T tokens written at slots input_pos[0] .. input_pos[0]+T-1 of every cache.
 
     tokens [1, T] int32, input_pos [T] int32 (real tokens are consecutive; padding
     slots carry position 0 and are overwritten later), caches name -> [1, K, S, H].
-    Returns the updated caches (and ``logits`` [1, 1, V] of the last token).
+    Returns the updated caches, and ``logits``: of the last token [1, 1, V] ("last"), of
+    every token [1, T, V] ("all"), or none.
     """
     T = tokens.shape[1]
     S = caches["kv_cache_k_0"].shape[2]
@@ -144,16 +150,16 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, with_log
         x = x + m
 
     out = dict(new_caches)
-    if with_logits:
-        last = _rms_norm(x[-1:], w["final_norm"], eps)  # [1, D]
-        logits = _linear(last, w["embed"])  # [1, V]
+    if logits != "none":
+        h = _rms_norm(x[-1:] if logits == "last" else x, w["final_norm"], eps)  # [1 or T, D]
+        z = _linear(h, w["embed"])  # [1 or T, V]
         if cfg.final_softcap:
-            logits = tf.tanh(logits / cfg.final_softcap) * cfg.final_softcap
-        out["logits"] = tf.reshape(logits, [1, 1, cfg.vocab_size])
+            z = tf.tanh(z / cfg.final_softcap) * cfg.final_softcap
+        out["logits"] = tf.reshape(z, [1, -1, cfg.vocab_size])
     return out
 
 
-def _signature_fn(cfg: GemmaConfig, name: str, T: int, context: int, with_logits: bool):
+def _signature_fn(cfg: GemmaConfig, name: str, T: int, context: int, logits: str):
     shapes = weight_shapes(cfg)
     kv_names = [f"kv_cache_{c}_{i}" for i in range(cfg.num_layers) for c in "kv"]
     specs = [tf.TensorSpec([1, T], tf.int32, name="tokens"), tf.TensorSpec([T], tf.int32, name="input_pos")]
@@ -164,22 +170,28 @@ def _signature_fn(cfg: GemmaConfig, name: str, T: int, context: int, with_logits
     def fn(*args):
         a = dict(zip(names, args))
         caches = {n: a[n] for n in kv_names}
-        return forward(cfg, {n: a[n] for n in shapes}, a["tokens"], a["input_pos"], caches, with_logits)
+        return forward(cfg, {n: a[n] for n in shapes}, a["tokens"], a["input_pos"], caches, logits)
 
     fn.__name__ = name  # the signature key
     return tf.function(fn, input_signature=specs, autograph=False)
 
 
-def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], decode: bool = True) -> bytes:
+def signature_kind(name: str) -> tuple[int, str]:
+    """``prefill_32`` -> (32, "none"), ``score_32`` -> (32, "all"), ``decode`` -> (1, "last")."""
+    if name == "decode":
+        return 1, "last"
+    kind, _, t = name.partition("_")
+    return int(t), {"prefill": "none", "score": "all"}[kind]
+
+
+def build_template(cfg: GemmaConfig, context: int, signatures: list[str]) -> bytes:
     """Convert the graph (weights as inputs) to a template .tflite: one subgraph per signature."""
     module = tf.Module()
     fns = []
-    for T in sorted(set(prefill_lengths)):
-        setattr(module, f"prefill_{T}", _signature_fn(cfg, f"prefill_{T}", T, context, False))
-        fns.append(getattr(module, f"prefill_{T}").get_concrete_function())
-    if decode:
-        module.decode = _signature_fn(cfg, "decode", 1, context, True)
-        fns.append(module.decode.get_concrete_function())
+    for name in signatures:
+        T, logits = signature_kind(name)
+        setattr(module, name, _signature_fn(cfg, name, T, context, logits))
+        fns.append(getattr(module, name).get_concrete_function())
     converter = tf.lite.TFLiteConverter.from_concrete_functions(fns, module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     return converter.convert()
@@ -191,9 +203,6 @@ if __name__ == "__main__":  # one signature per child process: see template.py
 
     cfg_json, context, signature, out_path = sys.argv[1:5]
     cfg = GemmaConfig.from_dict(json.loads(cfg_json))
-    if signature == "decode":
-        data = build_template(cfg, int(context), [])
-    else:
-        data = build_template(cfg, int(context), [int(signature.removeprefix("prefill_"))], decode=False)
+    data = build_template(cfg, int(context), [signature])
     with open(out_path, "wb") as f:
         f.write(data)

@@ -51,18 +51,24 @@ def kv_shape(cfg: GemmaConfig, context: int) -> tuple[int, int, int, int]:
 ISOLATE_ABOVE_PARAMS = 100_000_000  # smaller models (tests) convert in-process: faster, memory is moot
 
 
-def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], isolate: bool | None = None,
-                   progress: bool = False) -> bytes:
+def signature_names(prefill_lengths, score_lengths=()) -> list[str]:
+    return ([f"prefill_{T}" for T in sorted(set(prefill_lengths))] + ["decode"] +
+            [f"score_{T}" for T in sorted(set(score_lengths))])
+
+
+def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], score_lengths=(),
+                   isolate: bool | None = None, progress: bool = False) -> bytes:
     """Convert every signature in its own child process and merge them into one model."""
     from ai_edge_litert import schema_py_generated as fb
 
+    signatures = signature_names(prefill_lengths, score_lengths)
     if isolate is None:
         isolate = cfg.num_params > ISOLATE_ABOVE_PARAMS
     if not isolate:
         from . import graph
 
         try:
-            return graph.build_template(cfg, context, prefill_lengths)
+            return graph.build_template(cfg, context, signatures)
         except Exception as e:  # TensorFlow reports conversion failures as assorted exceptions
             raise GemmaEdgeError(f"TensorFlow could not convert the graph ({type(e).__name__}: {e}). "
                                  "Check that tensorflow-cpu is installed (pip install 'gemma-edge[convert]') "
@@ -70,7 +76,6 @@ def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], i
 
     from .tflite_writer import pack
 
-    signatures = [f"prefill_{T}" for T in sorted(set(prefill_lengths))] + ["decode"]
     models = []
     with tempfile.TemporaryDirectory(prefix="gemma-edge-template-") as tmp:
         steps = signatures

@@ -125,6 +125,19 @@ class CompiledBackend:
         self._run("decode", self._token, self._pos)
         return self.logits.read(self.vocab, np.float32)
 
+    def score(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """A prefill chunk through ``score_<T>``: logits [T, V] of every position."""
+        T = tokens.shape[1]
+        sig = f"score_{T}"
+        if sig not in self.io:  # built on first use: its [T, V] output is large
+            tok = self.model.create_input_buffer_by_name(sig, "tokens")
+            pos_buf = self.model.create_input_buffer_by_name(sig, "input_pos")
+            logits = self.model.create_output_buffer_by_name(sig, "logits")
+            self.io[sig] = (tok, pos_buf, {"tokens": tok, "input_pos": pos_buf, **self.kv},
+                            {**self.kv, "logits": logits})
+        self._run(sig, tokens, pos)
+        return self.io[sig][3]["logits"].read(T * self.vocab, np.float32).reshape(T, self.vocab)
+
 
 class InterpreterBackend:
     """Plain Interpreter (ai_edge_litert or tflite_runtime): caches copied between signatures."""
@@ -171,6 +184,9 @@ class InterpreterBackend:
 
     def decode(self, token, pos):
         return self._run("decode", np.array([[token]], np.int32), np.array([pos], np.int32))["logits"].reshape(-1)
+
+    def score(self, tokens, pos):
+        return self._run(f"score_{tokens.shape[1]}", tokens, pos)["logits"].reshape(tokens.shape[1], -1)
 
 
 def make_backend(info: ModelInfo, threads: int | None = None, kind: str = "auto", weight_cache: bool = True):

@@ -143,6 +143,11 @@ class ModelInfo:
         return [int(t) for t in self.meta["prefill_lengths"]]
 
     @property
+    def score_lengths(self) -> list[int]:
+        """Chunk lengths of ``score_<T>`` signatures (older files have none)."""
+        return [int(t) for t in self.meta.get("score_lengths", [])]
+
+    @property
     def quant(self) -> str:
         return self.meta["quantization"]["scheme"]["name"]
 
@@ -165,7 +170,7 @@ def read_info(path: str) -> ModelInfo:
             raise ModelFileError(f"{path} uses file format {meta['format_version']}; this gemma-edge reads "
                                  f"up to {FORMAT_VERSION}: upgrade gemma-edge")
         info = ModelInfo(path, meta, entries.get(TOKENIZER_KEY, b""))
-        info.config, info.context_length, info.prefill_lengths, info.tokens["bos_id"]  # validate now
+        info.config, info.context_length, info.prefill_lengths, info.score_lengths, info.tokens["bos_id"]  # validate now
     except GemmaEdgeError:
         raise
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:

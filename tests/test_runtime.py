@@ -357,20 +357,40 @@ def test_runtime_never_imports_tensorflow(path):
     assert out["heavy"] == []
 
 
-def test_perplexity_matches_transformers(path, hf_model, sp_model_path):
-    """Mean NLL over every predicted token equals transformers' cross-entropy (an oracle)."""
+@pytest.fixture(scope="module", params=[32, 24, 0], ids=["score32", "score24-then-decode", "decode-only"])
+def scored_path(request, tiny, tmp_path_factory) -> str:
+    """The tiny model with score_32 (the default file), score_24 (whose last chunk would pass
+    the cache end, so the tail goes through decode), and no score signature at all."""
+    if request.param == 32:
+        return str(tiny.model_file)
+    from gemma_edge.convert.pipeline import convert
+
+    out = tmp_path_factory.mktemp("scored") / f"score{request.param}.tflite"
+    convert(str(tiny.checkpoint), str(out), quant="fp32", max_context=CONTEXT, prefill_lengths=PREFILL,
+            progress=False, score_length=request.param)
+    return str(out)
+
+
+def test_perplexity_matches_transformers(scored_path, hf_model, sp_model_path):
+    """Mean NLL over every predicted token equals transformers' cross-entropy (an oracle),
+    whether chunks go through score_<T>, decode, or both."""
     import torch
 
-    ids = [2] + corpus_ids(sp_model_path, 59, seed=11)  # 60 tokens: past the window, within the context
+    ids = [2] + corpus_ids(sp_model_path, CONTEXT - 1, seed=11)  # the whole context: past the window
     import gemma_edge
 
-    m = gemma_edge.load(path)
+    m = gemma_edge.load(scored_path)
     calls = []
     r = m.perplexity(ids, progress=lambda done, total: calls.append((done, total)))
     with torch.no_grad():
         logits = hf_model(torch.tensor([ids])).logits[0].double()
     want = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:])).item()
+    T = max(m.info.score_lengths, default=0)
+    assert r["scored_with"] == (f"score_{T}" if T else "decode")
     assert r["predicted"] == len(ids) - 1 and calls[-1] == (len(ids) - 1, len(ids) - 1)
+    # 63 predictions: score_32 in 2 calls; score_24 in 2 calls, then 15 decode calls (48 + 24
+    # would pass the cache end of 64); decode alone in 63
+    assert len(calls) == {32: 2, 24: 2 + 15, 0: 63}[T]
     assert abs(r["mean_nll"] - want) < 1e-4 * max(1.0, want)
     assert abs(r["perplexity"] - np.exp(want)) < 1e-3 * np.exp(want)
     # the cap: at most max_tokens tokens are scored
