@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from ..quantize.schemes import PRESETS, ROLES, SCHEMES
+from ..quantize.schemes import KINDS, PRESETS, ROLES, SCHEMES
 from ..runtime.errors import GemmaEdgeError
 
 _QUANT_HELP = "; ".join(f"{s.name}: {s.description}" for s in SCHEMES.values())
@@ -36,15 +36,32 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
 @click.argument("source", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output .tflite path.")
 @click.option("--quant", default="int8", show_default=True, callback=_recipe,
-              help=f"Weight quantization: a preset ({', '.join(PRESETS)}) or role=scheme pairs over a preset, "
-                   f"e.g. 'int4,embedding=int8' (roles: {', '.join(ROLES)}). Schemes: {_QUANT_HELP}.")
+              help=f"Weight quantization: a preset ({', '.join(PRESETS)}), optionally followed by key=scheme "
+                   f"pairs, e.g. 'int4-b32,embedding=int8,ffn_down=int8'. Keys are roles ({', '.join(ROLES)}) "
+                   f"or single kinds ({', '.join(k for k in KINDS if k not in ROLES)}). Schemes: {_QUANT_HELP}.")
 @click.option("--max-context", type=click.IntRange(min=2), default=None,
               help="Context length S of the KV cache (default 2048, or the model's maximum if smaller).")
 @click.option("--prefill-lengths", default="8,32,128,512", show_default=True, callback=_lengths,
               help="Prefill chunk lengths, one prefill_<T> signature each; keep a small one.")
+@click.option("--score-length", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Tokens per call of the score_<T> signature that `gemma-edge eval` uses "
+                   "(logits for every position); 0 leaves it out.")
+@click.option("--report", is_flag=True,
+              help="After writing, print what quantization cost: the relative RMS error of the weights "
+                   "per tensor role (and the worst tensor), and with --eval-text the perplexity of the "
+                   "new file next to an fp32 conversion's.")
+@click.option("--eval-text", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A UTF-8 text file for --report's perplexity (BOS + text, one window of up to the "
+                   "context). The fp32 reference is converted on the fly into a temporary file.")
+@click.option("--eval-tokens", type=click.IntRange(min=2), default=None,
+              help="Score at most this many tokens of --eval-text (default: the context length).")
+@click.option("--lora", "lora", type=click.Path(), default=None, metavar="ADAPTER_DIR",
+              help="A peft LoRA adapter (the directory save_pretrained wrote: adapter_config.json, "
+                   "adapter_model.safetensors) to merge into the weights as they are converted.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def main(source, output, quant, max_context, prefill_lengths, force, quiet):
+def main(source, output, quant, max_context, prefill_lengths, score_length, report, eval_text, eval_tokens,
+         lora, force, quiet):
     """Convert a Gemma checkpoint SOURCE to one self-describing LiteRT .tflite file.
 
     SOURCE is a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model;
@@ -55,14 +72,28 @@ def main(source, output, quant, max_context, prefill_lengths, force, quiet):
     temporary name and renamed when complete.
 
     \b
-    Example:
+    Examples:
       gemma-convert gemma-3-270m.gguf -o gemma3-270m-int8.tflite --quant int8
+      gemma-convert gemma-3-270m.gguf -o m-int4.tflite --quant int4 --report --eval-text wiki.txt
+      gemma-convert ckpt/ -o m.tflite --quant int4,embedding=int8,attention=int8
+      gemma-convert gemma-3-270m/ --lora my-adapter/ -o tuned-int8.tflite
     """
-    from .pipeline import convert
+    from .pipeline import convert, perplexity_vs_fp32
 
+    if eval_text and not report:
+        report = True  # an evaluation text only makes sense in the report
+    text = None
+    if eval_text:
+        try:
+            with open(eval_text, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            click.echo(f"gemma-convert: error: {eval_text} is not UTF-8 text ({e})", err=True)
+            sys.exit(2)
     try:
         r = convert(source, output, quant=quant, max_context=max_context,
-                    prefill_lengths=prefill_lengths, force=force, progress=not quiet)
+                    prefill_lengths=prefill_lengths, force=force, progress=not quiet,
+                    score_length=score_length, report=report, lora=lora)
     except GemmaEdgeError as e:
         click.echo(f"gemma-convert: error: {e}", err=True)
         sys.exit(2)
@@ -74,7 +105,23 @@ def main(source, output, quant, max_context, prefill_lengths, force, quiet):
         f"wrote {r.path}: {r.file_size / 1e6:.1f} MB, Gemma {c.family} ({c.num_layers} layers, d_model "
         f"{c.hidden_size}, vocab {c.vocab_size}, {c.num_params / 1e6:.0f}M params), {r.quant}, context "
         f"{r.context_length}, prefill {','.join(map(str, r.prefill_lengths))}; "
-        f"{r.seconds:.1f} s, peak memory {r.peak_rss_mb:.0f} MB", err=True)
+        f"{r.seconds:.1f} s, peak memory {r.peak_rss_mb:.0f} MB"
+        + (f"; LoRA {lora} merged" if lora else ""), err=True)
+    ppl = None
+    if text:
+        try:
+            ppl = perplexity_vs_fp32(source, r, text, eval_tokens, progress=not quiet)
+        except GemmaEdgeError as e:
+            click.echo(f"gemma-convert: error: {r.path} was written, but the perplexity failed: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo(f"gemma-convert: interrupted during the perplexity; {r.path} was written", err=True)
+            sys.exit(130)
+        ppl["text"] = eval_text
+    if report:
+        from ..quantize.report import format_report
+
+        click.echo(format_report(list(r.weight_errors), ppl))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..quantize.schemes import SCHEMES, get_scheme, parse_recipe, recipe_name, role_of
+from ..quantize.report import role_table
+from ..quantize.schemes import SCHEMES, get_scheme, kind_of, parse_recipe, recipe_name
 from ..runtime import modelfile
 from ..runtime.chat import GEMMA_TEMPLATE
 from ..runtime.config import GemmaConfig
@@ -31,6 +32,7 @@ from .checkpoint import GGUFCheckpoint, open_checkpoint
 
 DEFAULT_CONTEXT = 2048
 DEFAULT_PREFILL = (8, 32, 128, 512)
+DEFAULT_SCORE = 32  # score_<T>: perplexity scores T tokens a call instead of one
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,15 @@ class ConvertResult:
     quant: str
     context_length: int
     prefill_lengths: tuple[int, ...]
+    score_length: int | None
+    weight_errors: tuple | None = None  # RoleError rows, when convert(report=True)
+    lora: str | None = None  # the LoRA adapter merged in, if any
 
 
 class Source:
     """A checkpoint with its config, tokenizer and name map: canonical weights by row range."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, lora: str | None = None):
         self.path = Path(path)
         if not self.path.exists():
             raise SourceError(f"{path}: no such file or directory. Give a Hugging Face checkpoint "
@@ -99,6 +104,16 @@ class Source:
         self.map = namemap.build_map(self.format, self.config, infos)
         self._shift_baked_in = namemap.shift_baked_in(self.format)
         self._infos = infos
+        self.lora = None  # what was merged, for the file's metadata
+        if lora is not None:
+            from .lora import open_with_lora
+
+            try:  # every weight is read through self.ckpt, so wrapping it merges the adapter
+                self.ckpt = open_with_lora(self.ckpt, lora)
+            except BaseException:
+                self.ckpt.close()
+                raise
+            self.lora = self.ckpt.describe()
 
     def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
         bad = []
@@ -149,19 +164,28 @@ def special_tokens(tok: Tokenizer, cfg: GemmaConfig) -> dict:
 
 
 def _summary_scheme(name: str, recipe: dict[str, str]) -> dict:
-    """The file-level scheme entry: the table's row when one scheme covers every role."""
+    """The file-level scheme entry: the table's row when one scheme covers every kind."""
     schemes = set(recipe.values())
     if len(schemes) == 1:
         return get_scheme(schemes.pop()).to_dict()
-    return {"name": name, "description": "mixed: " + ", ".join(
-        f"{role} {get_scheme(s).description.split(':')[0]}" for role, s in recipe.items())}
+    spelled = recipe_name(",".join(f"{k}={v}" for k, v in recipe.items()))
+    return {"name": name, "description": "mixed: " + spelled.replace(",", ", ").replace("=", " ")}
 
 
 def convert(source: str, output: str, quant: str = "int8", max_context: int | None = None,
-            prefill_lengths=DEFAULT_PREFILL, force: bool = False, progress: bool = True) -> ConvertResult:
-    """Convert ``source`` (HF checkpoint dir or .gguf) to ``output`` (.tflite)."""
+            prefill_lengths=DEFAULT_PREFILL, force: bool = False, progress: bool = True,
+            score_length: int | None = DEFAULT_SCORE, report: bool = False,
+            lora: str | None = None) -> ConvertResult:
+    """Convert ``source`` (HF checkpoint dir or .gguf) to ``output`` (.tflite).
+
+    ``score_length`` T adds a ``score_<T>`` signature (logits of every position of a chunk)
+    that ``gemma-edge eval`` uses; 0 or None leaves it out. ``report`` measures every
+    tensor's quantization error as it is written (``ConvertResult.weight_errors``).
+    ``lora`` is a peft LoRA adapter directory merged into the weights as they stream
+    (``convert.lora``); the file's ``source.lora`` metadata records it.
+    """
     t0 = time.time()
-    recipe = parse_recipe(quant)  # role -> scheme name
+    recipe = parse_recipe(quant)  # kind -> scheme name
     quant = recipe_name(quant)
     out = Path(output)
     if out.exists() and not force:
@@ -171,7 +195,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     if not out.parent.exists():
         raise SourceError(f"the output folder {out.parent} does not exist; create it first")
 
-    src = Source(source)
+    src = Source(source, lora=lora)
     try:
         from . import template
 
@@ -182,12 +206,13 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         lengths = sorted({int(t) for t in prefill_lengths if 0 < int(t) <= context})
         if not lengths:
             raise GemmaEdgeError(f"no prefill length in {list(prefill_lengths)} fits the context {context}")
+        score = [min(int(score_length), context)] if score_length else []
         shapes = template.weight_shapes(cfg)
         src.check_shapes(shapes)
-        tpl = template.build_template(cfg, context, lengths, progress=progress)  # TensorFlow runs in children
+        tpl = template.build_template(cfg, context, lengths, score, progress=progress)  # TensorFlow runs in children
         from .tflite_writer import WeightSlot, write_model
 
-        slots = [WeightSlot(n, s, get_scheme(recipe[role_of(n)]) if role_of(n) else SCHEMES["fp32"])
+        slots = [WeightSlot(n, s, get_scheme(recipe[kind_of(n)]) if kind_of(n) else SCHEMES["fp32"])
                  for n, s in shapes.items()]
         for s in slots:
             if s.scheme.block_size and s.shape[-1] % s.scheme.block_size:
@@ -207,16 +232,19 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
                              "tensors": {s.name: s.scheme.name for s in slots}},
             "context_length": context,
             "prefill_lengths": lengths,
+            "score_lengths": score,
             "kv_cache": {"layout": "[1, num_kv_heads, context_length, head_dim]", "dtype": "float32"},
             "tokenizer": {"kind": "sentencepiece", "metadata_name": modelfile.TOKENIZER_KEY,
                           "add_bos": True, **special_tokens(src.tokenizer, cfg)},
             "chat_template": {"kind": "gemma", "text": GEMMA_TEMPLATE, "jinja": src.chat_template_jinja},
-            "source": {"name": src.path.name, "format": src.format, "sha256": src.sha256()},
+            "source": {"name": src.path.name, "format": src.format, "sha256": src.sha256(),
+                       **({"lora": src.lora} if src.lora else {})},
         }
         blobs = {modelfile.CONFIG_KEY: json.dumps(meta, indent=1).encode(),
                  modelfile.TOKENIZER_KEY: src.tokenizer_model}
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         bar = None
+        errors = {} if report else None
         try:
             if progress:
                 from tqdm import tqdm
@@ -224,7 +252,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
                 bar = tqdm(total=sum(s.nbytes for s in slots), unit="B", unit_scale=True,
                            desc=f"writing {out.name} ({quant})", leave=False)
             size = write_model(tpl, slots, src.read_rows, blobs, str(tmp),
-                               progress=bar.update if bar else None)
+                               progress=bar.update if bar else None, errors=errors)
             os.replace(tmp, out)
         except BaseException as e:  # KeyboardInterrupt included: never leave a half file
             tmp.unlink(missing_ok=True)
@@ -238,7 +266,48 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     finally:
         src.close()
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
-    return ConvertResult(str(out), size, time.time() - t0, peak, cfg, quant, context, tuple(lengths))
+    return ConvertResult(str(out), size, time.time() - t0, peak, cfg, quant, context, tuple(lengths),
+                         score[0] if score else None,
+                         tuple(role_table(errors, meta["quantization"]["tensors"])) if report else None,
+                         lora=lora)
 
 
-__all__ = ["convert", "ConvertResult", "Source"]
+def perplexity_vs_fp32(source: str, result: ConvertResult, text: str, max_tokens: int | None = None,
+                       progress: bool = True) -> dict:
+    """Perplexity of the converted file on ``text`` next to an fp32 conversion of the same
+    source (made in a temporary folder with the same context and signatures, then deleted)."""
+    import tempfile
+
+    from ..runtime.engine import load
+
+    def score(path: str, label: str) -> dict:
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(desc=f"perplexity ({label})", unit="tok", leave=False)
+
+        def tick(done, total):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            return load(path).perplexity(text, max_tokens=max_tokens, progress=tick if bar else None)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    out = {"quantized": score(result.path, result.quant)}
+    if result.quant == "fp32":
+        out["fp32"] = out["quantized"]
+        return out
+    with tempfile.TemporaryDirectory(prefix="gemma-edge-fp32-", dir=os.path.dirname(os.path.abspath(result.path))) as d:
+        ref = convert(source, os.path.join(d, "fp32.tflite"), quant="fp32", max_context=result.context_length,
+                      prefill_lengths=result.prefill_lengths, progress=progress,
+                      score_length=result.score_length, lora=result.lora)
+        out["fp32"] = score(ref.path, "fp32")
+    return out
+
+
+__all__ = ["convert", "ConvertResult", "Source", "perplexity_vs_fp32"]

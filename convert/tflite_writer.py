@@ -24,7 +24,7 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
-from ..quantize.reference import quantize_rows
+from ..quantize.reference import dequantize_rows, quantize_rows
 from ..quantize.schemes import Scheme
 
 ALIGN = 64
@@ -162,11 +162,13 @@ def _row_chunks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
 
 
 def write_model(template: bytes, slots: list[WeightSlot], read_rows: RowReader,
-                metadata: dict[str, bytes], path: str, progress=None) -> int:
+                metadata: dict[str, bytes], path: str, progress=None, errors: dict | None = None) -> int:
     """Write the final file to ``path`` (the caller owns temp-naming and renaming).
 
     ``read_rows(name, r0, r1)`` returns float32 rows of a canonical weight.
     ``progress(nbytes)`` is called as bytes are written. Returns the file size.
+    ``errors``, if given, receives name -> (sum of squared quantization error, sum of
+    squared weights) for every tensor, from the written values dequantized again.
     """
     model, meta_slots = apply_surgery(template, slots, metadata)
     header_len = len(pack(model))
@@ -195,6 +197,12 @@ def write_model(template: bytes, slots: list[WeightSlot], read_rows: RowReader,
             for r0, r1 in _row_chunks(rows, cols):
                 w = read_rows(s.name, r0, r1).reshape(r1 - r0, cols)
                 data, scales = quantize_rows(w, s.scheme)
+                if errors is not None:
+                    w64 = w.astype(np.float64)
+                    d = dequantize_rows(data, scales, s.scheme) - w64
+                    e0, n0 = errors.get(s.name, (0.0, 0.0))
+                    errors[s.name] = (e0 + float(np.dot(d.ravel(), d.ravel())),
+                                      n0 + float(np.dot(w64.ravel(), w64.ravel())))
                 if s.scale_buffer >= 0:
                     _pwrite_all(fd, memoryview(np.ascontiguousarray(scales)).cast("B"),
                                 s.scale_offset + r0 * s.scheme.scale_row_bytes(cols))

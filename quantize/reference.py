@@ -51,7 +51,7 @@ def unpack_int4(packed: np.ndarray) -> np.ndarray:
     return out
 
 
-FP16_MIN_NORMAL = 2.0 ** -14
+FP16_MIN_SUBNORMAL = 2.0 ** -24  # XNNPACK takes subnormal fp16 scales; only 0 is refused
 FP16_SAFE_MAX = 65280.0  # the largest value whose bf16 rounding stays finite in fp16
 
 
@@ -78,7 +78,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray
     wb = w.reshape(rows, cols // block, block)  # [rows, blocks, block]
     amax = np.max(np.abs(wb), axis=2)  # [rows, blocks]
     s = np.where(amax > 0, np.minimum(amax, FP16_SAFE_MAX * qmax) / np.float32(qmax), np.float32(1.0))
-    scales = round_scale_fp16(np.maximum(s, FP16_MIN_NORMAL).astype(np.float32))
+    scales = round_scale_fp16(np.maximum(s, FP16_MIN_SUBNORMAL).astype(np.float32))
     q = np.rint(wb / scales.astype(np.float32)[:, :, None])
     np.clip(q, -qmax - 1, qmax, out=q)
     return q.astype(np.int8).reshape(rows, cols), scales
@@ -104,3 +104,13 @@ def quantize_rows(w: np.ndarray, scheme: Scheme) -> tuple[bytes | np.ndarray, np
         q, scales = quantize_blockwise(w, 4, scheme.block_size)
         return pack_int4(q), scales
     raise NotImplementedError(f"scheme {scheme.name}")
+
+
+def dequantize_rows(data: np.ndarray, scales: np.ndarray | None, scheme: Scheme) -> np.ndarray:
+    """Inverse of quantize_rows: what the kernels compute with, as float32 [rows, cols]."""
+    if scheme.is_float:
+        return np.asarray(data, dtype=np.float32)
+    q = unpack_int4(data) if scheme.bits == 4 else np.asarray(data)
+    if scheme.granularity == "channel":
+        return dequantize_per_channel(q, scales)
+    return dequantize_blockwise(q, scales)

@@ -71,14 +71,22 @@ def get_scheme(name: str) -> Scheme:
             f"unknown quantization scheme {name!r}; choose one of {', '.join(SCHEMES)}") from None
 
 
-# ---- recipes: a scheme per tensor role ------------------------------------------------
-# Norm scales are never quantized. Roles follow the canonical weight names of the graph.
-ROLES = {
-    "embedding": ("embed",),  # the tied input embedding / LM head
-    "attention": ("q", "k", "v", "o"),
-    "ffn": ("gate", "up", "down"),
+# ---- recipes: a scheme per tensor kind --------------------------------------------------
+# Norm scales are never quantized. A recipe gives each kind of weight (named after the
+# canonical weight names of the graph) its scheme; roles name groups of kinds.
+KINDS = {  # recipe key -> canonical weight suffix
+    "embedding": "embed",  # the tied input embedding / LM head
+    "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_o": "o",
+    "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down",
 }
+ROLES = {
+    "embedding": ("embedding",),
+    "attention": ("attn_q", "attn_k", "attn_v", "attn_o"),
+    "ffn": ("ffn_gate", "ffn_up", "ffn_down"),
+}
+_BY_SUFFIX = {suffix: kind for kind, suffix in KINDS.items()}
 
+# Presets by role (a kind may override its role, applied after it).
 PRESETS: dict[str, dict[str, str]] = {
     "fp32": {"embedding": "fp32", "attention": "fp32", "ffn": "fp32"},
     "int8": {"embedding": "int8", "attention": "int8", "ffn": "int8"},
@@ -90,39 +98,68 @@ PRESETS: dict[str, dict[str, str]] = {
 }
 
 
+def _expand(pairs: dict[str, str]) -> dict[str, str]:
+    """Role- and kind-level pairs -> one scheme per kind (roles first, then kinds)."""
+    out = {}
+    for key, scheme in sorted(pairs.items(), key=lambda kv: kv[0] in KINDS and kv[0] not in ROLES):
+        for kind in ROLES.get(key, (key,)):
+            out[kind] = scheme
+    return out
+
+
+def kind_of(name: str) -> str | None:
+    """Recipe kind of a canonical weight name (``embed`` -> embedding, ``l3_q`` -> attn_q),
+    None for norms."""
+    suffix = name.split("_", 1)[1] if name.startswith("l") and "_" in name else name
+    return _BY_SUFFIX.get(suffix)
+
+
 def role_of(name: str) -> str | None:
     """Role of a canonical weight name (``embed``, ``l3_q``, ``l0_down``), None for norms."""
-    if name == "embed":
-        return "embedding"
-    suffix = name.split("_", 1)[1] if name.startswith("l") and "_" in name else name
-    for role, names in ROLES.items():
-        if suffix in names:
-            return role
-    return None
+    kind = kind_of(name)
+    return next((role for role, kinds in ROLES.items() if kind in kinds), None)
 
 
 def parse_recipe(text: str) -> dict[str, str]:
-    """A preset name, or ``role=scheme`` pairs (``embedding=int8,attention=int4,ffn=int4``)
-    over a base preset given first (``int4,embedding=int8``; the base defaults to int8)."""
+    """A preset name, or ``key=scheme`` pairs over a base preset given first
+    (``int4-b32,embedding=int8,ffn_down=int8``; the base defaults to int8). Keys are roles
+    (embedding, attention, ffn) or single kinds (attn_q .. attn_o, ffn_gate .. ffn_down).
+    Returns one scheme per kind."""
     from ..runtime.errors import QuantizationError
 
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
         raise QuantizationError("empty quantization recipe; give a preset such as int8")
-    recipe = dict(PRESETS["int8"])
+    base = "int8"
     if "=" not in parts[0]:
         if parts[0] not in PRESETS:
             raise QuantizationError(f"unknown quantization preset {parts[0]!r}; choose one of "
-                                    f"{', '.join(PRESETS)} or give role=scheme pairs (roles: {', '.join(ROLES)})")
-        recipe = dict(PRESETS[parts.pop(0)])
+                                    f"{', '.join(PRESETS)} or give key=scheme pairs (roles: {', '.join(ROLES)}; "
+                                    f"kinds: {', '.join(k for k in KINDS if k not in ROLES)})")
+        base = parts.pop(0)
+    recipe = _expand(PRESETS[base])
+    overrides = {}
     for p in parts:
-        role, _, scheme = p.partition("=")
-        if role not in ROLES or "=" not in p:
-            raise QuantizationError(f"{p!r} is not role=scheme with a role among {', '.join(ROLES)}")
+        key, _, scheme = p.partition("=")
+        if "=" not in p or (key not in ROLES and key not in KINDS):
+            raise QuantizationError(f"{p!r} is not key=scheme with a key among the roles {', '.join(ROLES)} "
+                                    f"or the kinds {', '.join(k for k in KINDS if k not in ROLES)}")
         get_scheme(scheme)  # raises with the list of schemes
-        recipe[role] = scheme
+        overrides[key] = scheme
+    recipe.update(_expand(overrides))
     return recipe
 
 
 def recipe_name(text: str) -> str:
-    return text if text in PRESETS else ",".join(f"{r}={s}" for r, s in parse_recipe(text).items())
+    """The preset's name, or the recipe spelled out compactly (a role where its kinds agree)."""
+    if text in PRESETS:
+        return text
+    recipe = parse_recipe(text)
+    parts = []
+    for role, kinds in ROLES.items():
+        schemes = {recipe[k] for k in kinds}
+        if len(schemes) == 1:
+            parts.append(f"{role}={schemes.pop()}")
+        else:
+            parts += [f"{k}={recipe[k]}" for k in kinds]
+    return ",".join(parts)

@@ -352,3 +352,24 @@ def test_eval_reports_the_api_perplexity(path, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"caf\xe9 latin-1")
     assert_user_error(cli(GEMMA_EDGE, "eval", path, "--text", str(bad)), "gemma-edge", "UTF-8")
+
+
+def test_convert_report_with_eval_text(tiny, tmp_path):
+    """--report prints the per-role error table and the perplexity of the new file next to an
+    fp32 conversion's; each figure equals what `gemma-edge eval` says of a file made alone."""
+    text = tmp_path / "text.txt"
+    text.write_text("the model token gemma edge phone laptop raspberry cache layer weight " * 3, encoding="utf-8")
+    out = tmp_path / "m.tflite"
+    proc = cli(GEMMA_CONVERT, tiny.checkpoint, "-o", out, "--quant", "int4-b32,embedding=int8",
+               "--max-context", "32", "--prefill-lengths", "8", "-q", "--eval-text", text)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    table = {ln.split()[0]: ln.split() for ln in lines if ln.strip().split()[:1] in (["embedding"], ["attention"], ["ffn"])}
+    assert table["embedding"][1] == "int8" and table["attention"][1] == "int4-b32" and table["ffn"][1] == "int4-b32"
+    ppl = {ln.split()[0]: float(ln.split()[1]) for ln in lines if ln.startswith("  fp32 ") or ln.startswith("  embedding=")}
+    ref = tmp_path / "ref.tflite"
+    assert convert_cli(tiny.checkpoint, ref, "--max-context", "32").returncode == 0
+    for key, path in (("fp32", ref), ("embedding=int8,attention=int4-b32,ffn=int4-b32", out)):
+        ev = json.loads(cli(GEMMA_EDGE, "eval", path, "--text", text, "--json").stdout)
+        assert abs(ppl[key] - ev["perplexity"]) < 1e-3 * ev["perplexity"], (key, ppl, ev)
+    assert temp_files(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["m.tflite", "ref.tflite", "text.txt"]

@@ -10,7 +10,7 @@ import pytest
 
 from gemma_edge.quantize.reference import (dequantize_blockwise, dequantize_per_channel, pack_int4,
                                            quantize_blockwise, quantize_per_channel, unpack_int4)
-from gemma_edge.quantize.schemes import PRESETS, SCHEMES, parse_recipe, role_of
+from gemma_edge.quantize.schemes import SCHEMES, kind_of, parse_recipe, recipe_name, role_of
 from gemma_edge.runtime.errors import QuantizationError
 
 
@@ -51,9 +51,18 @@ def test_int4_per_channel_round_trip():
 def test_recipes_and_roles():
     assert role_of("embed") == "embedding" and role_of("l12_q") == "attention"
     assert role_of("l0_down") == "ffn" and role_of("l3_q_norm") is None and role_of("final_norm") is None
-    assert parse_recipe("int4-mixed") == PRESETS["int4-mixed"]
-    assert parse_recipe("int4,embedding=int8") == {"embedding": "int8", "attention": "int4", "ffn": "int4"}
-    assert parse_recipe("ffn=int4") == {"embedding": "int8", "attention": "int8", "ffn": "int4"}
+    assert role_of("l0_v") == "attention" and kind_of("l0_v") == "attn_v" and kind_of("embed") == "embedding"
+    kinds = ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up", "ffn_down")
+    assert parse_recipe("int4-mixed") == {"embedding": "int8", **{k: "int4" for k in kinds}}
+    assert parse_recipe("int4,embedding=int8") == parse_recipe("int4-mixed")
+    assert parse_recipe("ffn=int4") == {"embedding": "int8", **{k: "int4" if k.startswith("ffn") else "int8"
+                                                                   for k in kinds}}
+    # a kind overrides its role whatever the order they are given in
+    got = parse_recipe("int4-b32,ffn_down=int8,ffn=int4-b64")
+    assert got["ffn_down"] == "int8" and got["ffn_up"] == "int4-b64" and got["attn_q"] == "int4-b32"
+    assert recipe_name("int4-b32,ffn_down=int8,embedding=int8") == (
+        "embedding=int8,attention=int4-b32,ffn_gate=int4-b32,ffn_up=int4-b32,ffn_down=int8")
+    assert recipe_name("int4-b32") == "int4-b32"
     with pytest.raises(QuantizationError, match="int3"):
         parse_recipe("int3")
     with pytest.raises(QuantizationError, match="roles?"):
@@ -159,3 +168,45 @@ def test_written_file_holds_the_reference_bytes_and_scales(tmp_path, quant):
         logits.append(np.stack([b.decode(t, i) for i, t in enumerate([2, 7, 11, 13])]))
     got, want = logits
     assert np.mean(np.abs(got - want)) < 0.03 * np.mean(np.abs(want))
+
+
+def test_report_weight_errors_match_the_reference_quantizers(tmp_path, sp_model_path):
+    """convert(report=True) measures each role's relative RMS error from the bytes it wrote;
+    recomputed here from the checkpoint read by the safetensors library itself."""
+    from safetensors.numpy import load_file
+
+    from gemma_edge.convert import names as namemap
+    from gemma_edge.convert.pipeline import convert
+    from gemma_edge.quantize.reference import dequantize_rows, quantize_rows
+    from gemma_edge.runtime.config import GemmaConfig
+
+    from conftest import make_hf_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    make_hf_checkpoint(2, ckpt, sp_model_path, seed=5)
+    r = convert(str(ckpt), str(tmp_path / "m.tflite"), quant="int4-b32-mixed", max_context=16,
+                prefill_lengths=(8,), progress=False, report=True)
+    rows = {row.role: row for row in r.weight_errors}
+    assert {role: row.schemes for role, row in rows.items()} == {
+        "embedding": ("int8",), "attention": ("int4-b32",), "ffn": ("int4-b32",)}
+
+    hf = load_file(str(ckpt / "model.safetensors"))
+    cfg = GemmaConfig.from_hf_config(json.loads((ckpt / "config.json").read_text()))
+    canon_to_hf = {c: src for c, (src, _) in namemap.build_map(
+        "safetensors", cfg, {k: None for k in hf}).items()}
+    for role, row in rows.items():
+        err = ref = 0.0
+        worst = (0.0, "")
+        for canon, src in canon_to_hf.items():
+            if role_of(canon) != role:
+                continue
+            w = hf[src].astype(np.float32)
+            scheme = SCHEMES[parse_recipe("int4-b32-mixed")[kind_of(canon)]]
+            d = dequantize_rows(*quantize_rows(w, scheme), scheme) - w
+            e, n = float((d.astype(np.float64) ** 2).sum()), float((w.astype(np.float64) ** 2).sum())
+            err, ref = err + e, ref + n
+            worst = max(worst, (np.sqrt(e / n), canon))
+        assert abs(row.rel_rms - np.sqrt(err / ref)) < 1e-9, role
+        assert row.worst_tensor == worst[1] and abs(row.worst_rel_rms - worst[0]) < 1e-9
+    # int8's error is ~1/127 of the row's range, int4's ~1/7 of a block's: the table must say so
+    assert rows["embedding"].rel_rms < 0.02 < rows["attention"].rel_rms < 0.2

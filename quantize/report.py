@@ -1,0 +1,58 @@
+"""What quantization cost: weight error per tensor role, and perplexity against fp32.
+
+``role_table`` turns the writer's per-tensor error sums into one row per role (relative
+RMS error ||W_q - W|| / ||W|| over the role's tensors, and the worst single tensor);
+``format_report`` prints it with the perplexities when an evaluation text was given.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .schemes import ROLES, role_of
+
+
+@dataclass(frozen=True)
+class RoleError:
+    role: str
+    schemes: tuple[str, ...]  # the schemes the role's tensors were stored in
+    tensors: int
+    rel_rms: float  # sqrt(sum of squared errors / sum of squared weights) over the role
+    worst_tensor: str
+    worst_rel_rms: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def role_table(errors: dict[str, tuple[float, float]], tensor_schemes: dict[str, str]) -> list[RoleError]:
+    """errors: tensor -> (sum sq error, sum sq weight); tensor_schemes: tensor -> scheme name."""
+    rows = []
+    for role in ROLES:
+        names = [n for n in errors if role_of(n) == role]
+        if not names:
+            continue
+        err = sum(errors[n][0] for n in names)
+        ref = sum(errors[n][1] for n in names)
+        rel = {n: math.sqrt(errors[n][0] / errors[n][1]) if errors[n][1] > 0 else 0.0 for n in names}
+        worst = max(names, key=rel.__getitem__)
+        rows.append(RoleError(role, tuple(sorted({tensor_schemes[n] for n in names})), len(names),
+                              math.sqrt(err / ref) if ref > 0 else 0.0, worst, rel[worst]))
+    return rows
+
+
+def format_report(rows: list[RoleError], perplexity: dict | None = None) -> str:
+    lines = ["quantization error by tensor role (relative RMS ||Wq - W|| / ||W||):",
+             f"  {'role':<10} {'scheme':<14} {'tensors':>7} {'rel RMS':>9}  worst tensor"]
+    for r in rows:
+        lines.append(f"  {r.role:<10} {','.join(r.schemes):<14} {r.tensors:>7} {r.rel_rms:>9.4%}  "
+                     f"{r.worst_tensor} {r.worst_rel_rms:.4%}")
+    if perplexity:
+        q, ref = perplexity["quantized"], perplexity.get("fp32")
+        lines.append(f"perplexity on {perplexity['text']} ({q['predicted']} predicted tokens, BOS + text):")
+        if ref:
+            lines.append(f"  fp32        {ref['perplexity']:.4f}  (mean NLL {ref['mean_nll']:.4f})")
+        delta = f"  {q['perplexity'] / ref['perplexity'] - 1:+.2%} vs fp32" if ref else ""
+        lines.append(f"  {q['quant']:<11} {q['perplexity']:.4f}  (mean NLL {q['mean_nll']:.4f}){delta}")
+    return "\n".join(lines)
