@@ -83,6 +83,7 @@ def main():
     gemma-edge bench MODEL                            prefill/decode speed, memory
     gemma-edge eval MODEL --text FILE                 perplexity of a text
     gemma-edge info MODEL                             what the file holds
+    gemma-edge serve MODEL                            OpenAI-compatible HTTP server
 
     Set GEMMA_EDGE_DEBUG=1 to see LiteRT's own log.
     """
@@ -272,6 +273,10 @@ def info(model, as_json):
         f"source        {meta['source']['name']} ({meta['source']['format']}, sha256 "
         f"{meta['source']['sha256'][:16]}...)")
 
+
+from .server import serve  # noqa: E402  (light: numpy loads with the first request)
+
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()
