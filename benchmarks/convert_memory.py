@@ -1,7 +1,18 @@
-"""Convert a Gemma-2B-shaped synthetic checkpoint and measure the converter's peak memory.
+"""Convert a synthetic Gemma 2B: converter peak memory, and decode speed against the bandwidth ceiling.
 
-    python benchmarks/convert_memory.py [--work-dir DIR] [--quant int8[,int4,...]]
+    python benchmarks/convert_memory.py [--work-dir DIR] [--quant RECIPE ...]
+        [--bench-prompt 32] [--bench-gen 32] [--bench-runs 3] [--bandwidth-mib 1024]
         [--keep] [--reuse-checkpoint] [--timeline] [--json [PATH]]
+
+    # both int4 presets and a recipe (a recipe's own commas stay inside it):
+    python benchmarks/convert_memory.py --quant int4-b32 --quant 'int4-b32,embedding=int8'
+    python benchmarks/convert_memory.py --quant int8,int4-b32    # plain presets, comma separated
+
+``--quant`` may be given several times; each value is one recipe
+(``gemma_edge.quantize.schemes.parse_recipe``), or several separated by ``;``, or plain
+preset names separated by ``,`` (a value containing ``=`` is never split on ``,``).
+Default int8. Output files are named ``gemma-2b-synthetic-<recipe>.tflite`` with every
+character outside ``[A-Za-z0-9._-]`` replaced by ``_``.
 
 1. Writes a synthetic Hugging Face checkpoint with the real Gemma 2B (v1) names and
    shapes (2.51B parameters, ~5 GB of bf16 in ~2 GB shards plus
@@ -14,14 +25,52 @@
    (ru_maxrss survives fork + exec, so this process's own peak, ~100 MB, is a floor).
    /proc/<pid>/status is sampled while it runs (VmRSS = RssAnon + RssFile + RssShmem):
    the per-stage peaks are always printed, ``--timeline`` prints the samples too.
-3. Loads the result TensorFlow-free in another child (read_info, make_backend,
-   run_prefill, decode) and times load and decode (median ms/token).
-4. Prints a summary against the target (converter peak RSS < 1.5 GB) and removes the
-   big files unless ``--keep`` (``--reuse-checkpoint`` keeps the checkpoint).
+3. Loads the result TensorFlow-free in another child with
+   ``gemma_edge.runtime.engine.load`` and checks it (prefill, decode, finite logits,
+   median ms/token of raw ``backend.decode`` calls), then runs
+   ``Model.benchmark(prompt_tokens, gen_tokens, runs)``, the code behind
+   ``gemma-edge bench``: decode tok/s median/min/max and prefill tok/s. The synthetic
+   tokenizer has only 300 pieces; ``benchmark`` draws its prompt from ids 150..299 of
+   them, and the decode reads the full 256000-row LM head regardless. The same child
+   counts the bytes one decode step reads (below). The XNNPACK weight cache the load
+   writes (~the file's size, under ~/.cache/gemma-edge/xnnpack) is removed again
+   unless ``--keep``.
+4. Measures memory read bandwidth in a separate small child (so no converter or loader
+   RSS figure includes its array): a ``--bandwidth-mib`` int32 array (default 1 GiB,
+   over 3x the 300 MiB L3 this VM reports; filled first so it is resident) is reduced
+   with ``np.max`` split over T threads (numpy releases the GIL inside the reduction),
+   best and median of ``--bandwidth-reps`` passes, for 1 thread and for the runtime's
+   thread count T. The T-thread best is the bandwidth used for the ceiling. An
+   ``np.copyto`` of one half into the other (read + written bytes per second) is printed
+   for reference only. Each figure carries process CPU seconds / wall seconds: well
+   below T means the threads did not run in parallel (a busy machine), so the
+   bandwidth, and the ceiling, are understated.
+5. Prints a summary against the targets: converter peak RSS < 1.5 GB, convert wall time
+   < 5 min, decode tok/s >= 85% of the bandwidth ceiling. The exit status is 1 if any
+   measured target fails. The big files are removed unless ``--keep``
+   (``--reuse-checkpoint`` keeps the checkpoint).
+
+Bytes read per decoded token (the ceiling is bandwidth / these bytes):
+* weights: every buffer referenced by a constant tensor of the ``decode`` subgraph,
+  each buffer once (the tied embedding is read whole by the LM head and counted once;
+  the EMBEDDING_LOOKUP of one row adds nothing), plus per-channel scales kept in the
+  header (4 bytes a row) and the few constants stored inline. Blockwise int4 scales are
+  tensors over buffers of their own, so they are in the buffer sum.
+* KV cache: per layer, K and V of [1, num_kv_heads, S, head_dim] float32. The graph's
+  attention is a rank-4 BATCH_MATMUL over the whole cache, so a global layer reads all
+  S = context length slots every step whatever the position; a sliding layer (Gemma 2/3)
+  reads only its W = sliding_window slots (Gemma 1 2B has none).
+Assumptions: XNNPACK repacks the weights into its weight cache and decode reads the
+packed copy; for int8 and int4 the packed bytes are about the file's (the int8 2B's
+cache file is ~2.5 GB), so the file's bytes stand for them. Activations, the logits
+written back and the one-slot KV writes (in place) are ignored as small. MB and GB in
+the bandwidth figures are decimal (1e6, 1e9 bytes); RSS figures are MiB, printed "MB".
 
 Note: the checkpoint is read through mmap, so pages of it that the converter touched
 count in its RSS as RssFile (clean, reclaimable page cache) until the map is closed;
-RssAnon is the converter's own memory. Both are shown.
+RssAnon is the converter's own memory. Both are shown. RUSAGE_CHILDREN is the largest
+of every child waited for so far, so from the second recipe on it includes the
+earlier loaders.
 """
 
 from __future__ import annotations
@@ -46,6 +95,8 @@ from pathlib import Path
 import numpy as np
 
 TARGET_PEAK_MB = 1500.0  # converter peak RSS target ("< 1.5 GB")
+TARGET_WALL_S = 300.0  # convert wall time target ("< 5 min")
+TARGET_CEILING = 0.85  # decode tok/s at least this fraction of the bandwidth ceiling
 MB = 1 << 20
 
 # Gemma 2B (v1) as published (google/gemma-2b config.json).
@@ -126,6 +177,53 @@ def fmt_mb(x: float | None) -> str:
 
 def fmt_bytes(n: int) -> str:
     return f"{n / 1e9:.2f} GB ({n / (1 << 30):.2f} GiB)"
+
+
+def parse_quants(values: list[str] | None) -> list[str]:
+    """``--quant`` values -> recipes, in order, without repeats.
+
+    A value holds recipes separated by ';'; a part without '=' may also list plain preset
+    names separated by ','. A part with '=' is one recipe: 'int4-b32,embedding=int8'.
+    """
+    out: list[str] = []
+    for value in values or ["int8"]:
+        for part in value.split(";"):
+            items = [part] if "=" in part else part.split(",")
+            for q in (x.strip() for x in items):
+                if q and q not in out:
+                    out.append(q)
+    return out
+
+
+def output_names(quants: list[str]) -> dict[str, str]:
+    """A filesystem-safe, distinct file name per recipe ('int4-b32,embedding=int8' ->
+    'gemma-2b-synthetic-int4-b32_embedding_int8.tflite')."""
+    names: dict[str, str] = {}
+    for q in quants:
+        stem = "gemma-2b-synthetic-" + re.sub(r"[^A-Za-z0-9._-]+", "_", q).strip("_")
+        name, k = stem + ".tflite", 2
+        while name in names.values():
+            name, k = f"{stem}-{k}.tflite", k + 1
+        names[q] = name
+    return names
+
+
+def estimate_output_bytes(cfg: dict, quant: str) -> int:
+    """Approximate size of the converted file for ``quant``, from the recipe's scheme per weight
+    (raises QuantizationError for a mistyped recipe)."""
+    from gemma_edge.quantize import schemes
+
+    recipe = schemes.parse_recipe(quant)
+    key_of = getattr(schemes, "kind_of", None) or schemes.role_of  # recipes keyed by kind, or by role
+    total = 0.0
+    for name, shape in gemma_tensors(cfg):
+        m = re.search(r"\.(q|k|v|o|gate|up|down)_proj\.", name)
+        canon = "embed" if "embed_tokens" in name else f"l0_{m.group(1)}" if m else None  # None: a norm
+        key = key_of(canon) if canon else None
+        s = schemes.get_scheme(recipe[key] if key else "fp32")
+        per_weight = s.bits / 8 + (2 / s.block_size if s.granularity == "block" else 0.0)
+        total += math.prod(shape) * per_weight
+    return int(total)
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,7 +389,7 @@ def checkpoint_is_complete(ckpt: Path, cfg: dict, seed: int, shard_bytes: int) -
 
 
 # --------------------------------------------------------------------------------------------
-# child processes (this file run with --child-convert / --child-load)
+# child processes (this file run with --child-convert / --child-load / --child-bandwidth)
 # --------------------------------------------------------------------------------------------
 
 def _mark(stage: str) -> None:
@@ -354,17 +452,71 @@ def child_convert(spec: dict) -> None:
              "vocab_size": r.config.vocab_size, "tensorflow_in_converter_process": "tensorflow" in sys.modules})
 
 
+def decode_read_bytes(path: str, info) -> dict:
+    """Bytes one decode step reads: the decode subgraph's weights and the KV cache it attends over.
+
+    Weights: every buffer behind a constant tensor of the ``decode`` signature's subgraph,
+    each once (the tied embedding / LM head is one buffer), plus per-channel scales kept
+    in the header and constants stored inline. KV: K and V of every layer, float32
+    [1, num_kv_heads, L, head_dim] with L = S (the whole cache, as the rank-4 BATCH_MATMUL
+    reads it) for global layers and L = min(W, S) for sliding ones (convert/graph.py).
+    """
+    import mmap
+
+    from ai_edge_litert import schema_py_generated as fb
+
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        model = fb.Model.GetRootAs(m, 0)
+        sigs = {}
+        for i in range(model.SignatureDefsLength()):
+            sd = model.SignatureDefs(i)
+            sigs[sd.SignatureKey().decode()] = sd.SubgraphIndex()
+        sg = model.Subgraphs(sigs["decode"])
+        io = {sg.Inputs(j) for j in range(sg.InputsLength())} | {sg.Outputs(j) for j in range(sg.OutputsLength())}
+        seen: set[int] = set()
+        external = inline = scales = n_buffers = 0
+        for t in range(sg.TensorsLength()):
+            tensor = sg.Tensors(t)
+            b = tensor.Buffer()
+            if t in io or b <= 0 or b in seen:
+                continue
+            seen.add(b)
+            buf = model.Buffers(b)
+            if buf.Offset() > 1:  # data after the header (offset 1 is the "no data" marker)
+                size = buf.Size()
+                external += size
+                n_buffers += 1
+            else:
+                size = buf.DataLength()
+                inline += size
+            q = tensor.Quantization()
+            if size and q is not None:
+                scales += 4 * q.ScaleLength()  # per-channel float32 scales, read with the weights
+    finally:  # the tables hold no exported views of the map, so it closes cleanly
+        m.close()
+    cfg, S = info.config, info.context_length
+    W = cfg.sliding_window
+    lengths = [min(W, S) if W and cfg.is_sliding(i) else S for i in range(cfg.num_layers)]
+    kv = sum(2 * cfg.num_kv_heads * L * cfg.head_dim * 4 for L in lengths)
+    weights = external + inline + scales
+    return {"weights": weights, "weight_buffers_bytes": external, "weight_buffers": n_buffers,
+            "inline_bytes": inline, "header_scales_bytes": scales, "kv": kv, "total": weights + kv,
+            "file_size": os.path.getsize(path), "context": S, "kv_lengths": sorted(set(lengths)),
+            "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim}
+
+
 def child_load(spec: dict) -> None:
     _mark("python start + import runtime")
-    from gemma_edge.runtime.backend import make_backend, run_prefill
-    from gemma_edge.runtime.modelfile import read_info
+    from gemma_edge.runtime import engine
+    from gemma_edge.runtime.backend import run_prefill
 
     tf_loaded = "tensorflow" in sys.modules
-    _mark("read_info + make_backend")
-    t0 = time.perf_counter()
-    info = read_info(spec["path"])
-    b = make_backend(info, threads=spec.get("threads"))
-    load_s = time.perf_counter() - t0
+    _mark("engine.load (read_info + tokenizer + backend)")
+    model = engine.load(spec["path"], threads=spec.get("threads"))
+    info, b = model.info, model.backend
+    load_s = model.load_seconds
     _mark("prefill [2, 10, 11]")
     t0 = time.perf_counter()
     run_prefill(b, [2, 10, 11], 0)
@@ -382,6 +534,13 @@ def child_load(spec: dict) -> None:
         times.append(time.perf_counter() - t0)
         finite = finite and bool(np.isfinite(out).all())
         tok = int(np.argmax(out))
+    bench = None
+    if spec["bench_runs"] > 0:
+        _mark("Model.benchmark")
+        bench = model.benchmark(prompt_tokens=spec["bench_prompt"], gen_tokens=spec["bench_gen"],
+                                runs=spec["bench_runs"])
+    _mark("count bytes read per token")
+    reads = decode_read_bytes(spec["path"], info)
     _mark("done")
     _result({"backend": type(b).__name__, "threads": getattr(b, "threads", None), "load_s": load_s,
              "prefill_s": prefill_s, "first_decode_ms": 1e3 * first_decode_s,
@@ -389,7 +548,70 @@ def child_load(spec: dict) -> None:
              "decode_ms_all": [round(1e3 * t, 1) for t in times],
              "logits_shape": list(logits.shape), "logits_finite": finite,
              "logits_argmax": int(np.argmax(logits)), "logits_std": float(np.std(logits)),
+             "tokenizer_vocab": model.tokenizer.vocab_size, "bench": bench, "read_bytes": reads,
+             "weight_cache": getattr(b, "weight_cache", None),
              "tensorflow_imported": tf_loaded or "tensorflow" in sys.modules})
+
+
+def _in_threads(fn, parts: list, reps: int) -> list[tuple[float, float]]:
+    """(wall s, process CPU s) of ``fn(part)`` run on all parts at once, one thread each, reps times."""
+    out = []
+    for _ in range(reps):
+        start = threading.Barrier(len(parts) + 1)
+
+        def work(p):
+            start.wait()
+            fn(p)
+
+        threads = [threading.Thread(target=work, args=(p,)) for p in parts]
+        for t in threads:
+            t.start()
+        start.wait()
+        c0, t0 = time.process_time(), time.perf_counter()
+        for t in threads:
+            t.join()
+        out.append((time.perf_counter() - t0, time.process_time() - c0))
+    return out
+
+
+def l3_bytes() -> int | None:
+    try:
+        text = Path("/sys/devices/system/cpu/cpu0/cache/index3/size").read_text().strip()  # e.g. "307200K"
+    except OSError:
+        return None
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+
+
+def child_bandwidth(spec: dict) -> None:
+    """Memory read bandwidth: np.max over a resident array split across T threads."""
+    _mark("allocate + fill")
+    n = spec["mib"] << 20
+    a = np.empty(n // 4, np.int32)
+    a.fill(1)  # every page written: resident, no lazy zero pages in the timed reads
+    rss = self_rss_mb()
+    half = a.size // 2
+    src, dst = a[:half], a[half:2 * half]
+    result = {"array_bytes": a.nbytes, "rss_after_fill_mb": rss, "l3_bytes": l3_bytes(), "reps": spec["reps"],
+              "read": {}, "copy": {}}
+
+    def figures(runs, nbytes, T):
+        walls = sorted(w for w, _ in runs)
+        best = min(runs)
+        return {"threads": T, "best_gbs": nbytes / walls[0] / 1e9,
+                "median_gbs": nbytes / statistics.median(walls) / 1e9,
+                "cpu_per_wall": best[1] / best[0], "walls_s": [round(w, 4) for w in walls]}
+
+    for T in spec["threads"]:
+        _mark(f"read, {T} thread(s)")
+        np.max(a)  # warm up (page tables, TLB)
+        result["read"][str(T)] = figures(_in_threads(np.max, np.array_split(a, T), spec["reps"]), a.nbytes, T)
+        _mark(f"copy, {T} thread(s)")
+        pairs = list(zip(np.array_split(src, T), np.array_split(dst, T)))
+        result["copy"][str(T)] = figures(_in_threads(lambda p: np.copyto(p[1], p[0]), pairs, spec["reps"]),
+                                         2 * src.nbytes, T)
+    _mark("done")
+    _result(result)
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,8 +755,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--work-dir", default=str(default_dir), help=f"where the big files go (default {default_dir})")
-    ap.add_argument("--quant", default="int8", help="quantization scheme(s), comma separated (default int8)")
-    ap.add_argument("--keep", action="store_true", help="keep the checkpoint and the converted files")
+    ap.add_argument("--quant", action="append", metavar="RECIPE",
+                    help="quantization recipe; repeat for several, or separate them with ';' (plain presets "
+                         "also with ','; a value with '=' is one recipe: 'int4-b32,embedding=int8'). Default int8")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the checkpoint, the converted files and their XNNPACK weight caches")
     ap.add_argument("--reuse-checkpoint", action="store_true",
                     help="reuse a complete checkpoint already in --work-dir (and keep it afterwards)")
     ap.add_argument("--timeline", action="store_true",
@@ -546,6 +771,13 @@ def parse_args(argv=None):
     ap.add_argument("--prefill-lengths", default="8,32,128,512")
     ap.add_argument("--decode-steps", type=int, default=5, help="timed decode calls (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="runtime threads (default: the backend's)")
+    ap.add_argument("--bench-prompt", type=int, default=32, help="Model.benchmark prompt tokens (default 32)")
+    ap.add_argument("--bench-gen", type=int, default=32, help="Model.benchmark generated tokens (default 32)")
+    ap.add_argument("--bench-runs", type=int, default=3,
+                    help="Model.benchmark runs (default 3; 0 skips the benchmark and the ceiling)")
+    ap.add_argument("--bandwidth-mib", type=int, default=1024,
+                    help="array for the bandwidth measurement, MiB (default 1024; 0 skips it)")
+    ap.add_argument("--bandwidth-reps", type=int, default=7, help="timed passes per bandwidth figure (default 7)")
     ap.add_argument("--num-layers", type=int, default=GEMMA_2B["num_hidden_layers"],
                     help="layers of the synthetic model (18 = Gemma 2B; fewer for a quick try)")
     ap.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GB (default 2)")
@@ -557,19 +789,36 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def remove_weight_cache(path: Path) -> None:
+    """Remove the XNNPACK weight cache the runtime wrote for ``path`` (while ``path`` exists)."""
+    from gemma_edge.runtime.backend import weight_cache_path
+
+    if path.exists():
+        cache = weight_cache_path(str(path))
+        if cache:
+            Path(cache).unlink(missing_ok=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "gemma-2b-synthetic"
     cfg = {**GEMMA_2B, "num_hidden_layers": args.num_layers}
     shard_bytes = int(args.shard_gb * 1e9)
-    quants = [q.strip() for q in args.quant.split(",") if q.strip()]
+    quants = parse_quants(args.quant)
+    try:  # a mistyped recipe fails now, not after writing a 5 GB checkpoint
+        sizes = {q: estimate_output_bytes(cfg, q) for q in quants}
+    except Exception as e:  # QuantizationError, with the list of presets / schemes
+        print(f"error: --quant: {e}", file=sys.stderr)
+        return 2
+    names = output_names(quants)
+    work.mkdir(parents=True, exist_ok=True)
     lengths = [int(x) for x in args.prefill_lengths.split(",") if x.strip()]
-    report: dict = {"work_dir": str(work), "target_peak_rss_mb": TARGET_PEAK_MB, "quants": {}}
+    report: dict = {"work_dir": str(work), "target_peak_rss_mb": TARGET_PEAK_MB, "target_wall_s": TARGET_WALL_S,
+                    "target_ceiling_fraction": TARGET_CEILING, "quants": {}}
     params = sum(math.prod(s) for _, s in gemma_tensors(cfg))
     print(f"synthetic Gemma 2B: {params / 1e9:.3f}B parameters, {fmt_bytes(2 * params)} of bf16, "
-          f"{cfg['num_hidden_layers']} layers; work dir {work}")
+          f"{cfg['num_hidden_layers']} layers; work dir {work}; recipes: {', '.join(quants)}")
 
     # 1. checkpoint
     if args.reuse_checkpoint and checkpoint_is_complete(ckpt, cfg, args.seed, shard_bytes):
@@ -578,8 +827,7 @@ def main(argv=None) -> int:
         if args.cold:
             drop_cache(ckpt)
     else:
-        need = 2 * params * 1.02 + sum(params * (1.05 if q.startswith("int8") else 4.1 if q == "fp32" else 0.6)
-                                       for q in quants)
+        need = 1.02 * (2 * params + sum(sizes.values()))
         free = shutil.disk_usage(work).free
         if free < need:
             print(f"error: {work} has {fmt_bytes(free)} free; this run needs about {fmt_bytes(int(need))}. "
@@ -595,9 +843,9 @@ def main(argv=None) -> int:
     outputs = []
     try:
         for quant in quants:
-            out = work / f"gemma-2b-synthetic-{quant}.tflite"
+            out = work / names[quant]
             outputs.append(out)
-            q: dict = {}
+            q: dict = {"file": out.name}
             report["quants"][quant] = q
             # 2. convert in a child
             print(f"\n[2] converting ({quant}) in a child process -> {out}")
@@ -624,11 +872,14 @@ def main(argv=None) -> int:
             if args.timeline:
                 print("    timeline:")
                 print_timeline(run)
-            # 3. load without TensorFlow in another child
+            # 3. load without TensorFlow in another child, check, benchmark, count bytes per token
             print(f"\n[3] loading {out.name} TensorFlow-free in a child process")
-            lspec = {"path": str(out), "decode_steps": args.decode_steps, "threads": args.threads}
+            lspec = {"path": str(out), "decode_steps": args.decode_steps, "threads": args.threads,
+                     "bench_prompt": args.bench_prompt, "bench_gen": args.bench_gen, "bench_runs": args.bench_runs}
             lrun = run_child("load", lspec, args.interval, not args.quiet_children)
             q["load"] = summarize_run(lrun)
+            if not args.keep:
+                remove_weight_cache(out)
             if lrun["returncode"] != 0 or not lrun["result"]:
                 print(f"    loader child failed (exit {lrun['returncode']})\n" + lrun["stderr_tail"])
                 print_stages(lrun)
@@ -640,17 +891,52 @@ def main(argv=None) -> int:
             print(f"    logits {lr['logits_shape']} finite={lr['logits_finite']} argmax={lr['logits_argmax']} "
                   f"std={lr['logits_std']:.3f}; TensorFlow imported: {lr['tensorflow_imported']}; "
                   f"peak RSS {fmt_mb(lrun['wait4_maxrss_mb'])}")
+            bench = lr.get("bench")
+            if bench:
+                d, p = bench["decode_tps"], bench["prefill_tps"]
+                print(f"    Model.benchmark(prompt_tokens={bench['prompt_tokens']}, gen_tokens={bench['gen_tokens']}, "
+                      f"runs={bench['runs']}): decode {d['median']:.2f} tok/s median (min {d['min']:.2f}, max "
+                      f"{d['max']:.2f}); prefill {p['median']:.1f} tok/s median; tokenizer {lr['tokenizer_vocab']} pieces")
+            rb = lr["read_bytes"]
+            print(f"    bytes read per decode step: weights {rb['weights'] / 1e6:,.1f} MB ({rb['weight_buffers']} "
+                  f"buffers {rb['weight_buffers_bytes'] / 1e6:,.1f} MB + header scales "
+                  f"{rb['header_scales_bytes'] / 1e6:.2f} MB + inline {rb['inline_bytes'] / 1e6:.2f} MB; file "
+                  f"{rb['file_size'] / 1e6:,.1f} MB) + KV {rb['kv'] / 1e6:,.1f} MB ({rb['num_layers']} layers x K,V x "
+                  f"[1, {rb['num_kv_heads']}, {'/'.join(map(str, rb['kv_lengths']))}, {rb['head_dim']}] fp32) "
+                  f"= {rb['total'] / 1e6:,.1f} MB")
             print_stages(lrun, merge_layers=False)
             if args.timeline:
                 print("    timeline:")
                 print_timeline(lrun)
     finally:
-        # 4. clean up
+        # clean up
         if not args.keep:
             for o in outputs:
+                remove_weight_cache(o)
                 o.unlink(missing_ok=True)
             if not args.reuse_checkpoint:
                 shutil.rmtree(ckpt, ignore_errors=True)
+
+    # 4. memory bandwidth (after every conversion and load, so it inflates no RSS figure above)
+    benched = [q["load"]["result"] for q in report["quants"].values()
+               if (q.get("load") or {}).get("result", {}).get("bench")]
+    if benched and args.bandwidth_mib > 0:
+        counts = sorted({1, *(lr["threads"] for lr in benched)})
+        print(f"\n[4] memory read bandwidth: {args.bandwidth_mib} MiB int32 array, np.max split over "
+              f"{' / '.join(map(str, counts))} threads, {args.bandwidth_reps} passes each")
+        brun = run_child("bandwidth", {"mib": args.bandwidth_mib, "threads": counts, "reps": args.bandwidth_reps},
+                         args.interval, not args.quiet_children)
+        report["bandwidth"] = {"returncode": brun["returncode"], "wall_s": brun["wall_s"], **brun["result"]}
+        if brun["returncode"] != 0 or not brun["result"]:
+            print(f"    bandwidth child failed (exit {brun['returncode']})\n" + brun["stderr_tail"])
+        else:
+            print_bandwidth(brun["result"])
+            for quant, q in report["quants"].items():
+                c = decode_ceiling(q, report["bandwidth"])
+                if c:
+                    print(f"    [{quant}] ceiling {c['bandwidth_gbs']:.2f} GB/s / {c['mb_per_token']:,.1f} MB = "
+                          f"{c['ceiling_tps']:.2f} tok/s; decode {c['decode_tps']:.2f} tok/s = "
+                          f"{100 * c['fraction']:.0f}% of it")
 
     print_summary(report, args)
     if args.json:
@@ -664,32 +950,76 @@ def main(argv=None) -> int:
     return 0 if ok else 1
 
 
+def print_bandwidth(bw: dict) -> None:
+    l3 = bw.get("l3_bytes")
+    print(f"    array {bw['array_bytes'] / MB:,.0f} MiB (VmRSS after the fill {fmt_mb(bw['rss_after_fill_mb'])}); "
+          f"L3 {'?' if l3 is None else f'{l3 / MB:,.0f} MiB'}"
+          + (" -- the array is under twice the L3: raise --bandwidth-mib" if l3 and bw["array_bytes"] < 2 * l3 else ""))
+    for kind, what in (("read", "read (np.max)       "), ("copy", "copy (np.copyto, r+w)")):
+        for T, f in bw[kind].items():
+            print(f"    {what} {int(T)} thread{'s' if int(T) > 1 else ' '}: best {f['best_gbs']:6.2f} GB/s, median "
+                  f"{f['median_gbs']:6.2f} GB/s, CPU/wall {f['cpu_per_wall']:.2f}")
+    reads = bw["read"]
+    if len(reads) > 1:
+        T = max(reads, key=int)
+        print(f"    {T} threads / 1 thread (read, best): {reads[T]['best_gbs'] / reads['1']['best_gbs']:.2f}x; "
+              f"CPU/wall well under {T} means the threads did not run in parallel (a busy machine)")
+
+
+def decode_ceiling(q: dict, bw: dict | None) -> dict | None:
+    """Bandwidth ceiling of decode for one recipe: T-thread read bandwidth / bytes per token."""
+    lr = (q.get("load") or {}).get("result") or {}
+    if not lr.get("bench") or not bw or not bw.get("read") or str(lr["threads"]) not in bw["read"]:
+        return None
+    gbs = bw["read"][str(lr["threads"])]["best_gbs"]
+    per_token = lr["read_bytes"]["total"]
+    ceiling = gbs * 1e9 / per_token
+    tps = lr["bench"]["decode_tps"]["median"]
+    c = {"threads": lr["threads"], "bandwidth_gbs": gbs, "mb_per_token": per_token / 1e6,
+         "weights_mb": lr["read_bytes"]["weights"] / 1e6, "kv_mb": lr["read_bytes"]["kv"] / 1e6,
+         "ceiling_tps": ceiling, "decode_tps": tps, "fraction": tps / ceiling}
+    q["ceiling"] = c
+    return c
+
+
 def summarize_run(run: dict) -> dict:
     return {"returncode": run["returncode"], "wall_s": run["wall_s"], "maxrss_floor_mb": run["maxrss_floor_mb"], "wait4_maxrss_mb": run["wait4_maxrss_mb"],
             "rusage_children_maxrss_mb": run["rusage_children_maxrss_mb"], "sampled_hwm_mb": run["last_hwm_mb"],
             "result": run["result"], "stages": stage_table(run)}
 
 
+def verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else "PASS" if ok else "FAIL"
+
+
 def print_summary(report: dict, args) -> None:
     ck = report.get("checkpoint", {})
+    bw = report.get("bandwidth")
     print("\n=== summary ===")
     rows = []
     if ck and not ck.get("reused"):
         rows.append(("checkpoint write", f"{ck['seconds']:.0f} s, {fmt_bytes(ck['bytes'])}, writer peak "
                      f"{fmt_mb(ck['writer_peak_rss_mb'])}", ""))
+    if bw and bw.get("read"):
+        rows.append(("memory read bandwidth (best)", ", ".join(
+            f"{f['best_gbs']:.2f} GB/s with {T}" for T, f in bw["read"].items()), "(threads; CPU/wall "
+            + ", ".join(f"{f['cpu_per_wall']:.2f}" for f in bw["read"].values()) + ")"))
     for quant, q in report["quants"].items():
         c, l = q.get("convert", {}), q.get("load", {})
         cr, lr = c.get("result") or {}, l.get("result") or {}
         peak = c.get("wait4_maxrss_mb")
-        peak_ok = peak is not None and cr and peak < TARGET_PEAK_MB
+        peak_ok = peak is not None and bool(cr) and peak < TARGET_PEAK_MB
+        wall = c.get("wall_s")
+        wall_ok = wall is not None and bool(cr) and wall < TARGET_WALL_S
         anon = max((s["max_anon_mb"] or 0 for s in c.get("stages", [])), default=None)
         fil = max((s["max_file_mb"] or 0 for s in c.get("stages", [])), default=None)
         tree = max((s.get("max_tree_mb") or 0 for s in c.get("stages", [])), default=None)
         rows += [
             (f"[{quant}] convert wall time", f"{c.get('wall_s', float('nan')):.1f} s"
-             + (f" ({cr['seconds']:.1f} s in convert())" if cr else ""), ""),
+             + (f" ({cr['seconds']:.1f} s in convert())" if cr else ""),
+             f"target < {TARGET_WALL_S:.0f} s: {verdict(wall_ok)}"),
             (f"[{quant}] converter peak RSS (wait4)", fmt_mb(peak), f"target < {TARGET_PEAK_MB:,.0f} MB: "
-             + ("PASS" if peak_ok else "FAIL")),
+             + verdict(peak_ok)),
             (f"[{quant}] ConvertResult.peak_rss_mb", fmt_mb(cr.get("peak_rss_mb")), ""),
             (f"[{quant}] RUSAGE_CHILDREN max", fmt_mb(c.get("rusage_children_maxrss_mb")), ""),
             (f"[{quant}] sampled max RssAnon / RssFile", f"{fmt_mb(anon)} / {fmt_mb(fil)}", "(converter process)"),
@@ -698,20 +1028,44 @@ def print_summary(report: dict, args) -> None:
             (f"[{quant}] output size", fmt_bytes(cr["file_size"]) if cr else "-", ""),
         ]
         load_ok = bool(lr) and lr.get("logits_finite") and not lr.get("tensorflow_imported")
+        speed_ok = None  # not measured: --bench-runs 0 or --bandwidth-mib 0
         if lr:
             rows += [
-                (f"[{quant}] load (read_info+backend)", f"{lr['load_s']:.2f} s ({lr['backend']})", ""),
-                (f"[{quant}] decode median", f"{lr['decode_ms_median']:.0f} ms/token ({lr['threads']} threads)", ""),
+                (f"[{quant}] load (engine.load)", f"{lr['load_s']:.2f} s ({lr['backend']})", ""),
+                (f"[{quant}] decode median (backend.decode)", f"{lr['decode_ms_median']:.0f} ms/token "
+                 f"({lr['threads']} threads)", ""),
                 (f"[{quant}] loader peak RSS", fmt_mb(l.get("wait4_maxrss_mb")), ""),
                 (f"[{quant}] logits finite, no TF", f"{lr['logits_finite']}, {not lr['tensorflow_imported']}",
-                 "PASS" if load_ok else "FAIL"),
+                 verdict(load_ok)),
             ]
+            rb, bench = lr["read_bytes"], lr.get("bench")
+            rows.append((f"[{quant}] bytes read per token", f"{rb['total'] / 1e6:,.1f} MB = weights "
+                         f"{rb['weights'] / 1e6:,.1f} + KV {rb['kv'] / 1e6:,.1f} (S={rb['context']})", ""))
+            if bench:
+                d = bench["decode_tps"]
+                rows += [(f"[{quant}] decode tok/s (Model.benchmark)", f"{d['median']:.2f} median "
+                          f"({d['min']:.2f}..{d['max']:.2f}), {bench['runs']} runs of {bench['gen_tokens']}", ""),
+                         (f"[{quant}] prefill tok/s (Model.benchmark)",
+                          f"{bench['prefill_tps']['median']:.1f} median ({bench['prompt_tokens']} tokens)", "")]
+                if bw is not None:  # measured (or tried): its failure is a FAIL
+                    ceil = q.get("ceiling") or decode_ceiling(q, bw)
+                    speed_ok = bool(ceil) and ceil["fraction"] >= TARGET_CEILING
+                    cpu = bw["read"][str(ceil["threads"])]["cpu_per_wall"] if ceil else None
+                    busy = cpu is not None and cpu < 0.8 * ceil["threads"]  # threads not in parallel
+                    rows += [
+                        (f"[{quant}] bandwidth ceiling", f"{ceil['ceiling_tps']:.2f} tok/s = {ceil['bandwidth_gbs']:.2f} "
+                         f"GB/s / {ceil['mb_per_token']:,.1f} MB" if ceil else "-",
+                         f"unreliable: bandwidth CPU/wall {cpu:.2f} of {ceil['threads']} (busy machine)" if busy else ""),
+                        (f"[{quant}] decode / ceiling", f"{100 * ceil['fraction']:.0f}%" if ceil else "-",
+                         f"target >= {100 * TARGET_CEILING:.0f}%: {verdict(speed_ok)}"),
+                    ]
         else:
             rows.append((f"[{quant}] load", "failed", "FAIL"))
-        q["ok"] = bool(peak_ok and load_ok)
+        q["verdicts"] = {"peak_rss": peak_ok, "wall": wall_ok, "load": bool(load_ok), "decode_vs_ceiling": speed_ok}
+        q["ok"] = bool(peak_ok and wall_ok and load_ok and speed_ok is not False)
     w = max(len(r[0]) for r in rows) if rows else 10
-    for name, val, verdict in rows:
-        print(f"  {name:{w}s}  {val:40s} {verdict}")
+    for name, val, verdict_text in rows:
+        print(f"  {name:{w}s}  {val:40s} {verdict_text}")
 
 
 if __name__ == "__main__":
@@ -719,5 +1073,7 @@ if __name__ == "__main__":
         child_convert(json.loads(sys.argv[2]))
     elif len(sys.argv) == 3 and sys.argv[1] == "--child-load":
         child_load(json.loads(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--child-bandwidth":
+        child_bandwidth(json.loads(sys.argv[2]))
     else:
         sys.exit(main())
