@@ -7,11 +7,11 @@
 __version__ = "0.1.0"
 
 
-def load(path, threads=None):
-    """Load a gemma-edge ``.tflite`` file for generation (see ``gemma_edge.runtime.load``)."""
+def load(path, threads=None, backend="auto"):
+    """Load a gemma-edge ``.tflite`` file for generation (see ``gemma_edge.runtime.engine.load``)."""
     from .runtime.engine import load as _load
 
-    return _load(path, threads=threads)
+    return _load(path, threads=threads, backend=backend)
 
 
 __all__ = ["load", "__version__"]

@@ -7,8 +7,10 @@ chat's second turn prefills only its new tokens.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -55,7 +57,9 @@ class GenerationResult:
 
 
 class Model:
-    """A loaded gemma-edge file. Not thread-safe: one generation at a time."""
+    """A loaded gemma-edge file. One generation at a time: a second caller while one runs
+    (another thread, or a new stream before the last was finished or closed) gets a
+    GenerationError instead of silently sharing the KV cache."""
 
     def __init__(self, path: str, threads: int | None = None, backend: str = "auto"):
         t0 = time.perf_counter()
@@ -68,6 +72,7 @@ class Model:
         self.stop_token_ids = frozenset(int(t) for t in tok.get("stop_token_ids", [tok["eos_id"]]) if t is not None)
         self.bos_id = tok["bos_id"]
         self._cached: list[int] = []  # tokens whose K/V sit at positions 0..len-1 of the cache
+        self._busy = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
 
     # ---- prompts ---------------------------------------------------------------
@@ -90,6 +95,18 @@ class Model:
             raise GenerationError(
                 f"the prompt has {len(ids)} tokens but the model file's context is {self.context_length}; "
                 "shorten the prompt or convert with a larger --max-context")
+
+    @contextlib.contextmanager
+    def _exclusive(self):
+        if not self._busy.acquire(blocking=False):
+            raise GenerationError(
+                "this Model is already generating (another thread, or an unfinished stream); it runs one "
+                "generation at a time: finish or close() the other stream, or serialize callers with a lock "
+                "(gemma-edge serve queues requests)")
+        try:
+            yield
+        finally:
+            self._busy.release()
 
     # ---- the token loop ----------------------------------------------------------
     def _prefill(self, ids: list[int]) -> int:
@@ -118,6 +135,12 @@ class Model:
                         seed: int | None = None, stop: Sequence[str] | None = None,
                         stop_tokens: bool = True) -> Iterator[GenerationResponse]:
         """Yield one GenerationResponse per generated token; the last has ``finish_reason``."""
+        with self._exclusive():
+            yield from self._stream(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
+                                    seed, stop, stop_tokens)
+
+    def _stream(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
+                stop_tokens) -> Iterator[GenerationResponse]:
         validate_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repetition_penalty, seed=seed)
         if int(max_tokens) < 1:
@@ -195,6 +218,10 @@ class Model:
         tokens where a chunk would run past the cache, go one ``decode`` call per token.
         ``progress(done, total)`` is called as tokens are scored.
         """
+        with self._exclusive():
+            return self._perplexity(text, max_tokens, progress)
+
+    def _perplexity(self, text, max_tokens, progress) -> dict:
         ids = self.encode(text) if isinstance(text, str) else self.encode(list(text))
         limit = min(self.context_length, max_tokens or self.context_length)
         ids = ids[:limit]

@@ -395,3 +395,18 @@ def test_perplexity_matches_transformers(scored_path, hf_model, sp_model_path):
     assert abs(r["perplexity"] - np.exp(want)) < 1e-3 * np.exp(want)
     # the cap: at most max_tokens tokens are scored
     assert m.perplexity(ids, max_tokens=10)["predicted"] == 9
+
+
+def test_a_second_generation_while_one_runs_is_refused(model):
+    """Two streams at once would share one KV cache: the second gets a clear error, and once
+    the first is closed the model is free again."""
+    from gemma_edge.runtime.errors import GenerationError
+
+    first = model.stream_generate("the model", max_tokens=8)
+    next(first)
+    with pytest.raises(GenerationError, match="one generation at a time"):
+        next(model.stream_generate("the cache", max_tokens=2))
+    with pytest.raises(GenerationError, match="already generating"):
+        model.perplexity("the model and the cache")
+    first.close()
+    assert model.generate("the cache", max_tokens=2).finish_reason in ("stop", "length")
