@@ -84,6 +84,7 @@ def main():
     gemma-edge eval MODEL --text FILE                 perplexity of a text
     gemma-edge info MODEL                             what the file holds
     gemma-edge serve MODEL                            OpenAI-compatible HTTP server
+    gemma-edge pack MODEL                             .litertlm for LiteRT-LM (Android, iOS)
 
     Set GEMMA_EDGE_DEBUG=1 to see LiteRT's own log.
     """
@@ -277,6 +278,9 @@ def info(model, as_json):
 from .server import serve  # noqa: E402  (light: numpy loads with the first request)
 
 main.add_command(serve)
+from .litertlm import pack_cmd  # noqa: E402  (litert_lm_builder loads only when packing)
+
+main.add_command(pack_cmd)
 
 if __name__ == "__main__":
     main()

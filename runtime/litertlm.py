@@ -1,0 +1,241 @@
+"""Pack a gemma-edge .tflite into a LiteRT-LM ``.litertlm`` file (``gemma-edge pack``).
+
+LiteRT-LM, Google's on-device LLM runtime (Android, iOS, desktop, Raspberry Pi), runs a
+.tflite that follows its contract once the model, its tokenizer and an ``LlmMetadata``
+proto are packed into one ``.litertlm`` container. gemma-edge files follow that contract
+(``prefill_<T>`` / ``decode`` signatures, ``tokens`` / ``input_pos`` / ``kv_cache_{k,v}_{i}``),
+so packing converts nothing: the model section is the .tflite byte for byte.
+
+The container is written by ``litert_lm_builder.LitertLmFileBuilder``
+(``pip install litert-lm-builder``: protobuf, flatbuffers and absl, no TensorFlow). It is
+imported only when ``pack`` runs, so importing this module costs nothing.
+
+What goes in, all derived from the file's own metadata (``read_info``):
+
+- the .tflite, as the ``PREFILL_DECODE`` model;
+- the SentencePiece model embedded in it, with one change (``litert_tokenizer``): every
+  CONTROL piece other than ``<bos>``, ``<eos>`` and ``<pad>`` becomes USER_DEFINED. gemma-edge
+  cuts control strings such as ``<start_of_turn>`` out of prompt text itself
+  (``Tokenizer.encode(parse_special=True)``); LiteRT-LM hands the whole text to
+  SentencePiece, which never produces a CONTROL piece but always matches a USER_DEFINED
+  one literally. Without the change a chat turn rendered by LiteRT-LM would reach the
+  model as the characters ``<``, ``start``, ``_of``, ... (tokenizers rebuilt from a GGUF
+  mark the turn markers CONTROL, as llama.cpp does);
+- ``LlmMetadata`` (``llm_metadata``): start token ``<bos>`` (LiteRT-LM prepends it to the
+  first turn), one stop token per stop id (``<eos>``, ``<end_of_turn>``), ``max_num_tokens``
+  = the file's context, a greedy default sampler (``TOP_P`` with k=1: the only sampler type
+  LiteRT-LM 0.18.1 runs on CPU), the model type (``gemma3`` for Gemma 3; 0.18.1 has no type
+  for Gemma 1 or 2, which get ``generic_model``), the Gemma chat format of ``runtime/chat.py``
+  both as ``prompt_templates`` and as a jinja template, and ``suppress_tokens`` for embedding
+  rows past the tokenizer (test models only; gemma-edge never samples those either).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import click
+
+from .chat import MODEL_PREFIX
+from .errors import GemmaEdgeError, ModelFileError, OutputExistsError, TokenizerError
+from .modelfile import ModelInfo, read_info
+
+SUFFIX = ".litertlm"
+
+# Gemma family -> LiteRT-LM LlmModelType field (llm_model_type.proto, 0.18.1). Families not
+# listed get ``generic_model``: they still run, with the chat template below.
+MODEL_TYPES = {3: "gemma3"}
+
+# The Gemma chat format of runtime/chat.py as a jinja template for LiteRT-LM's
+# Conversation API: a system message has no role of its own and is folded into the first
+# user turn, then a blank line. Content is a string or a list of {"type": "text"} parts.
+# No <bos>: LiteRT-LM prepends the start token to the first turn itself.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='', content='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message.content is string -%}{%- set ns.content = message.content -%}"
+    "{%- else -%}{%- set ns.content = '' -%}{%- for part in message.content -%}"
+    "{%- if part.type == 'text' -%}{%- set ns.content = ns.content + part.text -%}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- if message.role == 'system' -%}"
+    "{%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + ns.content -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message.role in ['model', 'assistant'] else 'user' -%}"
+    "{%- if role == 'user' and ns.system -%}"
+    "{%- set ns.content = ns.system + '\\n\\n' + ns.content -%}{%- set ns.system = '' -%}"
+    "{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\\n' + ns.content + '<end_of_turn>\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
+)
+
+
+def default_output(tflite_path) -> Path:
+    """``model.tflite`` -> ``model.litertlm`` next to it."""
+    return Path(tflite_path).with_suffix(SUFFIX)
+
+
+def litert_tokenizer(info: ModelInfo) -> tuple[bytes, list[str]]:
+    """The embedded SentencePiece model with every CONTROL piece but <bos>, <eos> and <pad>
+    made USER_DEFINED.
+
+    Returns the serialized model and the pieces changed. Ids, scores and every other piece
+    are unchanged, so plain text encodes to the same ids as before.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2  # protobuf: a litert-lm-builder dependency
+
+    proto = sp_pb2.ModelProto()
+    try:
+        proto.ParseFromString(info.tokenizer_model)
+    except Exception as e:  # protobuf's DecodeError
+        raise TokenizerError(f"{info.path}: the embedded tokenizer is not a SentencePiece model ({e}); "
+                             "convert the checkpoint again") from None
+    Piece = sp_pb2.ModelProto.SentencePiece
+    spec, tok = proto.trainer_spec, info.tokens
+    keep = {spec.bos_id, spec.eos_id, spec.pad_id, tok.get("bos_id"), tok.get("eos_id"), tok.get("pad_id")}
+    changed = []
+    for i, p in enumerate(proto.pieces):
+        if p.type == Piece.CONTROL and i not in keep:
+            p.type = Piece.USER_DEFINED
+            changed.append(p.piece)
+    return proto.SerializeToString(), changed
+
+
+def _piece_count(info: ModelInfo) -> int:
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(info.tokenizer_model)
+    return len(proto.pieces)
+
+
+def llm_metadata(info: ModelInfo, *, top_k: int = 1, top_p: float = 1.0, temperature: float = 1.0):
+    """The ``LlmMetadata`` proto LiteRT-LM reads from the container."""
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2, sampler_params_pb2
+
+    tok = info.tokens
+    stops = [int(t) for t in tok.get("stop_token_ids") or [tok["eos_id"]] if t is not None]
+    if tok.get("bos_id") is None or not stops:
+        raise ModelFileError(f"{info.path}: the metadata names no <bos> or no stop token "
+                             f"(tokenizer: {tok}); convert the checkpoint again")
+    m = llm_metadata_pb2.LlmMetadata()
+    m.start_token.token_ids.ids.append(int(tok["bos_id"]))
+    for t in stops:
+        m.stop_tokens.add().token_ids.ids.append(t)
+    m.max_num_tokens = info.context_length
+    pieces = _piece_count(info)
+    if pieces < info.config.vocab_size:  # embedding rows without text: gemma-edge never samples them
+        m.suppress_tokens.ids.extend(range(pieces, info.config.vocab_size))
+    s = m.sampler_params
+    s.type = sampler_params_pb2.SamplerParameters.TOP_P
+    s.k, s.p, s.temperature, s.seed = int(top_k), float(top_p), float(temperature), 0
+    kind = MODEL_TYPES.get(info.config.family, "generic_model")
+    getattr(m.llm_model_type, kind).SetInParent()
+    m.prompt_templates.user.prefix = "<start_of_turn>user\n"
+    m.prompt_templates.user.suffix = "<end_of_turn>\n"
+    m.prompt_templates.model.prefix = MODEL_PREFIX
+    m.prompt_templates.model.suffix = "<end_of_turn>\n"
+    m.jinja_prompt_template = CHAT_TEMPLATE
+    m.supports_thinking = False
+    m.supports_function_calling = False
+    return m
+
+
+def pack(tflite_path, out_path=None, *, force: bool = False, top_k: int = 1, top_p: float = 1.0,
+         temperature: float = 1.0) -> Path:
+    """Write ``out_path`` (default: the .tflite's name with ``.litertlm``): the model, its
+    tokenizer and LiteRT-LM metadata in one file. Returns the path written.
+
+    The sampler arguments set the file's default sampler (greedy unless changed); LiteRT-LM
+    callers can override it per session. Raises ModelFileError for a file that is not a
+    gemma-edge model, OutputExistsError if ``out_path`` exists and not ``force``.
+    """
+    src = Path(tflite_path)
+    info = read_info(str(src))  # ModelFileError: missing, not a .tflite, not gemma-edge
+    out = Path(out_path) if out_path is not None else default_output(src)
+    if out.is_dir():
+        raise OutputExistsError(f"{out} is a directory; give a file name such as {out / (src.stem + SUFFIX)}")
+    if out.exists() and out.resolve() == src.resolve():
+        raise OutputExistsError(f"{out} is the input model; choose another output name (e.g. {src.stem}{SUFFIX})")
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force (force=True) to overwrite it, or choose another -o")
+    if not out.parent.exists():
+        raise GemmaEdgeError(f"the output folder {out.parent} does not exist; create it first")
+    if not 1 <= int(top_k) or not 0.0 < float(top_p) <= 1.0 or float(temperature) <= 0.0:
+        raise GemmaEdgeError(f"bad default sampler top_k={top_k}, top_p={top_p}, temperature={temperature}: "
+                             "need top_k >= 1, 0 < top_p <= 1 and temperature > 0 (top_k=1 is greedy)")
+    try:
+        import litert_lm_builder as lmb
+    except ImportError as e:
+        raise GemmaEdgeError(f"packing a .litertlm needs LiteRT-LM's builder ({e}): "
+                             "pip install 'gemma-edge[litertlm]' (or pip install litert-lm-builder)") from None
+
+    from .. import __version__
+
+    tokenizer, _ = litert_tokenizer(info)
+    meta = llm_metadata(info, top_k=top_k, top_p=top_p, temperature=temperature)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="gemma-edge-pack-") as work:
+            tok_path = os.path.join(work, "tokenizer.model")
+            meta_path = os.path.join(work, "llm_metadata.pb")
+            with open(tok_path, "wb") as f:
+                f.write(tokenizer)
+            with open(meta_path, "wb") as f:
+                f.write(meta.SerializeToString())
+            b = lmb.LitertLmFileBuilder()
+            for key, value in (("Authors", f"gemma-edge {__version__}"), ("gemma_edge.source", src.name),
+                               ("gemma_edge.quantization", info.quant)):
+                b.add_system_metadata(lmb.Metadata(key=key, value=value, dtype=lmb.DType.STRING))
+            b.add_tflite_model(str(src), lmb.TfLiteModelType.PREFILL_DECODE)
+            b.add_sentencepiece_tokenizer(tok_path)
+            b.add_llm_metadata(meta_path)
+            with open(tmp, "wb") as f:
+                b.build(f, validate_metadata=True)
+        os.replace(tmp, out)
+    except BaseException as e:  # KeyboardInterrupt included: never leave a half file
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            raise GemmaEdgeError(f"could not write {out}: {e.strerror or e}. Free disk space or "
+                                 "choose another output folder") from None
+        if isinstance(e, ValueError):  # the builder's own metadata validation
+            raise GemmaEdgeError(f"litert-lm-builder refused the metadata for {out}: {e}") from None
+        raise
+    return out
+
+
+@click.command("pack", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Output .litertlm path (default: MODEL with the suffix .litertlm).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Default sampler stored in the file: top-k (1 = greedy).")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+              help="Default sampler: nucleus probability.")
+@click.option("--temperature", type=click.FloatRange(0.0, min_open=True), default=1.0, show_default=True,
+              help="Default sampler: temperature.")
+def pack_cmd(model, output, force, top_k, top_p, temperature):
+    """Pack a gemma-edge MODEL.tflite into a LiteRT-LM .litertlm file.
+
+    The .litertlm holds the model unchanged, its SentencePiece tokenizer and LiteRT-LM's
+    metadata (start and stop tokens, context length, Gemma chat template, a greedy default
+    sampler), so LiteRT-LM runs it on Android, iOS, desktop and Raspberry Pi CPUs. Needs
+    litert-lm-builder (pip install litert-lm-builder). The file is written to a temporary
+    name and renamed when complete.
+
+    \b
+    Example:
+      gemma-edge pack gemma3-270m-int8.tflite
+      litert-lm run gemma3-270m-int8.litertlm --prompt "Why is the sky blue?"
+    """
+    from .cli import _handle_errors
+
+    out = _handle_errors(pack)(model, output, force=force, top_k=top_k, top_p=top_p, temperature=temperature)
+    click.echo(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB)", err=True)
+
+
+__all__ = ["pack", "pack_cmd", "llm_metadata", "litert_tokenizer", "CHAT_TEMPLATE", "MODEL_TYPES"]
