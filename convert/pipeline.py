@@ -61,6 +61,7 @@ class Source:
         self.ckpt = open_checkpoint(str(self.path))
         infos = self.ckpt.tensors()
         self.chat_template_jinja = None
+        self.declared_stop_ids: list[int] = []  # end-of-generation ids the checkpoint itself declares
         if isinstance(self.ckpt, GGUFCheckpoint):
             self.format = "gguf"
             meta = self.ckpt.metadata()
@@ -72,6 +73,7 @@ class Source:
 
             self.tokenizer_model = sentencepiece_from_gguf(self.ckpt)
             self.chat_template_jinja = meta.get("tokenizer.chat_template")
+            self.declared_stop_ids = _ids(meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id"))
         else:
             self.format = "safetensors"
             root = self.path if self.path.is_dir() else self.path.parent
@@ -90,6 +92,14 @@ class Source:
                     f"{root}: no tokenizer.model. gemma-edge embeds the SentencePiece tokenizer in the "
                     "output file; copy tokenizer.model from the original Gemma checkpoint into this directory")
             self.tokenizer_model = tok_path.read_bytes()
+            gen = root / "generation_config.json"
+            declared = [hf.get("eos_token_id")]
+            if gen.exists():
+                try:  # instruction-tuned checkpoints list <end_of_turn> here, e.g. [1, 106]
+                    declared.insert(0, json.loads(gen.read_text()).get("eos_token_id"))
+                except ValueError:
+                    pass
+            self.declared_stop_ids = _ids(*declared)
             tc = root / "tokenizer_config.json"
             if tc.exists():
                 try:
@@ -156,11 +166,25 @@ class Source:
         self.ckpt.close()
 
 
-def special_tokens(tok: Tokenizer, cfg: GemmaConfig) -> dict:
+def _ids(*values) -> list[int]:
+    """Token ids from config values that may be an int, a list of ints, or missing."""
+    out = []
+    for v in values:
+        for t in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(t, int) and not isinstance(t, bool) and t >= 0 and t not in out:
+                out.append(t)
+    return out
+
+
+def special_tokens(tok: Tokenizer, cfg: GemmaConfig, declared_stop_ids=()) -> dict:
+    """Special ids, and the stop ids: the checkpoint's own (generation_config.json /
+    config.json eos_token_id, GGUF eos/eot ids), the tokenizer's </s>, and <end_of_turn>,
+    which ends every turn of the Gemma chat template."""
     sot, eot = tok.piece_to_id("<start_of_turn>"), tok.piece_to_id("<end_of_turn>")
-    stops = [tok.eos_id] + ([eot] if eot is not None else [])
+    stops = _ids(tok.eos_id, *[t for t in declared_stop_ids if t < cfg.vocab_size], eot)
     return {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-            "start_of_turn_id": sot, "end_of_turn_id": eot, "stop_token_ids": stops}
+            "start_of_turn_id": sot, "end_of_turn_id": eot, "stop_token_ids": stops,
+            "declared_stop_ids": list(declared_stop_ids)}
 
 
 def _summary_scheme(name: str, recipe: dict[str, str]) -> dict:
@@ -235,7 +259,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
             "score_lengths": score,
             "kv_cache": {"layout": "[1, num_kv_heads, context_length, head_dim]", "dtype": "float32"},
             "tokenizer": {"kind": "sentencepiece", "metadata_name": modelfile.TOKENIZER_KEY,
-                          "add_bos": True, **special_tokens(src.tokenizer, cfg)},
+                          "add_bos": True, **special_tokens(src.tokenizer, cfg, src.declared_stop_ids)},
             "chat_template": {"kind": "gemma", "text": GEMMA_TEMPLATE, "jinja": src.chat_template_jinja},
             "source": {"name": src.path.name, "format": src.format, "sha256": src.sha256(),
                        **({"lora": src.lora} if src.lora else {})},

@@ -410,3 +410,29 @@ def test_a_second_generation_while_one_runs_is_refused(model):
         model.perplexity("the model and the cache")
     first.close()
     assert model.generate("the cache", max_tokens=2).finish_reason in ("stop", "length")
+
+
+def test_stop_tokens_come_from_the_checkpoint(tiny, model, tmp_path):
+    """An instruction-tuned checkpoint's generation_config.json eos_token_id list is honoured:
+    a token it declares ends generation where the base file would go on."""
+    import shutil
+
+    import gemma_edge
+    from gemma_edge.convert.pipeline import convert
+    from gemma_edge.runtime.modelfile import read_info
+
+    base = model.generate("the model", max_tokens=12, stop_tokens=False)
+    special = set(model.stop_token_ids) | {BOS}
+    stop_at = next(i for i, t in enumerate(base.tokens) if t not in special and i > 0)
+    declared = base.tokens[stop_at]
+    ckpt = tmp_path / "it"
+    shutil.copytree(tiny.checkpoint, ckpt)
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS, declared]}))
+    out = tmp_path / "it.tflite"
+    convert(str(ckpt), str(out), quant="fp32", max_context=CONTEXT, prefill_lengths=PREFILL, progress=False,
+            score_length=0)
+    tok = read_info(str(out)).tokens
+    assert tok["declared_stop_ids"] == [EOS, declared] and declared in tok["stop_token_ids"]
+    assert EOT in tok["stop_token_ids"]  # <end_of_turn> always ends a turn
+    got = gemma_edge.load(str(out)).generate("the model", max_tokens=12)
+    assert got.tokens == base.tokens[:base.tokens.index(declared) + 1] and got.finish_reason == "stop"
