@@ -24,7 +24,6 @@ class Scheme:
     symmetric: bool
     tflite_type: int
     description: str
-    scale_search: str = "absmax"  # "mse": per-block scale with the least round-trip error
 
     @property
     def is_float(self) -> bool:
@@ -58,9 +57,6 @@ SCHEMES: dict[str, Scheme] = {
         *(Scheme(f"int4-b{b}", 4, "block", b, True, TFLITE_INT4,
                  f"int4 in blocks of {b} inputs with an fp16 scale each, symmetric, dynamic range: "
                  f"{0.5 + 2 / b:.4g} bytes a weight") for b in (32, 64, 128)),
-        *(Scheme(f"int4-b{b}-mse", 4, "block", b, True, TFLITE_INT4,
-                 f"int4-b{b} whose block scales minimize the squared rounding error (same format and "
-                 f"kernels; ~10% less weight error than max/7)", "mse") for b in (32, 64, 128)),
     )
 }
 
@@ -90,15 +86,23 @@ ROLES = {
 }
 _BY_SUFFIX = {suffix: kind for kind, suffix in KINDS.items()}
 
-# Presets by role (a kind may override its role, applied after it).
+# Presets by role (a kind may override its role, applied after it). Chosen from the
+# per-role measurements on the real Gemma 3 270M (README, benchmarks/quant_table.py):
+# int4 rounding costs the attention weights the most per byte, then the FFN, then the
+# embedding; int8 costs almost nothing in rounding, but the kernels' on-the-fly int8
+# activations cost the attention inputs ~1.5% perplexity.
 PRESETS: dict[str, dict[str, str]] = {
     "fp32": {"embedding": "fp32", "attention": "fp32", "ffn": "fp32"},
     "int8": {"embedding": "int8", "attention": "int8", "ffn": "int8"},
-    "int4": {"embedding": "int4", "attention": "int4", "ffn": "int4"},
-    # int4 embeddings are where int4 hurts most (MediaPipe's "<bos> forever"): keep them int8
-    "int4-mixed": {"embedding": "int8", "attention": "int4", "ffn": "int4"},
-    "int4-b32": {"embedding": "int4-b32", "attention": "int4-b32", "ffn": "int4-b32"},
+    # int8 with float attention: within 1% of fp32; attention is ~10% of a Gemma's weights
+    "int8-attn-fp32": {"embedding": "int8", "attention": "fp32", "ffn": "int8"},
+    # int4 only where the bytes are and it hurts least: the FFN (91% of Gemma 2B's body)
+    "int4": {"embedding": "int8", "attention": "int8", "ffn": "int4-b32"},
+    # the tied embedding / LM head in int4 blocks, the body int8: smallest and fastest when
+    # the embedding dominates (the 270M: 63% of its weights)
+    "int4-emb": {"embedding": "int4-b32", "attention": "int8", "ffn": "int8"},
     "int4-b32-mixed": {"embedding": "int8", "attention": "int4-b32", "ffn": "int4-b32"},
+    "int4-b32": {"embedding": "int4-b32", "attention": "int4-b32", "ffn": "int4-b32"},
 }
 
 
