@@ -235,7 +235,7 @@ class _SafetensorsFile:
         if not isinstance(desc, dict):
             raise self._fail(f"tensor {name!r} is described by a JSON {type(desc).__name__}, not an object; the header is corrupt")
         dtype, shape, offsets = desc.get("dtype"), desc.get("shape"), desc.get("data_offsets")
-        if dtype not in _ST_DTYPE_BITS:
+        if not isinstance(dtype, str) or dtype not in _ST_DTYPE_BITS:
             raise self._fail(
                 f"tensor {name!r} has unknown dtype {dtype!r} (safetensors dtypes: {', '.join(_ST_DTYPE_BITS)}); "
                 "the header is corrupt or from a newer safetensors",
@@ -243,6 +243,8 @@ class _SafetensorsFile:
             )
         if not isinstance(shape, list) or not all(_is_uint(d) for d in shape):
             raise self._fail(f"tensor {name!r} has shape {shape!r}, not a list of non-negative ints; the header is corrupt")
+        if _too_big(shape):
+            raise self._fail(f"tensor {name!r} has shape {shape}, larger than any tensor can be; the header is corrupt")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -291,6 +293,15 @@ class _SafetensorsFile:
     def close(self) -> None:
         _unmap(self._mm)
         self._mm = None
+
+
+_MAX_ELEMENTS = 1 << 48  # no tensor comes close; numpy cannot even describe (0, 2**63)
+
+
+def _too_big(shape) -> bool:
+    """True if the dimensions, zeros aside, multiply past _MAX_ELEMENTS (a zero-size tensor of shape
+    (0, 2**63) holds no data, so no size check catches it, but numpy cannot make one)."""
+    return math.prod(max(int(d), 1) for d in shape) > _MAX_ELEMENTS
 
 
 def _is_uint(x: Any) -> bool:
@@ -621,6 +632,8 @@ class GGUFCheckpoint:
                 f"{self.path}: tensor {name!r} has ggml type {raw_type}, unknown to gguf {_gguf_version()}; "
                 "the file is corrupt or needs a newer gguf package (pip install -U gguf)."
             ) from None
+        if _too_big(ne):
+            raise self._fail(f"tensor {name!r} has dimensions {list(ne)}, larger than any tensor can be; the header is corrupt")
         if ne[0] % block:
             raise self._fail(
                 f"tensor {name!r} has rows of {ne[0]} values, not a multiple of the {qtype.name} block of {block}; "

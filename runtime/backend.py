@@ -67,6 +67,28 @@ def weight_cache_path(model_path: str) -> str | None:
         return None
 
 
+def check_graph(info: ModelInfo, signatures, decode_inputs: dict, decode_outputs: dict, kv_names: list[str]) -> None:
+    """The metadata must describe the graph the file holds: the signatures it names, the KV cache
+    [1, num_kv_heads, context_length, head_dim] of every layer, and logits over vocab_size."""
+    cfg = info.config
+    want = ["decode", *(f"prefill_{T}" for T in info.prefill_lengths), *(f"score_{T}" for T in info.score_lengths)]
+    missing = [s for s in want if s not in signatures]
+    if missing:
+        raise ModelFileError(f"{info.path}: the metadata names signatures {missing} that the graph does not have "
+                             f"(it has {sorted(signatures)}); the file is corrupt: convert the checkpoint again")
+    kv = [1, cfg.num_kv_heads, info.context_length, cfg.head_dim]
+    bad = [n for n in kv_names if list(decode_inputs.get(n, {}).get("shape", [])) != kv]
+    if bad or len([n for n in decode_inputs if n.startswith("kv_cache_")]) != len(kv_names):
+        got = decode_inputs.get(bad[0] if bad else kv_names[0], {}).get("shape")
+        raise ModelFileError(
+            f"{info.path}: the metadata describes {len(kv_names)} KV caches of shape {kv} (num_kv_heads, "
+            f"context_length, head_dim) but the graph's are {got}; the file is corrupt: convert the checkpoint again")
+    logits = list(decode_outputs.get("logits", {}).get("shape", []))
+    if not logits or logits[-1] != cfg.vocab_size:
+        raise ModelFileError(f"{info.path}: the metadata gives vocab_size {cfg.vocab_size} but the graph's logits "
+                             f"are {logits}; the file is corrupt: convert the checkpoint again")
+
+
 def _threads(threads: int | None) -> int:
     return int(threads) if threads else max(1, min(os.cpu_count() or 1, 4))
 
@@ -94,6 +116,8 @@ class CompiledBackend:
             raise ModelFileError(f"{info.path}: LiteRT could not load the model ({e})") from None
         cfg = info.config
         self.kv_names = [f"kv_cache_{c}_{i}" for i in range(cfg.num_layers) for c in "kv"]
+        check_graph(info, self.model.get_signature_list(), self.model.get_input_tensor_details("decode"),
+                    self.model.get_output_tensor_details("decode"), self.kv_names)
         self.kv = {n: self.model.create_input_buffer_by_name("decode", n) for n in self.kv_names}
         zeros = np.zeros((1, cfg.num_kv_heads, info.context_length, cfg.head_dim), np.float32)
         for buf in self.kv.values():  # fresh buffers hold garbage; 0 * NaN in masked slots is NaN

@@ -118,20 +118,23 @@ def run(model, prompt, chat, system, verbose, **kw):
         stream = m.chat(system=system).send(prompt, **sampling)
     else:
         stream = m.stream_generate(prompt, **sampling)
-    last = None
+    last, interrupted = None, False
     try:
         for r in stream:
             sys.stdout.write(r.text)
             sys.stdout.flush()
             last = r
-    except KeyboardInterrupt:
-        pass
+    except KeyboardInterrupt:  # Ctrl-C ends the answer: the text so far stays, exit 130 says it was cut
+        interrupted = True
     sys.stdout.write("\n")
     if verbose and last is not None:
         click.echo(f"[{last.finish_reason}] prompt {last.prompt_tokens} tokens ({last.prompt_tps:.1f} tok/s, "
                    f"first token after {last.time_to_first_token * 1000:.0f} ms), generated "
                    f"{last.generation_tokens} tokens ({last.generation_tps:.1f} tok/s); load "
                    f"{m.load_seconds:.2f} s; backend {m.backend.name}", err=True)
+    if interrupted:
+        sys.stdout.flush()
+        sys.exit(130)
 
 
 @main.command("chat")
@@ -159,18 +162,25 @@ def chat_cmd(model, system, **kw):
         except KeyboardInterrupt:
             click.echo("", err=True)
             continue
+        except UnicodeDecodeError as e:  # stdin in a strict UTF-8 locale
+            click.echo(f"gemma-edge: error: that line is not valid UTF-8 (byte {e.start}); type it again", err=True)
+            continue
         if not msg.strip():
             continue
-        if len(conv.tokens) + len(m.tokenizer.encode(msg, add_bos=False)) + 8 >= m.context_length:
-            click.echo("[the context is full; starting a new conversation]", err=True)
-            conv = m.chat(system=system)
+        dropped = conv.dropped_turns
         try:
             for r in conv.send(msg, **sampling):
                 sys.stdout.write(r.text)
                 sys.stdout.flush()
         except KeyboardInterrupt:
             click.echo(" [stopped]", err=True)
+        except GemmaEdgeError as e:  # one bad message (not UTF-8, longer than the context): say so, go on
+            click.echo(f"gemma-edge: error: {e}", err=True)
+            continue
         sys.stdout.write("\n")
+        if conv.dropped_turns > dropped:
+            click.echo(f"[the context was full: the oldest {conv.dropped_turns - dropped} turn(s) were dropped]",
+                       err=True)
 
 
 @main.command()

@@ -20,6 +20,8 @@ FULL = "full_attention"
 # HF `model_type` -> Gemma family. Anything else is refused with this list.
 HF_MODEL_TYPES = {"gemma": 1, "gemma2": 2, "gemma3_text": 3, "gemma3": 3}
 GGUF_ARCHITECTURES = {"gemma": 1, "gemma2": 2, "gemma3": 3}
+MAX_LAYERS = 1024  # Gemma's largest has 62; a larger count is a corrupt header (and per-layer tables would not fit)
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
 
 # HF config keys that do not change the forward pass of a causal LM at inference.
 _HF_IGNORED = {
@@ -72,6 +74,13 @@ class GemmaConfig:
     max_position: int = 8192
 
     def __post_init__(self):
+        for name in _SIZES:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise UnsupportedModelError(f"config {name} is {v!r}, not a positive integer; the config is corrupt")
+        if self.num_layers > MAX_LAYERS:
+            raise UnsupportedModelError(f"config has {self.num_layers} layers, more than the {MAX_LAYERS} any "
+                                        "Gemma could have; the config is corrupt")
         if len(self.layer_types) != self.num_layers:
             raise UnsupportedModelError(
                 f"config lists {len(self.layer_types)} layer types for {self.num_layers} layers; "
@@ -163,6 +172,9 @@ class GemmaConfig:
         if unknown:
             warnings.warn(f"config.json keys not used by gemma-edge: {unknown}", stacklevel=2)
         n = hf["num_hidden_layers"]
+        if isinstance(n, int) and not 1 <= n <= MAX_LAYERS:  # other types: the TypeError below
+            raise UnsupportedModelError(f"config.json num_hidden_layers is {n!r}; a Gemma has 1 to {MAX_LAYERS} "
+                                        "layers. Re-download the checkpoint's config.json")
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
         if act not in ("gelu_pytorch_tanh", "gelu"):
             raise UnsupportedModelError(
@@ -221,7 +233,7 @@ class GemmaConfig:
         """Build from GGUF metadata (``general.architecture`` and ``<arch>.*`` keys)."""
         try:
             return cls._from_gguf(meta, vocab_size)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, ArithmeticError) as e:
             raise UnsupportedModelError(f"GGUF metadata holds a value of the wrong type ({e}); "
                                         "the file is corrupt: re-download it") from None
 
@@ -240,10 +252,17 @@ class GemmaConfig:
                 raise UnsupportedModelError(f"GGUF metadata lacks {arch}.{key}; the file is incomplete")
             return v
 
-        n = int(get("block_count"))
-        heads = int(get("attention.head_count"))
-        d = int(get("embedding_length"))
-        head_dim = int(get("attention.key_length", d // heads))
+        def count(key, default=None, most=1 << 20):
+            v = int(get(key, default))
+            if not 1 <= v <= most:
+                raise UnsupportedModelError(f"GGUF {arch}.{key} is {v}, outside 1..{most}; the file is corrupt: "
+                                            "re-download it")
+            return v
+
+        n = count("block_count", most=MAX_LAYERS)  # checked before the per-layer lists are built
+        heads = count("attention.head_count")
+        d = count("embedding_length")
+        head_dim = count("attention.key_length", d // heads)
         window = meta.get(f"{arch}.attention.sliding_window")
         if family == 1:
             layer_types = [FULL] * n
@@ -261,10 +280,10 @@ class GemmaConfig:
             family=family,
             vocab_size=vocab_size,
             hidden_size=d,
-            intermediate_size=int(get("feed_forward_length")),
+            intermediate_size=count("feed_forward_length"),
             num_layers=n,
             num_heads=heads,
-            num_kv_heads=int(get("attention.head_count_kv", heads)),
+            num_kv_heads=count("attention.head_count_kv", heads),
             head_dim=head_dim,
             layer_types=tuple(layer_types),
             sliding_window=int(window) if window and family >= 2 else (4096 if family == 2 else None),

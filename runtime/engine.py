@@ -20,7 +20,7 @@ import numpy as np
 from . import chat as chat_format
 from .backend import make_backend, run_prefill
 from .detokenizer import StreamingDetokenizer
-from .errors import GenerationError
+from .errors import GenerationError, TokenizerError
 from .modelfile import read_info
 from .sampling import apply_repetition_penalty, make_sampler, validate_sampling
 from .stopping import StopStringMatcher
@@ -66,6 +66,10 @@ class Model:
         self.info = read_info(str(path))
         self.config = self.info.config
         self.tokenizer = Tokenizer(self.info.tokenizer_model)
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise TokenizerError(
+                f"{path}: the embedded tokenizer has {self.tokenizer.vocab_size} pieces but the model's embedding "
+                f"has {self.config.vocab_size} rows; the file is corrupt: convert the checkpoint again")
         self.backend = make_backend(self.info, threads, backend)
         self.context_length = self.info.context_length
         tok = self.info.tokens
@@ -260,6 +264,19 @@ class Model:
     def chat(self, system: str | None = None) -> "Conversation":
         return Conversation(self, system)
 
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text (without <bos>) of ``messages`` in this model's chat format: the
+        checkpoint's own jinja template (metadata ``chat_template.jinja``) rendered in jinja2's
+        sandbox when the file has one and jinja2 is installed; else, or if that template fails
+        (a ChatTemplateWarning says why), the built-in Gemma format (``chat.render``)."""
+        tpl = self.info.meta.get("chat_template")
+        source = tpl.get("jinja") if isinstance(tpl, dict) else None
+        tok = self.tokenizer
+        special = {name: tok.id_to_piece(i) for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id))
+                   if i is not None}
+        return chat_format.render_chat(messages, add_generation_prompt,
+                                       template=source if isinstance(source, str) else None, **special)
+
     # ---- benchmark -------------------------------------------------------------------
     def benchmark(self, prompt_tokens: int = 128, gen_tokens: int = 128, runs: int = 5) -> dict:
         """Prefill and decode speed on a fixed synthetic prompt (the cache restarts each run)."""
@@ -301,38 +318,112 @@ class Model:
 
 @dataclass
 class Conversation:
-    """A multi-turn chat that keeps its tokens, so each turn prefills only what is new."""
+    """A multi-turn chat that keeps its tokens, so each turn prefills only what is new.
+
+    Turns are rendered by ``Model.render_chat``: the checkpoint's own jinja template when the
+    file carries one and jinja2 is installed, else the built-in Gemma format. The system
+    prompt has no turn of its own; it is folded into the first user turn in the context.
+    ``messages`` is the whole transcript (user and model turns, without the system prompt);
+    ``tokens`` is what the model has seen: the context.
+
+    Context policy. A new turn is sent only if the context keeps room for the reply:
+    ``reply_room(max_tokens) = min(max_tokens, max(64, context // 4), context // 2)`` tokens.
+    When the history plus the new turn leaves less, the oldest whole turns (a user message
+    and its reply) are dropped, one at a time, until it fits; the system prompt is never
+    dropped (it moves into the first user turn that remains). What remains is rendered and
+    tokenized again and prefilled from the start: a KV cache cannot lose turns from its
+    middle, so no prefix is reused after a drop (only the part before the first dropped
+    turn, <bos> and the system prompt). ``dropped_turns`` counts the turns of ``messages``
+    that are no longer in the context. A new turn that does not fit even alone (with the
+    system prompt) raises GenerationError with the numbers and changes nothing; one that
+    fits alone but leaves less than ``reply_room`` is sent with every older turn dropped,
+    and its reply gets the room that is left (finish_reason "length" when it fills it).
+    """
 
     model: Model
     system: str | None = None
     tokens: list[int] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)
+    dropped_turns: int = 0
+
+    def reply_room(self, max_tokens: int = 256) -> int:
+        """Tokens kept free for a reply of up to ``max_tokens`` (see the context policy)."""
+        c = self.model.context_length
+        return max(1, min(int(max_tokens), max(64, c // 4), c // 2))
+
+    def _in_context(self, dropped: int) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.messages[2 * dropped:]
+
+    def _encode(self, text: str, add_bos: bool) -> list[int]:
+        return self.model.tokenizer.encode(text, add_bos=add_bos, parse_special=True)
+
+    def _next_turn(self, user: dict) -> list[int] | None:
+        """The tokens so far plus the new turn's, or None if the template cannot be extended
+        (its render of the history is not a prefix of its render with the new turn)."""
+        history = self._in_context(self.dropped_turns)
+        before = self.model.render_chat(history, add_generation_prompt=False)
+        after = self.model.render_chat(history + [user], add_generation_prompt=True)
+        eot_id = self.model.info.tokens.get("end_of_turn_id")
+        eot = self.model.tokenizer.id_to_piece(eot_id) if eot_id is not None else None
+        cut = before.rfind(eot) if eot else -1
+        if not after.startswith(before) or cut < 0:
+            return None
+        # self.tokens end with the <end_of_turn> closing the last reply; the text after it in
+        # the template's render (Gemma: "\n") comes first in the new turn.
+        return self.tokens + self._encode(before[cut + len(eot):] + after[len(before):], add_bos=False)
+
+    def _fit(self, user: dict, room: int, dropped: int) -> tuple[list[int], int]:
+        """The whole context rendered again from turn ``dropped`` on, dropping more old turns
+        until the prompt leaves ``room`` tokens (or none are left to drop)."""
+        context, turns = self.model.context_length, len(self.messages) // 2
+        while True:
+            msgs = self._in_context(dropped) + [user]
+            prompt = self._encode(self.model.render_chat(msgs, add_generation_prompt=True), add_bos=True)
+            if len(prompt) + room <= context or dropped >= turns:
+                break
+            dropped += 1
+        if len(prompt) > context:
+            with_system = " with the system prompt" if self.system else ""
+            dropping = f" even with all {turns} earlier turn(s) dropped" if turns else ""
+            raise GenerationError(
+                f"this message takes {len(prompt)} tokens in the chat format{with_system}, more than the "
+                f"model file's context of {context} tokens{dropping}; shorten the message"
+                f"{' or the system prompt' if self.system else ''}, or convert with a larger --max-context")
+        return prompt, dropped
 
     def send(self, message: str, **kwargs) -> Iterator[GenerationResponse]:
         """Stream the model's reply to ``message``; the reply joins the conversation."""
         if not message:
             raise GenerationError("the message is empty")
-        first = not self.tokens
-        msgs = ([{"role": "system", "content": self.system}] if first and self.system else []) + \
-               [{"role": "user", "content": message}]
-        text = chat_format.render(msgs, add_generation_prompt=True)
-        if not first:
-            text = "\n" + text  # the previous reply ended with <end_of_turn>
-        new = self.model.tokenizer.encode(text, add_bos=first, parse_special=True)
-        prompt = self.tokens + new
-        reply_tokens, parts = [], []
+        user = {"role": "user", "content": message}
+        try:
+            room = self.reply_room(kwargs.get("max_tokens", 256))
+        except (TypeError, ValueError):
+            room = 1  # stream_generate reports the bad max_tokens
+        dropped = self.dropped_turns
+        prompt = self._next_turn(user) if self.tokens else None
+        if prompt is None or len(prompt) + room > self.model.context_length:
+            # a prompt that could be extended but does not fit drops at least one turn
+            extra = 1 if prompt is not None and dropped < len(self.messages) // 2 else 0
+            prompt, dropped = self._fit(user, room, dropped + extra)
+        reply_tokens, parts, failed = [], [], False
         try:
             for r in self.model.stream_generate(prompt, **kwargs):
                 reply_tokens.append(r.token)
                 parts.append(r.text)
                 yield r
+        except GenerationError:
+            failed = True  # a refused request (bad sampling values, ...) is not a turn
+            raise
         finally:  # an interrupted reply (Ctrl-C, a closed stream) still joins the conversation
-            eot = self.model.info.tokens.get("end_of_turn_id")
-            if eot is not None and (not reply_tokens or reply_tokens[-1] != eot):
-                reply_tokens.append(eot)  # a reply cut short still closes its turn
-            self.tokens = prompt + reply_tokens
-            self.messages += [{"role": "user", "content": message},
-                              {"role": "model", "content": "".join(parts)}]
+            if not failed:
+                eot = self.model.info.tokens.get("end_of_turn_id")
+                if eot is not None and (not reply_tokens or reply_tokens[-1] != eot):
+                    reply_tokens.append(eot)  # a reply cut short still closes its turn
+                self.tokens = prompt + reply_tokens
+                self.dropped_turns = dropped
+                self.messages += [user, {"role": "model", "content": "".join(parts)}]
 
     def ask(self, message: str, **kwargs) -> str:
         return "".join(r.text for r in self.send(message, **kwargs))

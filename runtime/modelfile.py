@@ -99,6 +99,8 @@ def _parse(buf, size: int) -> dict[str, bytes]:
     out = {}
     for m in fbuf.table_vector(root, 6):  # Model.metadata
         name = fbuf.string(m, 0)
+        if name in out:  # else N entries naming one big buffer copy it N times (a hang)
+            raise ModelFileError(f"metadata {name!r} appears twice; the file is corrupt")
         index = fbuf.scalar(m, 1, "<I")
         if index >= len(buffers):
             raise ModelFileError(f"metadata {name!r} points at buffer {index} of {len(buffers)}")
@@ -164,6 +166,8 @@ def read_info(path: str) -> ModelInfo:
             "Convert the checkpoint with gemma-convert")
     try:
         meta = json.loads(entries[CONFIG_KEY].decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"it is a JSON {type(meta).__name__}, not an object")
         if meta.get("format") != FORMAT:
             raise ValueError(f"format is {meta.get('format')!r}")
         if int(meta.get("format_version", 0)) > FORMAT_VERSION:
@@ -171,9 +175,11 @@ def read_info(path: str) -> ModelInfo:
                                  f"up to {FORMAT_VERSION}: upgrade gemma-edge")
         info = ModelInfo(path, meta, entries.get(TOKENIZER_KEY, b""))
         info.config, info.context_length, info.prefill_lengths, info.score_lengths, info.tokens["bos_id"]  # validate now
-    except GemmaEdgeError:
+    except ModelFileError:
         raise
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+    except GemmaEdgeError as e:  # the config's own checks (UnsupportedModelError)
+        raise ModelFileError(f"{path}: the gemma-edge metadata is corrupt ({e}); convert the checkpoint again") from None
+    except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError, UnicodeDecodeError) as e:
         raise ModelFileError(f"{path}: the gemma-edge metadata is corrupt ({type(e).__name__}: {e}); "
                              "convert the checkpoint again") from None
     if not info.tokenizer_model:

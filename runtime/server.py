@@ -67,7 +67,6 @@ from urllib.parse import unquote, urlsplit
 import click
 
 from .. import __version__
-from . import chat as chat_format
 from .errors import GemmaEdgeError, GenerationError
 
 MAX_BODY_BYTES = 8 << 20
@@ -368,7 +367,7 @@ class ModelServer(ThreadingHTTPServer):
         if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
             raise _bad('stream_options must be {"include_usage": true|false}', param="stream_options")
         param = "messages" if chat else "prompt"
-        prompt = chat_format.render(chat_messages(body)) if chat else completion_prompt(body)
+        prompt = self.model.render_chat(chat_messages(body)) if chat else completion_prompt(body)
         try:
             ids = self.model.encode(prompt)
         except GemmaEdgeError as e:

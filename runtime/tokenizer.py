@@ -130,6 +130,11 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates: bytes that were not UTF-8, kept by surrogateescape
+            raise TokenizerError(f"the text is not valid UTF-8 (character {e.start}: {text[e.start:e.end]!r}); it "
+                                 "was read from bytes in another encoding: convert them to UTF-8") from None
         ids: list[int] = []
         if add_bos:
             if self.bos_id is None:
