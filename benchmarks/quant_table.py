@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5, help="benchmark runs per file (median reported)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the converted files")
+    ap.add_argument("--reuse", action="store_true",
+                    help="use files already in --work-dir (from a --keep run) instead of converting again")
     ap.add_argument("--json", default=None, metavar="PATH")
     args = ap.parse_args(argv)
 
@@ -58,12 +60,13 @@ def main(argv=None) -> int:
     for recipe in recipes:
         out = work / f"gemma3-270m-{safe_name(recipe)}.tflite"
         t0 = time.time()
-        r = convert(gguf, str(out), quant=recipe, max_context=2048, force=True, progress=False)
+        if not (args.reuse and out.exists()):
+            convert(gguf, str(out), quant=recipe, max_context=2048, force=True, progress=False)
         convert_s = time.time() - t0
         m = load(str(out), threads=args.threads)
         ppl = m.perplexity(text, max_tokens=args.tokens)
         bench = m.benchmark(prompt_tokens=128, gen_tokens=128, runs=args.runs)
-        row = {"recipe": recipe, "quant": r.quant, "file_mb": r.file_size / 1e6, "convert_s": convert_s,
+        row = {"recipe": recipe, "quant": m.info.quant, "file_mb": out.stat().st_size / 1e6, "convert_s": convert_s,
                "perplexity": ppl["perplexity"], "mean_nll": ppl["mean_nll"], "predicted": ppl["predicted"],
                "decode_tps": bench["decode_tps"]["median"], "decode_tps_range": [bench["decode_tps"]["min"],
                                                                                  bench["decode_tps"]["max"]],
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{recipe}: {row['file_mb']:.1f} MB, PPL {row['perplexity']:.3f}, decode {row['decode_tps']:.1f} tok/s "
               f"(min {row['decode_tps_range'][0]:.1f}, max {row['decode_tps_range'][1]:.1f}), prefill "
-              f"{row['prefill_tps']:.0f} tok/s; converted in {convert_s:.0f} s", file=sys.stderr, flush=True)
+              f"{row['prefill_tps']:.0f} tok/s; {'reused the file' if args.reuse and convert_s < 1 else f'converted in {convert_s:.0f} s'}", file=sys.stderr, flush=True)
         del m
         if not args.keep:
             out.unlink(missing_ok=True)
