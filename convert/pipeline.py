@@ -233,7 +233,6 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         score = [min(int(score_length), context)] if score_length else []
         shapes = template.weight_shapes(cfg)
         src.check_shapes(shapes)
-        tpl = template.build_template(cfg, context, lengths, score, progress=progress)  # TensorFlow runs in children
         from .tflite_writer import WeightSlot, write_model
 
         slots = [WeightSlot(n, s, get_scheme(recipe[kind_of(n)]) if kind_of(n) else SCHEMES["fp32"])
@@ -248,6 +247,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
                 raise QuantizationError(
                     f"tensor {s.name} of shape {s.shape} cannot be stored as {s.scheme.name}: its rows of "
                     f"{s.shape[-1]} values do not fill whole bytes; use --quant int8")
+        tpl = template.build_template(cfg, context, lengths, score, progress=progress)  # TF in children; after the checks
         meta = {
             "format": modelfile.FORMAT, "format_version": modelfile.FORMAT_VERSION,
             "gemma_edge_version": __version__,

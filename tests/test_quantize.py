@@ -211,3 +211,21 @@ def test_report_weight_errors_match_the_reference_quantizers(tmp_path, sp_model_
         assert row.worst_tensor == worst[1] and abs(row.worst_rel_rms - worst[0]) < 1e-9
     # int8's error is ~1/127 of the row's range, int4's ~1/7 of a block's: the table must say so
     assert rows["embedding"].rel_rms < 0.02 < rows["attention"].rel_rms < 0.2
+
+
+def test_a_block_that_does_not_divide_the_rows_is_a_clear_error(tmp_path, sp_model_path):
+    """int4-b128 on a model whose rows hold 64 values: the error names the tensor, its shape and
+    the block, and suggests what to do; nothing is written."""
+    from gemma_edge.convert.pipeline import convert
+
+    from conftest import make_hf_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    make_hf_checkpoint(1, ckpt, sp_model_path)  # hidden 64: q is (64, 64)
+    out = tmp_path / "m.tflite"
+    with pytest.raises(QuantizationError) as e:
+        convert(str(ckpt), str(out), quant="int8,attention=int4-b128", max_context=16, prefill_lengths=(8,),
+                progress=False)
+    msg = str(e.value)
+    assert "l0_q" in msg and "(64, 64)" in msg and "block size 128" in msg and "int4-b32" in msg, msg
+    assert list(tmp_path.iterdir()) == [ckpt]
