@@ -109,6 +109,9 @@ def main(source, output, quant, max_context, prefill_lengths, score_length, repo
         + (f"; LoRA {lora} merged" if lora else ""), err=True)
     ppl = None
     if text:
+        from ..runtime.cli import _silence_native_stderr
+
+        _silence_native_stderr()  # LiteRT's native INFO log, some of it at exit (GEMMA_EDGE_DEBUG=1 keeps it)
         try:
             ppl = perplexity_vs_fp32(source, r, text, eval_tokens, progress=not quiet)
         except GemmaEdgeError as e:
