@@ -265,7 +265,8 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
                        **({"lora": src.lora} if src.lora else {})},
         }
         blobs = {modelfile.CONFIG_KEY: json.dumps(meta, indent=1).encode(),
-                 modelfile.TOKENIZER_KEY: src.tokenizer_model}
+                 modelfile.TOKENIZER_KEY: src.tokenizer_model,
+                 modelfile.CHECKSUM_KEY: bytes(modelfile.CHECKSUM_BYTES)}  # filled in by the writer
         tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         bar = None
         errors = {} if report else None

@@ -26,6 +26,7 @@ from ai_edge_litert import schema_py_generated as fb
 
 from ..quantize.reference import dequantize_rows, quantize_rows
 from ..quantize.schemes import Scheme
+from ..runtime.modelfile import CHECKSUM_KEY, header_checksum
 
 ALIGN = 64
 _PLACEHOLDER_OFFSET = 1 << 40  # non-zero, so the field is serialised at its final width
@@ -219,6 +220,9 @@ def write_model(template: bytes, slots: list[WeightSlot], read_rows: RowReader,
         if len(header) != header_len:
             raise RuntimeError(f"header size changed from {header_len} to {len(header)} bytes")
         _pwrite_all(fd, header, 0)
+        for name, (buf, blob) in zip(metadata, meta_slots):
+            if name == CHECKSUM_KEY:  # reserved by the caller; filled now that the header is final
+                _pwrite_all(fd, header_checksum(header), buffers_at[buf])
         os.fsync(fd)
     finally:
         os.close(fd)

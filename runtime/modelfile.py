@@ -22,6 +22,29 @@ FORMAT = "gemma-edge"
 FORMAT_VERSION = 1
 CONFIG_KEY = "gemma_edge.config"
 TOKENIZER_KEY = "gemma_edge.tokenizer"
+# sha256 of the flatbuffer header (graph, tensors, buffer table: everything LiteRT parses
+# without verifying; a flipped bit there can crash it): header length (uint64 LE) + digest.
+CHECKSUM_KEY = "gemma_edge.header_sha256"
+CHECKSUM_BYTES = 8 + 32
+
+
+def header_checksum(header: bytes) -> bytes:
+    """The CHECKSUM_KEY blob for a header of ``len(header)`` bytes."""
+    import hashlib
+
+    return struct.pack("<Q", len(header)) + hashlib.sha256(header).digest()
+
+
+def verify_header(path: str, blob: bytes) -> None:
+    """Raise ModelFileError unless the file's header matches its CHECKSUM_KEY blob."""
+    if len(blob) != CHECKSUM_BYTES:
+        raise ModelFileError(f"{path}: the header checksum entry is damaged; convert the checkpoint again")
+    n = struct.unpack_from("<Q", blob)[0]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        if n > len(m) or header_checksum(m[:n]) != blob:
+            raise ModelFileError(
+                f"{path}: the file is damaged (its graph no longer matches the checksum written with it); "
+                "copy it again or convert the checkpoint again")
 
 
 def read_metadata(path: str) -> dict[str, bytes]:
@@ -164,6 +187,8 @@ def read_info(path: str) -> ModelInfo:
         raise ModelFileError(
             f"{path} is a .tflite file but not a gemma-edge model (no {CONFIG_KEY} metadata). "
             "Convert the checkpoint with gemma-convert")
+    if CHECKSUM_KEY in entries:  # files before it have none
+        verify_header(path, entries[CHECKSUM_KEY])
     try:
         meta = json.loads(entries[CONFIG_KEY].decode("utf-8"))
         if not isinstance(meta, dict):
