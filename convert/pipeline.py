@@ -26,6 +26,7 @@ from ..runtime.chat import GEMMA_TEMPLATE
 from ..runtime.config import GemmaConfig
 from ..runtime.errors import (GemmaEdgeError, OutputExistsError, QuantizationError, SourceError,
                               TokenizerError)
+from ..runtime.fileio import atomic_output
 from ..runtime.tokenizer import Tokenizer
 from . import names as namemap
 from .checkpoint import GGUFCheckpoint, open_checkpoint
@@ -267,24 +268,17 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         blobs = {modelfile.CONFIG_KEY: json.dumps(meta, indent=1).encode(),
                  modelfile.TOKENIZER_KEY: src.tokenizer_model,
                  modelfile.CHECKSUM_KEY: bytes(modelfile.CHECKSUM_BYTES)}  # filled in by the writer
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
         bar = None
         errors = {} if report else None
         try:
-            if progress:
-                from tqdm import tqdm
+            with atomic_output(out) as tmp:
+                if progress:
+                    from tqdm import tqdm
 
-                bar = tqdm(total=sum(s.nbytes for s in slots), unit="B", unit_scale=True,
-                           desc=f"writing {out.name} ({quant})", leave=False)
-            size = write_model(tpl, slots, src.read_rows, blobs, str(tmp),
-                               progress=bar.update if bar else None, errors=errors)
-            os.replace(tmp, out)
-        except BaseException as e:  # KeyboardInterrupt included: never leave a half file
-            tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-                raise GemmaEdgeError(f"could not write {out}: {e.strerror or e}. Free disk space or "
-                                     "choose another output folder") from None
-            raise
+                    bar = tqdm(total=sum(s.nbytes for s in slots), unit="B", unit_scale=True,
+                               desc=f"writing {out.name} ({quant})", leave=False)
+                size = write_model(tpl, slots, src.read_rows, blobs, str(tmp),
+                                   progress=bar.update if bar else None, errors=errors)
         finally:
             if bar is not None:
                 bar.close()

@@ -40,6 +40,7 @@ import click
 
 from .chat import MODEL_PREFIX
 from .errors import GemmaEdgeError, ModelFileError, OutputExistsError, TokenizerError
+from .fileio import atomic_output
 from .modelfile import ModelInfo, read_info
 
 SUFFIX = ".litertlm"
@@ -177,33 +178,25 @@ def pack(tflite_path, out_path=None, *, force: bool = False, top_k: int = 1, top
 
     tokenizer, _ = litert_tokenizer(info)
     meta = llm_metadata(info, top_k=top_k, top_p=top_p, temperature=temperature)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    try:
-        with tempfile.TemporaryDirectory(prefix="gemma-edge-pack-") as work:
-            tok_path = os.path.join(work, "tokenizer.model")
-            meta_path = os.path.join(work, "llm_metadata.pb")
-            with open(tok_path, "wb") as f:
-                f.write(tokenizer)
-            with open(meta_path, "wb") as f:
-                f.write(meta.SerializeToString())
-            b = lmb.LitertLmFileBuilder()
-            for key, value in (("Authors", f"gemma-edge {__version__}"), ("gemma_edge.source", src.name),
-                               ("gemma_edge.quantization", info.quant)):
-                b.add_system_metadata(lmb.Metadata(key=key, value=value, dtype=lmb.DType.STRING))
-            b.add_tflite_model(str(src), lmb.TfLiteModelType.PREFILL_DECODE)
-            b.add_sentencepiece_tokenizer(tok_path)
-            b.add_llm_metadata(meta_path)
+    with atomic_output(out) as tmp, tempfile.TemporaryDirectory(prefix="gemma-edge-pack-") as work:
+        tok_path = os.path.join(work, "tokenizer.model")
+        meta_path = os.path.join(work, "llm_metadata.pb")
+        with open(tok_path, "wb") as f:
+            f.write(tokenizer)
+        with open(meta_path, "wb") as f:
+            f.write(meta.SerializeToString())
+        b = lmb.LitertLmFileBuilder()
+        for key, value in (("Authors", f"gemma-edge {__version__}"), ("gemma_edge.source", src.name),
+                           ("gemma_edge.quantization", info.quant)):
+            b.add_system_metadata(lmb.Metadata(key=key, value=value, dtype=lmb.DType.STRING))
+        b.add_tflite_model(str(src), lmb.TfLiteModelType.PREFILL_DECODE)
+        b.add_sentencepiece_tokenizer(tok_path)
+        b.add_llm_metadata(meta_path)
+        try:
             with open(tmp, "wb") as f:
                 b.build(f, validate_metadata=True)
-        os.replace(tmp, out)
-    except BaseException as e:  # KeyboardInterrupt included: never leave a half file
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
-            raise GemmaEdgeError(f"could not write {out}: {e.strerror or e}. Free disk space or "
-                                 "choose another output folder") from None
-        if isinstance(e, ValueError):  # the builder's own metadata validation
+        except ValueError as e:  # the builder's own metadata validation
             raise GemmaEdgeError(f"litert-lm-builder refused the metadata for {out}: {e}") from None
-        raise
     return out
 
 
