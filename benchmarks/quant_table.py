@@ -1,7 +1,7 @@
 """Every quantization preset on the real Gemma 3 270M: file size, perplexity, decode speed.
 
     python benchmarks/quant_table.py [--presets fp32,int8,...] [--work-dir DIR] [--runs 5]
-        [--text ../shared/reference/gpl-3.0.txt] [--tokens 2048] [--json PATH]
+        [--text tests/data/gpl-3.0.txt] [--tokens 2048] [--json PATH]
 
 For each preset (or recipe; separate recipes with ';' when they contain commas) the
 bundled GGUF is converted at context 2048, scored on the first ``--tokens`` tokens of the
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,8 +35,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--presets", default=DEFAULT_PRESETS,
                     help=f"';'-separated presets or recipes (default {DEFAULT_PRESETS}); fp32 is always run first")
-    ap.add_argument("--work-dir", default="/tmp/gemma-edge-quant-table")
-    ap.add_argument("--text", default=str(HERE.parent.parent / "shared" / "reference" / "gpl-3.0.txt"))
+    ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "gemma-edge-quant-table"))
+    ap.add_argument("--text", default=str(HERE.parent / "tests" / "data" / "gpl-3.0.txt"),
+                    help="the perplexity text (default: the GPL-3 text in tests/data, see its README.md)")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--runs", type=int, default=5, help="benchmark runs per file (median reported)")
     ap.add_argument("--threads", type=int, default=None)

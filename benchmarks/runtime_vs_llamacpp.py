@@ -8,8 +8,9 @@ RSS over its file size.
 
 llama-cpp-python builds llama.cpp natively (~16 min on 2 cores), so the script reuses an
 existing build: a Python that can `import llama_cpp`, given by --llama-python or
-$LLAMA_CPP_PYTHON, else the first of this interpreter and /work/llamacpp/venv/bin/python.
-Build one with:  python3 -m venv /work/llamacpp/venv && /work/llamacpp/venv/bin/pip install llama-cpp-python
+$LLAMA_CPP_PYTHON, else this interpreter. Build one with, for example:
+    python3 -m venv ~/llamacpp-venv && ~/llamacpp-venv/bin/pip install llama-cpp-python
+    export LLAMA_CPP_PYTHON=~/llamacpp-venv/bin/python
 
     python benchmarks/runtime_vs_llamacpp.py [--model FILE.tflite] [-p 128] [-n 128] [--runs 5]
 """
@@ -51,7 +52,7 @@ print(json.dumps({"load_s": load, "prefill_tps": p / prefill, "decode_tps": (n -
 
 
 def find_llama_python(explicit: str | None) -> str | None:
-    candidates = [explicit, os.environ.get("LLAMA_CPP_PYTHON"), sys.executable, "/work/llamacpp/venv/bin/python"]
+    candidates = [explicit, os.environ.get("LLAMA_CPP_PYTHON"), sys.executable]
     for py in candidates:
         if py and Path(py).exists():
             ok = subprocess.run([py, "-c", "import llama_cpp"], capture_output=True).returncode == 0
