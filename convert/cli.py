@@ -6,8 +6,10 @@ import sys
 
 import click
 
+from .. import __version__
 from ..quantize.schemes import KINDS, PRESETS, ROLES, SCHEMES
 from ..runtime.errors import GemmaEdgeError
+from ..runtime.process import exit_code, terminate_as_interrupt
 
 _QUANT_HELP = "; ".join(f"{s.name}: {s.description}" for s in SCHEMES.values())
 
@@ -33,6 +35,7 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="gemma-convert", message="%(prog)s %(version)s")
 @click.argument("source", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output .tflite path.")
 @click.option("--quant", default="int8", show_default=True, callback=_recipe,
@@ -80,6 +83,8 @@ def main(source, output, quant, max_context, prefill_lengths, score_length, repo
     """
     from .pipeline import convert, perplexity_vs_fp32
 
+    terminate_as_interrupt()  # SIGTERM cleans up as Ctrl-C does: no half file, no orphaned child
+
     if eval_text and not report:
         report = True  # an evaluation text only makes sense in the report
     text = None
@@ -93,13 +98,14 @@ def main(source, output, quant, max_context, prefill_lengths, score_length, repo
     try:
         r = convert(source, output, quant=quant, max_context=max_context,
                     prefill_lengths=prefill_lengths, force=force, progress=not quiet,
-                    score_length=score_length, report=report, lora=lora)
+                    score_length=score_length, report=report, lora=lora,
+                    notes=lambda line: click.echo(f"gemma-convert: {line}", err=True))
     except GemmaEdgeError as e:
         click.echo(f"gemma-convert: error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (runtime/process.py)
         click.echo("gemma-convert: interrupted; no output was written", err=True)
-        sys.exit(130)
+        sys.exit(exit_code(e))
     c = r.config
     click.echo(
         f"wrote {r.path}: {r.file_size / 1e6:.1f} MB, Gemma {c.family} ({c.num_layers} layers, d_model "
@@ -109,17 +115,17 @@ def main(source, output, quant, max_context, prefill_lengths, score_length, repo
         + (f"; LoRA {lora} merged" if lora else ""), err=True)
     ppl = None
     if text:
-        from ..runtime.cli import _silence_native_stderr
+        from ..runtime import native_log
 
-        _silence_native_stderr()  # LiteRT's native INFO log, some of it at exit (GEMMA_EDGE_DEBUG=1 keeps it)
+        native_log.silence_process()  # LiteRT's native INFO log, some of it at exit
         try:
             ppl = perplexity_vs_fp32(source, r, text, eval_tokens, progress=not quiet)
         except GemmaEdgeError as e:
             click.echo(f"gemma-convert: error: {r.path} was written, but the perplexity failed: {e}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             click.echo(f"gemma-convert: interrupted during the perplexity; {r.path} was written", err=True)
-            sys.exit(130)
+            sys.exit(exit_code(e))
         ppl["text"] = eval_text
     if report:
         from ..quantize.report import format_report

@@ -45,7 +45,7 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from gemma_edge.runtime.errors import SourceError, TokenizerError
 
-from .checkpoint import GGUFCheckpoint
+from .gguf_checkpoint import GGUFCheckpoint
 
 __all__ = ["GGUF_TO_SP_TYPE", "sentencepiece_from_gguf"]
 

@@ -1,12 +1,13 @@
 """The Gemma forward pass as a TensorFlow graph, and its conversion to a weightless template.
 
-One config-driven implementation for Gemma 1, 2 and 3. Every weight is a named graph
+One config-driven implementation for Gemma 1, 2, 3 and 4 (per-layer embeddings, KV sharing,
+per-layer head dims, proportional RoPE, V norm, layer scales). Every weight is a named graph
 *input* (``tf.TensorSpec([out, in])``), so the template ``.tflite`` is a few hundred KB
-whatever the model size; ``surgery.py`` later turns those inputs into (quantized)
-constants written by a streaming writer. Signatures follow LiteRT-LM's contract:
-``prefill_<T>`` (KV caches only) and ``decode`` (``logits [1, 1, V]`` as well). An extra
-``score_<T>`` signature (a prefill chunk that also returns ``logits [1, T, V]`` for every
-position) lets perplexity run T tokens a call; LiteRT-LM ignores it.
+whatever the model size; ``tflite_writer.apply_surgery`` later turns those inputs into
+(quantized) constants written by a streaming writer. Signatures, tensor and weight names
+follow LiteRT-LM's contract (``runtime/contract.py``): ``prefill_<T>`` (KV caches only),
+``decode`` (``logits [1, 1, V]`` as well), and ``score_<T>`` (a prefill chunk that also
+returns ``logits [1, T, V]`` for every position, so perplexity runs T tokens a call).
 
 Shapes: T tokens in the chunk, S context length, D d_model, N query heads,
 K KV heads, G = N / K, H head_dim, F FFN hidden, V vocab.
@@ -18,8 +19,8 @@ import os
 
 import numpy as np
 
+from ..runtime import contract as C
 from ..runtime.config import GemmaConfig
-from .template import kv_shape, weight_shapes
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -30,8 +31,10 @@ MASK_VALUE = -1e30  # additive mask; every real query sees at least its own key
 
 
 def _rms_norm(x, scale, eps):
-    """Gemma RMSNorm in fp32; ``scale`` already holds (1 + w)."""
-    return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + eps) * scale
+    """Gemma RMSNorm in fp32 over the last axis; ``scale`` is the multiplier as stored in the file
+    (Gemma 1-3's (1 + w) already added), or None for Gemma 4's V norm, which has none."""
+    y = x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=-1, keepdims=True) + eps)
+    return y if scale is None else y * scale
 
 
 def _linear(x, w):
@@ -40,46 +43,59 @@ def _linear(x, w):
 
 
 def _rope(x, cos, sin):
-    """Half-split RoPE. x: [T, n, H]; cos, sin: [T, 1, H/2]."""
+    """Half-split RoPE: pairs (j, j + H/2). x: [T, n, H]; cos, sin: [T, 1, H/2]."""
     x1, x2 = tf.split(x, 2, axis=-1)
     return tf.concat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def _inv_freq(cfg: GemmaConfig, layer: int) -> np.ndarray:
-    h = cfg.head_dim
+    """[H/2] rotary frequencies of a layer: base^(-2j/H) / scale for the first fraction*H/2 pairs,
+    0 (no rotation) for the rest (Gemma 4's "proportional" RoPE on global layers)."""
+    h = cfg.head_dim_for(layer)
     exponent = np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)
     inv = 1.0 / (np.float32(cfg.rope_base_for(layer)) ** exponent)
-    return (inv / np.float32(cfg.rope_scale_for(layer))).astype(np.float32)  # [H/2]
+    inv = (inv / np.float32(cfg.rope_scale_for(layer))).astype(np.float32)
+    inv[int(cfg.rope_fraction_for(layer) * h // 2):] = 0.0
+    return inv
 
 
-LOGITS = ("none", "last", "all")  # prefill, decode, score
+def _gelu(x):
+    return tf.nn.gelu(x, approximate=True)
 
 
 def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, logits: str):
     """One chunk of T tokens written at slots input_pos[0] .. input_pos[0]+T-1 of every cache.
 
     tokens [1, T] int32, input_pos [T] int32 (real tokens are consecutive; padding
-    slots carry position 0 and are overwritten later), caches name -> [1, K, S, H].
-    Returns the updated caches, and ``logits``: of the last token [1, 1, V] ("last"), of
-    every token [1, T, V] ("all"), or none.
+    slots carry position 0 and are overwritten later), caches name -> [1, K, S, H] for the
+    layers that own one (``contract.kv_layers``; the others read ``cfg.kv_source(layer)``'s).
+    Returns the updated caches, and ``logits``: of the last token [1, 1, V] (LAST_LOGITS),
+    of every token [1, T, V] (ALL_LOGITS), or none.
     """
     T = tokens.shape[1]
-    S = caches["kv_cache_k_0"].shape[2]
-    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    G = N // K
+    S = caches[C.kv_name("k", 0)].shape[2]
+    N, L = cfg.num_heads, cfg.num_layers
     eps = cfg.rms_norm_eps
+    ids = tokens[0]
 
-    x = tf.gather(w["embed"], tokens[0]) * np.float32(cfg.embed_scale)  # [T, D]
+    x = tf.gather(w[C.EMBED], ids) * np.float32(cfg.embed_scale)  # [T, D]
+
+    if cfg.ple_dim:  # per-layer embeddings: a row of each layer's table plus a projection of x
+        P = cfg.ple_dim
+        proj = _linear(x, w[C.PLE_PROJ]) * np.float32(cfg.hidden_size ** -0.5)  # [T, L*P]
+        proj = tf.unstack(_rms_norm(tf.reshape(proj, [T, L, P]), w[C.PLE_PROJ_NORM], eps), axis=1)  # L x [T, P]
+        ple = [(proj[i] + tf.gather(w[C.weight_name(i, "ple_embed")], ids) * np.float32(P ** 0.5))
+               * np.float32(2 ** -0.5) for i in range(L)]  # L x [T, P]
 
     pos = tf.cast(input_pos, tf.float32)[:, None]  # [T, 1]
     q_pos = input_pos[:, None]  # [T, 1]
     k_pos = tf.range(S, dtype=tf.int32)[None, :]  # [1, S]
     causal = k_pos <= q_pos  # [T, S]
     masks = {False: tf.where(causal, 0.0, MASK_VALUE)}  # [T, S], keyed by "is sliding"
-    if cfg.sliding_window and any(cfg.is_sliding(i) for i in range(cfg.num_layers)):
+    if cfg.sliding_window and any(cfg.is_sliding(i) for i in range(L)):
         in_window = tf.logical_and(causal, q_pos - k_pos < cfg.sliding_window)
         masks[True] = tf.where(in_window, 0.0, MASK_VALUE)
-    rope_tables = {}  # inv_freq bytes -> (cos, sin), computed once per distinct base
+    rope_tables = {}  # inv_freq bytes -> (cos, sin), computed once per distinct table
     # Decode on a sliding layer reads only the window's W slots: a SLICE (a memcpy of
     # contiguous rows) of the cache from `w0`, not all S. Keys outside the window get
     # exactly zero weight either way, so this changes speed, not results.
@@ -94,8 +110,12 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, logits: 
     start = tf.stack([0, 0, input_pos[0], 0])
     new_caches = {}
 
-    for i in range(cfg.num_layers):
-        p = f"l{i}_"
+    for i in range(L):
+        def wt(kind):
+            return w[C.weight_name(i, kind)]
+
+        H, K = cfg.head_dim_for(i), cfg.kv_heads_for(i)
+        G = N // K
         inv = _inv_freq(cfg, i)
         if inv.tobytes() not in rope_tables:
             ang = pos * tf.constant(inv[None, :])  # [T, H/2]
@@ -103,85 +123,90 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, logits: 
         cos, sin = rope_tables[inv.tobytes()]
 
         # ---- attention ----
-        h = _rms_norm(x, w[p + "attn_norm"], eps)  # [T, D]
-        q = tf.reshape(_linear(h, w[p + "q"]), [T, N, H])  # [T, N, H]
-        k = tf.reshape(_linear(h, w[p + "k"]), [T, K, H])  # [T, K, H]
-        v = tf.reshape(_linear(h, w[p + "v"]), [T, K, H])  # [T, K, H]
+        h = _rms_norm(x, wt("attn_norm"), eps)  # [T, D]
+        q = tf.reshape(_linear(h, wt("q")), [T, N, H])  # [T, N, H]
         if cfg.has_qk_norm:
-            q = _rms_norm(q, w[p + "q_norm"], eps)
-            k = _rms_norm(k, w[p + "k_norm"], eps)
-        q = _rope(q, cos, sin) * np.float32(cfg.query_scale)
-        k = _rope(k, cos, sin)
-
-        kc = xla.dynamic_update_slice(
-            caches[f"kv_cache_k_{i}"], tf.transpose(k, [1, 0, 2])[None], start)  # [1, K, S, H]
-        vc = xla.dynamic_update_slice(
-            caches[f"kv_cache_v_{i}"], tf.transpose(v, [1, 0, 2])[None], start)  # [1, K, S, H]
-        new_caches[f"kv_cache_k_{i}"], new_caches[f"kv_cache_v_{i}"] = kc, vc
+            q = _rms_norm(q, wt("q_norm"), eps)
+        q = _rope(q, cos, sin)
+        if cfg.query_scale != 1.0:
+            q = q * np.float32(cfg.query_scale)
+        src = cfg.kv_source(i)
+        if src == i:  # this layer computes (and caches) its own keys and values
+            k = tf.reshape(_linear(h, wt("k")), [T, K, H])  # [T, K, H]
+            v = tf.reshape(_linear(h, wt("v")), [T, K, H]) if cfg.has_v_proj(i) else k  # [T, K, H]
+            if cfg.has_qk_norm:
+                k = _rms_norm(k, wt("k_norm"), eps)
+            if cfg.v_norm:
+                v = _rms_norm(v, None, eps)
+            k = _rope(k, cos, sin)
+            kn, vn = C.kv_name("k", i), C.kv_name("v", i)
+            new_caches[kn] = xla.dynamic_update_slice(caches[kn], tf.transpose(k, [1, 0, 2])[None], start)  # [1, K, S, H]
+            new_caches[vn] = xla.dynamic_update_slice(caches[vn], tf.transpose(v, [1, 0, 2])[None], start)  # [1, K, S, H]
+        kc, vc = new_caches[C.kv_name("k", src)], new_caches[C.kv_name("v", src)]
 
         # query head n uses KV head n // G: group the G query heads of each KV head.
         # The caches are used whole, as rank-4 BATCH_MATMUL operands: a slice such as
         # kc[0] becomes a STRIDED_SLICE that copies the cache element by element
         # (~3 ms per layer at S=2048, measured), more than all the weights cost.
         qg = tf.reshape(tf.transpose(tf.reshape(q, [T, K, G, H]), [1, 2, 0, 3]), [1, K, G * T, H])
-        keys, values, mask, L = kc, vc, masks[cfg.is_sliding(i)], S
+        keys, values, mask, span = kc, vc, masks[cfg.is_sliding(i)], S
         if window_slice and cfg.is_sliding(i):
             keys = tf.slice(kc, w_begin, [1, K, W, H])  # [1, K, W, H]
             values = tf.slice(vc, w_begin, [1, K, W, H])
-            mask, L = w_mask, W
-        s = tf.matmul(qg, keys, transpose_b=True)  # [1, K, G*T, L]
+            mask, span = w_mask, W
+        s = tf.matmul(qg, keys, transpose_b=True)  # [1, K, G*T, span]
         if cfg.attn_softcap:
             s = tf.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
-        s = tf.reshape(s, [K, G, T, L]) + mask  # [K, G, T, L]
+        s = tf.reshape(s, [K, G, T, span]) + mask  # [K, G, T, span]
         a = tf.nn.softmax(s, axis=-1)
-        o = tf.matmul(tf.reshape(a, [1, K, G * T, L]), values)  # [1, K, G*T, H]
+        o = tf.matmul(tf.reshape(a, [1, K, G * T, span]), values)  # [1, K, G*T, H]
         o = tf.reshape(tf.transpose(tf.reshape(o, [K, G, T, H]), [2, 0, 1, 3]), [T, N * H])
-        o = _linear(o, w[p + "o"])  # [T, D]
+        o = _linear(o, wt("o"))  # [T, D]
         if cfg.has_post_norms:
-            o = _rms_norm(o, w[p + "post_attn_norm"], eps)
+            o = _rms_norm(o, wt("post_attn_norm"), eps)
         x = x + o
 
         # ---- GeGLU feed-forward ----
-        h = _rms_norm(x, w[p + "ffn_norm"], eps)  # [T, D]
-        m = tf.nn.gelu(_linear(h, w[p + "gate"]), approximate=True) * _linear(h, w[p + "up"])  # [T, F]
-        m = _linear(m, w[p + "down"])  # [T, D]
+        h = _rms_norm(x, wt("ffn_norm"), eps)  # [T, D]
+        m = _gelu(_linear(h, wt("gate"))) * _linear(h, wt("up"))  # [T, F]
+        m = _linear(m, wt("down"))  # [T, D]
         if cfg.has_post_norms:
-            m = _rms_norm(m, w[p + "post_ffn_norm"], eps)
+            m = _rms_norm(m, wt("post_ffn_norm"), eps)
         x = x + m
 
+        # ---- per-layer input, then the layer's scale ----
+        if cfg.ple_dim:
+            g = _gelu(_linear(x, wt("ple_gate"))) * ple[i]  # [T, P]
+            x = x + _rms_norm(_linear(g, wt("ple_out")), wt("ple_norm"), eps)  # [T, D]
+        if cfg.layer_scale:
+            x = x * wt("layer_scale")
+
     out = dict(new_caches)
-    if logits != "none":
-        h = _rms_norm(x[-1:] if logits == "last" else x, w["final_norm"], eps)  # [1 or T, D]
-        z = _linear(h, w["embed"])  # [1 or T, V]
+    if logits != C.NO_LOGITS:
+        h = _rms_norm(x[-1:] if logits == C.LAST_LOGITS else x, w[C.FINAL_NORM], eps)  # [1 or T, D]
+        z = _linear(h, w[C.EMBED])  # [1 or T, V]
         if cfg.final_softcap:
             z = tf.tanh(z / cfg.final_softcap) * cfg.final_softcap
-        out["logits"] = tf.reshape(z, [1, -1, cfg.vocab_size])
+        out[C.LOGITS] = tf.reshape(z, [1, -1, cfg.vocab_size])
     return out
 
 
-def _signature_fn(cfg: GemmaConfig, name: str, T: int, context: int, logits: str):
-    shapes = weight_shapes(cfg)
-    kv_names = [f"kv_cache_{c}_{i}" for i in range(cfg.num_layers) for c in "kv"]
-    specs = [tf.TensorSpec([1, T], tf.int32, name="tokens"), tf.TensorSpec([T], tf.int32, name="input_pos")]
-    specs += [tf.TensorSpec(kv_shape(cfg, context), tf.float32, name=n) for n in kv_names]
+def _signature_fn(cfg: GemmaConfig, name: str, context: int):
+    T, logits = C.parse_signature(name)
+    shapes = C.weight_shapes(cfg)
+    kv = C.kv_shapes(cfg, context)
+    specs = [tf.TensorSpec([1, T], tf.int32, name=C.TOKENS), tf.TensorSpec([T], tf.int32, name=C.INPUT_POS)]
+    specs += [tf.TensorSpec(s, tf.float32, name=n) for n, s in kv.items()]
     specs += [tf.TensorSpec(s, tf.float32, name=n) for n, s in shapes.items()]
-    names = ["tokens", "input_pos", *kv_names, *shapes]
+    names = [C.TOKENS, C.INPUT_POS, *kv, *shapes]
 
     def fn(*args):
         a = dict(zip(names, args))
-        caches = {n: a[n] for n in kv_names}
-        return forward(cfg, {n: a[n] for n in shapes}, a["tokens"], a["input_pos"], caches, logits)
+        caches = {n: a[n] for n in kv}
+        return forward(cfg, {n: a[n] for n in shapes}, a[C.TOKENS], a[C.INPUT_POS], caches, logits)
 
     fn.__name__ = name  # the signature key
     return tf.function(fn, input_signature=specs, autograph=False)
-
-
-def signature_kind(name: str) -> tuple[int, str]:
-    """``prefill_32`` -> (32, "none"), ``score_32`` -> (32, "all"), ``decode`` -> (1, "last")."""
-    if name == "decode":
-        return 1, "last"
-    kind, _, t = name.partition("_")
-    return int(t), {"prefill": "none", "score": "all"}[kind]
 
 
 def build_template(cfg: GemmaConfig, context: int, signatures: list[str]) -> bytes:
@@ -189,8 +214,7 @@ def build_template(cfg: GemmaConfig, context: int, signatures: list[str]) -> byt
     module = tf.Module()
     fns = []
     for name in signatures:
-        T, logits = signature_kind(name)
-        setattr(module, name, _signature_fn(cfg, name, T, context, logits))
+        setattr(module, name, _signature_fn(cfg, name, context))
         fns.append(getattr(module, name).get_concrete_function())
     converter = tf.lite.TFLiteConverter.from_concrete_functions(fns, module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]

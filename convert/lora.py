@@ -43,7 +43,6 @@ Over a quantized GGUF base the delta is added to the dequantized rows (as llama.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -54,8 +53,9 @@ from typing import Any
 import numpy as np
 
 from ..runtime.errors import SourceError, UnsupportedModelError, WeightMapError
-from . import names as namemap
-from .checkpoint import Checkpoint, SafetensorsCheckpoint, TensorInfo
+from ..runtime.fileio import sha256_files
+from .checkpoint import Checkpoint, TensorInfo
+from .hf_checkpoint import SafetensorsCheckpoint
 
 __all__ = ["LoraCheckpoint", "LoraModule", "open_with_lora"]
 
@@ -154,15 +154,16 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def _gguf_tails() -> list[tuple[re.Pattern[str], str]]:
     """(HF module tail regex, GGUF tensor name pattern) for the linear weights, joined on the
-    canonical names of names.py, so a GGUF base is addressed through the same table the converter uses."""
-    hf_rows, gguf_rows = namemap.FORMATS["safetensors"][0], namemap.FORMATS["gguf"][0]
-    gguf_by_canon = {canon: src for canon, src, transform in gguf_rows if transform is None}
+    canonical kinds of the two formats' name tables, so a GGUF base is addressed through the
+    same tables the converter uses."""
+    from . import gguf_checkpoint, hf_checkpoint
+
     out = []
-    for canon, hf, transform in hf_rows:
-        if transform is None and canon in gguf_by_canon and hf.endswith(".weight"):
+    for kind, (hf, transform) in hf_checkpoint.TENSORS.items():
+        gguf_name, gguf_transform = gguf_checkpoint.TENSORS.get(kind, (None, None))
+        if transform is None and gguf_transform is None and gguf_name and hf.endswith(".weight"):
             tail = _tail(hf[: -len(".weight")])
-            out.append((re.compile(re.escape(tail).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$"),
-                        gguf_by_canon[canon]))
+            out.append((re.compile(re.escape(tail).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$"), gguf_name))
     return out
 
 
@@ -445,15 +446,13 @@ class LoraCheckpoint:
 
     # ----------------------------------------------------------------------------------------
 
+    def files(self) -> list[Path]:
+        """The adapter's two files (the base's are the caller's)."""
+        return [self.adapter_path / CONFIG_NAME, self.adapter_path / WEIGHTS_NAME]
+
     def sha256(self) -> str:
         """Of the adapter's two files, for the converted file's provenance."""
-        h = hashlib.sha256()
-        for f in (self.adapter_path / CONFIG_NAME, self.adapter_path / WEIGHTS_NAME):
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                while chunk := fh.read(8 << 20):
-                    h.update(chunk)
-        return h.hexdigest()
+        return sha256_files(self.files())
 
     def describe(self) -> dict[str, object]:
         """What was merged, for the converted file's metadata."""

@@ -8,28 +8,23 @@ renamed into place only when complete.
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import os
 import resource
 import time
+import warnings
 from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
 
 from .. import __version__
 from ..quantize.report import role_table
 from ..quantize.schemes import SCHEMES, get_scheme, kind_of, parse_recipe, recipe_name
-from ..runtime import modelfile
-from ..runtime.chat import GEMMA_TEMPLATE
+from ..runtime import chat, contract, modelfile
 from ..runtime.config import GemmaConfig
-from ..runtime.errors import (GemmaEdgeError, OutputExistsError, QuantizationError, SourceError,
-                              TokenizerError)
-from ..runtime.fileio import atomic_output
+from ..runtime.errors import GemmaEdgeError, QuantizationError, SourceError
+from ..runtime.fileio import atomic_output, check_output
 from ..runtime.tokenizer import Tokenizer
-from . import names as namemap
-from .checkpoint import GGUFCheckpoint, open_checkpoint
+from .checkpoint import Source, ids
+from .names import PLE_COLUMNS
 
 DEFAULT_CONTEXT = 2048
 DEFAULT_PREFILL = (8, 32, 128, 512)
@@ -51,156 +46,47 @@ class ConvertResult:
     lora: str | None = None  # the LoRA adapter merged in, if any
 
 
-class Source:
-    """A checkpoint with its config, tokenizer and name map: canonical weights by row range."""
-
-    def __init__(self, path: str, lora: str | None = None):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise SourceError(f"{path}: no such file or directory. Give a Hugging Face checkpoint "
-                              "directory (config.json, *.safetensors, tokenizer.model) or a .gguf file")
-        self.ckpt = open_checkpoint(str(self.path))
-        infos = self.ckpt.tensors()
-        self.chat_template_jinja = None
-        self.declared_stop_ids: list[int] = []  # end-of-generation ids the checkpoint itself declares
-        if isinstance(self.ckpt, GGUFCheckpoint):
-            self.format = "gguf"
-            meta = self.ckpt.metadata()
-            emb = infos.get("token_embd.weight")
-            if emb is None:
-                raise SourceError(f"{path}: GGUF has no token_embd.weight; it is not a Gemma model file")
-            self.config = GemmaConfig.from_gguf(meta, vocab_size=emb.shape[0])
-            from .gguf_tokenizer import sentencepiece_from_gguf
-
-            self.tokenizer_model = sentencepiece_from_gguf(self.ckpt)
-            self.chat_template_jinja = meta.get("tokenizer.chat_template")
-            self.declared_stop_ids = _ids(meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id"))
-        else:
-            self.format = "safetensors"
-            root = self.path if self.path.is_dir() else self.path.parent
-            cfg_path = root / "config.json"
-            if not cfg_path.exists():
-                raise SourceError(f"{root}: no config.json next to the safetensors; a Hugging Face "
-                                  "checkpoint directory needs config.json, *.safetensors and tokenizer.model")
-            try:
-                hf = json.loads(cfg_path.read_text())
-            except (ValueError, UnicodeDecodeError) as e:
-                raise SourceError(f"{cfg_path}: not valid JSON ({e}); re-download the checkpoint") from None
-            self.config = GemmaConfig.from_hf_config(hf)
-            tok_path = root / "tokenizer.model"
-            if not tok_path.exists():
-                raise TokenizerError(
-                    f"{root}: no tokenizer.model. gemma-edge embeds the SentencePiece tokenizer in the "
-                    "output file; copy tokenizer.model from the original Gemma checkpoint into this directory")
-            self.tokenizer_model = tok_path.read_bytes()
-            gen = root / "generation_config.json"
-            declared = [hf.get("eos_token_id")]
-            if gen.exists():
-                try:  # instruction-tuned checkpoints list <end_of_turn> here, e.g. [1, 106]
-                    declared.insert(0, json.loads(gen.read_text()).get("eos_token_id"))
-                except ValueError:
-                    pass
-            self.declared_stop_ids = _ids(*declared)
-            tc = root / "tokenizer_config.json"
-            if tc.exists():
-                try:
-                    self.chat_template_jinja = json.loads(tc.read_text()).get("chat_template")
-                except ValueError:
-                    pass
-        self.tokenizer = Tokenizer(self.tokenizer_model)
-        if self.tokenizer.vocab_size > self.config.vocab_size:
-            raise TokenizerError(
-                f"the tokenizer has {self.tokenizer.vocab_size} pieces but the model's embedding has "
-                f"{self.config.vocab_size} rows; the tokenizer belongs to another model")
-        self.map = namemap.build_map(self.format, self.config, infos)
-        self._shift_baked_in = namemap.shift_baked_in(self.format)
-        self._infos = infos
-        self.lora = None  # what was merged, for the file's metadata
-        if lora is not None:
-            from .lora import open_with_lora
-
-            try:  # every weight is read through self.ckpt, so wrapping it merges the adapter
-                self.ckpt = open_with_lora(self.ckpt, lora)
-            except BaseException:
-                self.ckpt.close()
-                raise
-            self.lora = self.ckpt.describe()
-
-    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
-        bad = []
-        for canon, want in shapes.items():
-            src, _ = self.map[canon]
-            got = tuple(self._infos[src].shape)
-            if got != want:
-                bad.append(f"{src} is {got}, expected {want}")
-        if bad:
-            raise SourceError(f"{self.path}: tensor shapes disagree with the config: " + "; ".join(bad[:5]) +
-                              ". The checkpoint and its config.json come from different models")
-
-    def read_rows(self, canon: str, r0: int, r1: int) -> np.ndarray:
-        src, transform = self.map[canon]
-        info = self._infos[src]
-        if len(info.shape) == 1:
-            w = self.ckpt.read(src)[None, :]
-        else:
-            w = self.ckpt.read(src, rows=(r0, r1))
-        if transform == namemap.NORM:
-            w = namemap.norm_scale(w, self._shift_baked_in)
-        return w
-
-    def files(self) -> list[Path]:
-        if self.path.is_file():
-            return [self.path]
-        return sorted(p for p in self.path.iterdir()
-                      if p.suffix in (".safetensors", ".json", ".model") and p.is_file())
-
-    def sha256(self) -> str:
-        h = hashlib.sha256()
-        for f in self.files():
-            h.update(f.name.encode())
-            with open(f, "rb") as fh:
-                while chunk := fh.read(8 << 20):
-                    h.update(chunk)
-        return h.hexdigest()
-
-    def close(self):
-        self.ckpt.close()
-
-
-def _ids(*values) -> list[int]:
-    """Token ids from config values that may be an int, a list of ints, or missing."""
-    out = []
-    for v in values:
-        for t in (v if isinstance(v, (list, tuple)) else [v]):
-            if isinstance(t, int) and not isinstance(t, bool) and t >= 0 and t not in out:
-                out.append(t)
-    return out
-
-
-def special_tokens(tok: Tokenizer, cfg: GemmaConfig, declared_stop_ids=()) -> dict:
+def special_tokens(tok: Tokenizer, cfg: GemmaConfig, declared_stop_ids=()) -> modelfile.TokenizerMeta:
     """Special ids, and the stop ids: the checkpoint's own (generation_config.json /
-    config.json eos_token_id, GGUF eos/eot ids), the tokenizer's </s>, and <end_of_turn>,
-    which ends every turn of the Gemma chat template."""
-    sot, eot = tok.piece_to_id("<start_of_turn>"), tok.piece_to_id("<end_of_turn>")
-    stops = _ids(tok.eos_id, *[t for t in declared_stop_ids if t < cfg.vocab_size], eot)
-    return {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id,
-            "start_of_turn_id": sot, "end_of_turn_id": eot, "stop_token_ids": stops,
-            "declared_stop_ids": list(declared_stop_ids)}
+    config.json eos_token_id, GGUF eos/eot ids), the tokenizer's </s>, and the end-of-turn
+    marker of its chat format (Gemma 1-3's <end_of_turn>, Gemma 4's <turn|>), which ends every
+    turn of the chat template."""
+    fmt = chat.format_for(tok)
+    sot, eot = tok.piece_to_id(fmt.turn_start), tok.piece_to_id(fmt.turn_end)
+    stops = ids(tok.eos_id, *[t for t in declared_stop_ids if t < cfg.vocab_size], eot)
+    return modelfile.TokenizerMeta(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, start_of_turn_id=sot,
+                                   end_of_turn_id=eot, stop_token_ids=tuple(stops),
+                                   declared_stop_ids=tuple(declared_stop_ids), add_bos=True)
 
 
-def _summary_scheme(name: str, recipe: dict[str, str]) -> dict:
-    """The file-level scheme entry: the table's row when one scheme covers every kind."""
+def _quantization(name: str, recipe: dict[str, str], tensors: dict[str, str]) -> modelfile.Quantization:
+    """The file-level entry: the scheme table's row when one scheme covers every kind."""
     schemes = set(recipe.values())
     if len(schemes) == 1:
-        return get_scheme(schemes.pop()).to_dict()
-    spelled = recipe_name(",".join(f"{k}={v}" for k, v in recipe.items()))
-    return {"name": name, "description": "mixed: " + spelled.replace(",", ", ").replace("=", " ")}
+        row = get_scheme(schemes.pop()).to_dict()
+        name, description = row.pop("name"), row.pop("description")
+    else:
+        spelled = recipe_name(",".join(f"{k}={v}" for k, v in recipe.items()), recipe)
+        description, row = "mixed: " + spelled.replace(",", ", ").replace("=", " "), {}
+    return modelfile.Quantization(name=name, description=description, recipe=dict(recipe), tensors=tensors, scheme=row)
+
+
+@contextlib.contextmanager
+def _non_finite_names(src: Source):
+    """A NaN or an infinity in the weights is an error naming the checkpoint's own tensor."""
+    from .tflite_writer import NonFiniteWeights
+
+    try:
+        yield
+    except NonFiniteWeights as e:
+        raise SourceError(f"{src.path}: tensor {src.map[e.name][0]} holds NaN or infinity (rows {e.r0}..{e.r1 - 1}: "
+                          f"{e.detail}); the checkpoint is damaged: re-download or re-export it") from None
 
 
 def convert(source: str, output: str, quant: str = "int8", max_context: int | None = None,
             prefill_lengths=DEFAULT_PREFILL, force: bool = False, progress: bool = True,
             score_length: int | None = DEFAULT_SCORE, report: bool = False,
-            lora: str | None = None) -> ConvertResult:
+            lora: str | None = None, on_stage=None, notes=None) -> ConvertResult:
     """Convert ``source`` (HF checkpoint dir or .gguf) to ``output`` (.tflite).
 
     ``score_length`` T adds a ``score_<T>`` signature (logits of every position of a chunk)
@@ -208,36 +94,44 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     tensor's quantization error as it is written (``ConvertResult.weight_errors``).
     ``lora`` is a peft LoRA adapter directory merged into the weights as they stream
     (``convert.lora``); the file's ``source.lora`` metadata records it.
+    ``on_stage(name)`` is called as each stage starts: ``open checkpoint``, ``build template``,
+    ``write <weight>`` (every canonical weight, in file order), ``finish`` and ``done``.
+    ``notes(line)`` receives one-line remarks for the user (a multimodal checkpoint's towers
+    skipped); by default they are warnings.
     """
     t0 = time.time()
+    stage = on_stage or (lambda name: None)
     recipe = parse_recipe(quant)  # kind -> scheme name
-    quant = recipe_name(quant)
-    out = Path(output)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force (force=True) to overwrite it, or choose another -o")
-    if out.is_dir():
-        raise OutputExistsError(f"{out} is a directory; give a file name such as {out / 'model.tflite'}")
-    if not out.parent.exists():
-        raise SourceError(f"the output folder {out.parent} does not exist; create it first")
-
+    out = check_output(output, force)  # before any work; the source's files are checked once known
+    stage("open checkpoint")
     src = Source(source, lora=lora)
     try:
+        check_output(out, force, inputs=src.files())  # --force must never replace what it reads
+        for line in src.notes:
+            (notes or (lambda m: warnings.warn(m, stacklevel=3)))(line)
         from . import template
 
         cfg = src.config
         context = min(max_context or DEFAULT_CONTEXT, cfg.max_position)
         if context < 2:
-            raise GemmaEdgeError(f"--max-context {context} is too small; use at least 2")
+            given = f"--max-context {max_context}" if max_context else f"the checkpoint's context ({cfg.max_position})"
+            raise GemmaEdgeError(f"{given} is too small; a file needs a context of at least 2 tokens")
         lengths = sorted({int(t) for t in prefill_lengths if 0 < int(t) <= context})
         if not lengths:
             raise GemmaEdgeError(f"no prefill length in {list(prefill_lengths)} fits the context {context}")
         score = [min(int(score_length), context)] if score_length else []
-        shapes = template.weight_shapes(cfg)
+        shapes = contract.weight_shapes(cfg)
         src.check_shapes(shapes)
+        present = {kind_of(n) for n in shapes} - {None}
+        quant = recipe_name(quant, present)
+        recipe = {k: v for k, v in recipe.items() if k in present}
         from .tflite_writer import WeightSlot, write_model
 
         slots = [WeightSlot(n, s, get_scheme(recipe[kind_of(n)]) if kind_of(n) else SCHEMES["fp32"])
                  for n, s in shapes.items()]
+        for s in slots:  # the per-layer tables are one packed source table: written from one pass over it
+            if src.map[s.name][1] == PLE_COLUMNS:
+                s.group, s.read_cols = "ple_embed", cfg.ple_dim * cfg.num_layers
         for s in slots:
             if s.scheme.block_size and s.shape[-1] % s.scheme.block_size:
                 raise QuantizationError(
@@ -248,46 +142,46 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
                 raise QuantizationError(
                     f"tensor {s.name} of shape {s.shape} cannot be stored as {s.scheme.name}: its rows of "
                     f"{s.shape[-1]} values do not fill whole bytes; use --quant int8")
+        stage("build template")
         tpl = template.build_template(cfg, context, lengths, score, progress=progress)  # TF in children; after the checks
-        meta = {
-            "format": modelfile.FORMAT, "format_version": modelfile.FORMAT_VERSION,
-            "gemma_edge_version": __version__,
-            "config": cfg.to_dict(),
-            "quantization": {"scheme": _summary_scheme(quant, recipe), "recipe": recipe,
-                             "tensors": {s.name: s.scheme.name for s in slots}},
-            "context_length": context,
-            "prefill_lengths": lengths,
-            "score_lengths": score,
-            "kv_cache": {"layout": "[1, num_kv_heads, context_length, head_dim]", "dtype": "float32"},
-            "tokenizer": {"kind": "sentencepiece", "metadata_name": modelfile.TOKENIZER_KEY,
-                          "add_bos": True, **special_tokens(src.tokenizer, cfg, src.declared_stop_ids)},
-            "chat_template": {"kind": "gemma", "text": GEMMA_TEMPLATE, "jinja": src.chat_template_jinja},
-            "source": {"name": src.path.name, "format": src.format, "sha256": src.sha256(),
-                       **({"lora": src.lora} if src.lora else {})},
-        }
-        blobs = {modelfile.CONFIG_KEY: json.dumps(meta, indent=1).encode(),
-                 modelfile.TOKENIZER_KEY: src.tokenizer_model,
-                 modelfile.CHECKSUM_KEY: bytes(modelfile.CHECKSUM_BYTES)}  # filled in by the writer
+        meta = modelfile.FileMeta(
+            config=cfg, context_length=context, prefill_lengths=tuple(lengths), score_lengths=tuple(score),
+            quantization=_quantization(quant, recipe, {s.name: s.scheme.name for s in slots}),
+            tokenizer=special_tokens(src.tokenizer, cfg, src.declared_stop_ids),
+            chat_template=modelfile.ChatTemplate(kind=chat.format_for(src.tokenizer).name,
+                                                 jinja=src.chat_template_jinja),
+            source=modelfile.SourceMeta(name=src.path.name, format=src.format, sha256=src.sha256(), lora=src.lora),
+            gemma_edge_version=__version__)
         bar = None
         errors = {} if report else None
+        last = [None]
+
+        def read_rows(canon, r0, r1):
+            if canon != last[0]:
+                last[0] = canon
+                stage(f"write {canon}")
+            return src.read_rows(canon, r0, r1)
+
         try:
-            with atomic_output(out) as tmp:
+            with atomic_output(out, force, inputs=src.files()) as tmp, _non_finite_names(src):
                 if progress:
                     from tqdm import tqdm
 
                     bar = tqdm(total=sum(s.nbytes for s in slots), unit="B", unit_scale=True,
                                desc=f"writing {out.name} ({quant})", leave=False)
-                size = write_model(tpl, slots, src.read_rows, blobs, str(tmp),
-                                   progress=bar.update if bar else None, errors=errors)
+                size = write_model(tpl, slots, read_rows, modelfile.metadata_entries(meta, src.tokenizer_model),
+                                   str(tmp), progress=bar.update if bar else None, errors=errors,
+                                   on_finish=lambda: stage("finish"))
         finally:
             if bar is not None:
                 bar.close()
     finally:
         src.close()
+    stage("done")
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     return ConvertResult(str(out), size, time.time() - t0, peak, cfg, quant, context, tuple(lengths),
                          score[0] if score else None,
-                         tuple(role_table(errors, meta["quantization"]["tensors"])) if report else None,
+                         tuple(role_table(errors, meta.quantization.tensors)) if report else None,
                          lora=lora)
 
 
@@ -329,4 +223,4 @@ def perplexity_vs_fp32(source: str, result: ConvertResult, text: str, max_tokens
     return out
 
 
-__all__ = ["convert", "ConvertResult", "Source", "perplexity_vs_fp32"]
+__all__ = ["convert", "ConvertResult", "perplexity_vs_fp32"]

@@ -1,10 +1,12 @@
-"""The weightless template, built without TensorFlow in this process.
+"""The weightless template: the graph of every signature, with weights as inputs.
 
-Each signature (``prefill_<T>``, ``decode``) is traced and converted by ``graph.py`` in a
-child process of its own, one after another, and the small results are merged here
-with the flatbuffer object API. TensorFlow's converter holds ~0.3-0.8 GB per conversion
-on top of its ~0.6 GB import and never returns it; in children, the converter's peak is
-one signature's and the streaming writer in this process never shares memory with it.
+For models over ``ISOLATE_ABOVE_PARAMS`` parameters, each signature (``prefill_<T>``,
+``decode``, ``score_<T>``) is traced and converted by ``graph.py`` in a child process of its
+own, one after another, and the small results are merged here with the flatbuffer object
+API: TensorFlow's converter holds ~0.3-0.8 GB per conversion on top of its ~0.6 GB import
+and never returns it, so in children the converter's peak is one signature's and the
+streaming writer in this process never shares memory with it. Smaller models (tests)
+convert in this process, all signatures at once: faster, and their memory is moot.
 """
 
 from __future__ import annotations
@@ -15,45 +17,49 @@ import subprocess
 import sys
 import tempfile
 
+from ..runtime import contract
 from ..runtime.config import GemmaConfig
 from ..runtime.errors import GemmaEdgeError
+from ..runtime.process import child_dies_with_parent
+
+WORKDIR_PREFIX = "gemma-edge-template-"  # + the converting process's id
+_DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded", "ENOSPC", "EFBIG")
 
 
-def weight_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
-    """Canonical weight names and shapes ([out, in] for linear layers). Norms hold (1 + w)."""
-    d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    shapes = {"embed": (cfg.vocab_size, d), "final_norm": (d,)}
-    for i in range(cfg.num_layers):
-        p = f"l{i}_"
-        shapes |= {
-            p + "attn_norm": (d,),
-            p + "q": (cfg.num_heads * h, d),
-            p + "k": (cfg.num_kv_heads * h, d),
-            p + "v": (cfg.num_kv_heads * h, d),
-            p + "o": (d, cfg.num_heads * h),
-            p + "ffn_norm": (d,),
-            p + "gate": (f, d),
-            p + "up": (f, d),
-            p + "down": (d, f),
-        }
-        if cfg.has_post_norms:
-            shapes |= {p + "post_attn_norm": (d,), p + "post_ffn_norm": (d,)}
-        if cfg.has_qk_norm:
-            shapes |= {p + "q_norm": (h,), p + "k_norm": (h,)}
-    return shapes
+def _conversion_error(what: str, detail: str, returncode: int | None) -> GemmaEdgeError:
+    """Why TensorFlow failed, in the user's terms: a full disk or a file size limit is not a
+    missing TensorFlow."""
+    tail = "\n".join(detail.strip().splitlines()[-5:])
+    tmp = tempfile.gettempdir()
+    if any(s in detail for s in _DISK_FULL) or returncode == -25:  # SIGXFSZ: the file size limit
+        return GemmaEdgeError(f"TensorFlow could not write {what}: the temporary folder {tmp} is full or a file "
+                              "size limit (ulimit -f) was reached. Free space there, or set TMPDIR to a folder "
+                              "with room")
+    if returncode is not None and returncode < 0:
+        return GemmaEdgeError(f"TensorFlow's converter of {what} was killed (signal {-returncode}); if memory ran "
+                              "out, close other programs and try again")
+    return GemmaEdgeError(f"TensorFlow could not convert {what}:\n{tail}\nCheck that tensorflow-cpu is installed "
+                          "(pip install 'gemma-edge[convert]')")
 
 
-def kv_shape(cfg: GemmaConfig, context: int) -> tuple[int, int, int, int]:
-    return (1, cfg.num_kv_heads, context, cfg.head_dim)  # [1, K, S, H]
+def _remove_stale_workdirs() -> None:
+    """Temporary folders of conversions whose process is gone (a SIGKILL cannot be caught)."""
+    import re
+    import shutil
 
+    from ..runtime.fileio import _pid_alive
+
+    try:
+        entries = os.listdir(tempfile.gettempdir())
+    except OSError:
+        return
+    for name in entries:
+        m = re.fullmatch(rf"{WORKDIR_PREFIX}([0-9]+)-.*", name)
+        if m and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(tempfile.gettempdir(), name), ignore_errors=True)
 
 
 ISOLATE_ABOVE_PARAMS = 100_000_000  # smaller models (tests) convert in-process: faster, memory is moot
-
-
-def signature_names(prefill_lengths, score_lengths=()) -> list[str]:
-    return ([f"prefill_{T}" for T in sorted(set(prefill_lengths))] + ["decode"] +
-            [f"score_{T}" for T in sorted(set(score_lengths))])
 
 
 def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], score_lengths=(),
@@ -61,7 +67,7 @@ def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], s
     """Convert every signature in its own child process and merge them into one model."""
     from ai_edge_litert import schema_py_generated as fb
 
-    signatures = signature_names(prefill_lengths, score_lengths)
+    signatures = contract.signature_names(prefill_lengths, score_lengths)
     if isolate is None:
         isolate = cfg.num_params > ISOLATE_ABOVE_PARAMS
     if not isolate:
@@ -70,14 +76,13 @@ def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], s
         try:
             return graph.build_template(cfg, context, signatures)
         except Exception as e:  # TensorFlow reports conversion failures as assorted exceptions
-            raise GemmaEdgeError(f"TensorFlow could not convert the graph ({type(e).__name__}: {e}). "
-                                 "Check that tensorflow-cpu is installed (pip install 'gemma-edge[convert]') "
-                                 "and that the output folder has space") from None
+            raise _conversion_error("the graph", f"{type(e).__name__}: {e}", None) from None
 
     from .tflite_writer import pack
 
     models = []
-    with tempfile.TemporaryDirectory(prefix="gemma-edge-template-") as tmp:
+    _remove_stale_workdirs()
+    with tempfile.TemporaryDirectory(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-") as tmp:
         steps = signatures
         if progress:
             from tqdm import tqdm
@@ -88,14 +93,12 @@ def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], s
             out = os.path.join(tmp, f"{sig}.tflite")
             proc = subprocess.run(
                 [sys.executable, "-m", "gemma_edge.convert.graph", json.dumps(cfg.to_dict()), str(context), sig, out],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=child_dies_with_parent,
                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"})
             if proc.returncode != 0:
-                if proc.returncode < 0 or proc.returncode == 130:
+                if proc.returncode in (-2, 130):  # Ctrl-C reached the child too
                     raise KeyboardInterrupt
-                tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
-                raise GemmaEdgeError(f"TensorFlow could not convert the {sig} signature:\n{tail}\n"
-                                     "Check that tensorflow-cpu is installed (pip install 'gemma-edge[convert]')")
+                raise _conversion_error(f"the {sig} signature", proc.stderr, proc.returncode)
             with open(out, "rb") as f:
                 m = fb.ModelT.InitFromPackedBuf(f.read(), 0)
             # a converter given one function names its signature "serving_default"

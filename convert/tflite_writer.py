@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -24,9 +25,9 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as fb
 
-from ..quantize.reference import dequantize_rows, quantize_rows
+from ..quantize.reference import NonFiniteError, dequantize_rows, quantize_rows
 from ..quantize.schemes import Scheme
-from ..runtime.modelfile import CHECKSUM_KEY, header_checksum
+from ..runtime import modelfile
 
 ALIGN = 64
 _PLACEHOLDER_OFFSET = 1 << 40  # non-zero, so the field is serialised at its final width
@@ -46,6 +47,8 @@ class WeightSlot:
     quant_params: list = field(default_factory=list)  # QuantizationParametersT of every signature
     scale_buffer: int = -1  # blockwise: fp16 scales [rows, cols / block] in a buffer of their own
     scale_offset: int = 0
+    group: str | None = None  # consecutive slots of one group are written row chunk by row chunk together
+    read_cols: int = 0  # columns one row of the group's source holds (sizes its row chunks)
 
     @property
     def rows_cols(self) -> tuple[int, int]:
@@ -123,9 +126,11 @@ def apply_surgery(template: bytes, slots: list[WeightSlot], metadata: dict[str, 
         constant = set(weight_inputs.values())
         sg.inputs = [i for i in sg.inputs if i not in constant]
         sig.inputs = [t for t in sig.inputs if t.tensorIndex not in constant]
-        # GATHER(table, ids) -> EMBEDDING_LOOKUP(ids, table): reads int8/int4 tables
+        # GATHER(table, ids) -> EMBEDDING_LOOKUP(ids, table): reads int8/int4 tables (the
+        # embedding, Gemma 4's per-layer tables) and touches only the rows it looks up
+        tables = set(weight_inputs.values())
         for op in sg.operators:
-            if op.opcodeIndex == gather and op.inputs[0] == weight_inputs["embed"]:
+            if op.opcodeIndex == gather and op.inputs[0] in tables:
                 if lookup is None:
                     lookup = _opcode_index(model, fb.BuiltinOperator.EMBEDDING_LOOKUP)
                 op.opcodeIndex = lookup
@@ -163,13 +168,18 @@ def _row_chunks(rows: int, cols: int) -> Iterator[tuple[int, int]]:
 
 
 def write_model(template: bytes, slots: list[WeightSlot], read_rows: RowReader,
-                metadata: dict[str, bytes], path: str, progress=None, errors: dict | None = None) -> int:
+                metadata: dict[str, bytes], path: str, progress=None, errors: dict | None = None,
+                on_finish=None) -> int:
     """Write the final file to ``path`` (the caller owns temp-naming and renaming).
 
+    ``metadata`` are the file's entries (``modelfile.metadata_entries``); a
+    ``modelfile.CHECKSUMS_KEY`` entry among them is filled in last, with the digests of the
+    header, the metadata and the weights as written.
     ``read_rows(name, r0, r1)`` returns float32 rows of a canonical weight.
     ``progress(nbytes)`` is called as bytes are written. Returns the file size.
     ``errors``, if given, receives name -> (sum of squared quantization error, sum of
     squared weights) for every tensor, from the written values dequantized again.
+    ``on_finish()`` is called when the weights are written, before the metadata and header.
     """
     model, meta_slots = apply_surgery(template, slots, metadata)
     header_len = len(pack(model))
@@ -188,30 +198,24 @@ def write_model(template: bytes, slots: list[WeightSlot], read_rows: RowReader,
         offset = _align(offset + len(blob))
     total = offset
 
+    digests = []  # sha256 of every weight buffer, in file order
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         os.ftruncate(fd, total)
-        for s in slots:
-            rows = s.shape[0] if len(s.shape) > 1 else 1
-            cols = int(np.prod(s.shape[1:])) if len(s.shape) > 1 else s.shape[0]
-            row_bytes = s.scheme.row_bytes(cols)
-            for r0, r1 in _row_chunks(rows, cols):
-                w = read_rows(s.name, r0, r1).reshape(r1 - r0, cols)
-                data, scales = quantize_rows(w, s.scheme)
-                if errors is not None:
-                    w64 = w.astype(np.float64)
-                    d = dequantize_rows(data, scales, s.scheme) - w64
-                    e0, n0 = errors.get(s.name, (0.0, 0.0))
-                    errors[s.name] = (e0 + float(np.dot(d.ravel(), d.ravel())),
-                                      n0 + float(np.dot(w64.ravel(), w64.ravel())))
-                if s.scale_buffer >= 0:
-                    _pwrite_all(fd, memoryview(np.ascontiguousarray(scales)).cast("B"),
-                                s.scale_offset + r0 * s.scheme.scale_row_bytes(cols))
-                elif scales is not None:
-                    s.scales[r0:r1] = scales
-                _pwrite_all(fd, memoryview(np.ascontiguousarray(data)).cast("B"), s.offset + r0 * row_bytes)
-                if progress:
-                    progress((r1 - r0) * row_bytes)
+        for unit in _units(slots):  # a slot, or a group written chunk by chunk together
+            hashes = [(hashlib.sha256(), hashlib.sha256() if s.scale_buffer >= 0 else None) for s in unit]
+            rows, cols = unit[0].rows_cols
+            for r0, r1 in _row_chunks(rows, max(cols, unit[0].read_cols)):
+                for s, (data_hash, scale_hash) in zip(unit, hashes):
+                    _write_rows(fd, s, read_rows, r0, r1, data_hash, scale_hash, errors)
+                    if progress:
+                        progress((r1 - r0) * s.scheme.row_bytes(s.rows_cols[1]))
+            for data_hash, scale_hash in hashes:
+                digests.append(data_hash.digest())
+                if scale_hash is not None:
+                    digests.append(scale_hash.digest())
+        if on_finish:
+            on_finish()
         for buf, blob in meta_slots:
             _pwrite_all(fd, blob, buffers_at[buf])
         for i, off in buffers_at.items():
@@ -221,12 +225,57 @@ def write_model(template: bytes, slots: list[WeightSlot], read_rows: RowReader,
             raise RuntimeError(f"header size changed from {header_len} to {len(header)} bytes")
         _pwrite_all(fd, header, 0)
         for name, (buf, blob) in zip(metadata, meta_slots):
-            if name == CHECKSUM_KEY:  # reserved by the caller; filled now that the header is final
-                _pwrite_all(fd, header_checksum(header), buffers_at[buf])
+            if name == modelfile.CHECKSUMS_KEY:  # a placeholder; filled now that header and weights are final
+                _pwrite_all(fd, modelfile.checksums_blob(header, metadata, digests), buffers_at[buf])
         os.fsync(fd)
     finally:
         os.close(fd)
     return total
+
+
+class NonFiniteWeights(Exception):
+    """Rows [r0, r1) of canonical weight ``name`` hold NaN or infinity (the caller names the source)."""
+
+    def __init__(self, name: str, r0: int, r1: int, detail: str):
+        super().__init__(f"{name} rows {r0}..{r1 - 1}: {detail}")
+        self.name, self.r0, self.r1, self.detail = name, r0, r1, detail
+
+
+def _units(slots: list[WeightSlot]) -> Iterator[list[WeightSlot]]:
+    """Slots in file order, consecutive slots of one group together."""
+    unit: list[WeightSlot] = []
+    for s in slots:
+        if unit and (s.group is None or s.group != unit[0].group):
+            yield unit
+            unit = []
+        unit.append(s)
+    if unit:
+        yield unit
+
+
+def _write_rows(fd: int, s: WeightSlot, read_rows: RowReader, r0: int, r1: int, data_hash, scale_hash,
+                errors: dict | None) -> None:
+    """Quantize rows [r0, r1) of one weight and write them (and blockwise scales) into place."""
+    cols = s.rows_cols[1]
+    w = read_rows(s.name, r0, r1).reshape(r1 - r0, cols)
+    try:
+        data, scales = quantize_rows(w, s.scheme)
+    except NonFiniteError as e:
+        raise NonFiniteWeights(s.name, r0, r1, str(e)) from None
+    if errors is not None:
+        w64 = w.astype(np.float64)
+        d = dequantize_rows(data, scales, s.scheme) - w64
+        e0, n0 = errors.get(s.name, (0.0, 0.0))
+        errors[s.name] = (e0 + float(np.dot(d.ravel(), d.ravel())), n0 + float(np.dot(w64.ravel(), w64.ravel())))
+    if scale_hash is not None:
+        block = memoryview(np.ascontiguousarray(scales)).cast("B")
+        scale_hash.update(block)
+        _pwrite_all(fd, block, s.scale_offset + r0 * s.scheme.scale_row_bytes(cols))
+    elif scales is not None:
+        s.scales[r0:r1] = scales
+    block = memoryview(np.ascontiguousarray(data)).cast("B")
+    data_hash.update(block)
+    _pwrite_all(fd, block, s.offset + r0 * s.scheme.row_bytes(cols))
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

@@ -19,6 +19,7 @@ def quantize_per_channel(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarr
     qmax = 2 ** (bits - 1) - 1
     w = np.asarray(w, dtype=np.float32)
     amax = np.max(np.abs(w), axis=1)  # [rows]
+    _check_finite(amax)
     scales = np.where(amax > 0, amax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
     q = np.rint(w / scales[:, None])
     np.clip(q, -qmax, qmax, out=q)
@@ -80,6 +81,7 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray
     qmax = 2 ** (bits - 1) - 1
     wb = w.reshape(rows, cols // block, block)  # [rows, blocks, block]
     amax = np.max(np.abs(wb), axis=2)  # [rows, blocks]
+    _check_finite(amax)
     s = np.where(amax > 0, np.minimum(amax, FP16_SAFE_MAX * qmax) / np.float32(qmax), np.float32(1.0))
     scales = round_scale_fp16(np.maximum(s, FP16_MIN_SUBNORMAL).astype(np.float32))
     q = np.rint(wb / scales.astype(np.float32)[:, :, None])
@@ -94,10 +96,24 @@ def dequantize_blockwise(q: np.ndarray, scales: np.ndarray) -> np.ndarray:
             * scales.astype(np.float32)[:, :, None]).reshape(rows, cols)
 
 
+class NonFiniteError(ValueError):
+    """The weights hold NaN or infinity: a damaged checkpoint, not something to quantize."""
+
+
+def _check_finite(amax: np.ndarray) -> None:
+    """NaN and infinity propagate into the max |w| the quantizers compute anyway: no extra pass."""
+    if not np.isfinite(amax).all():
+        raise NonFiniteError(f"{int(np.size(amax) - np.isfinite(amax).sum())} row(s) or block(s) hold NaN or infinity")
+
+
 def quantize_rows(w: np.ndarray, scheme: Scheme) -> tuple[bytes | np.ndarray, np.ndarray | None]:
-    """Quantize a [rows, cols] chunk as ``scheme`` stores it: (row-major bytes, per-row scales)."""
+    """Quantize a [rows, cols] chunk as ``scheme`` stores it: (row-major bytes, per-row scales).
+    Raises NonFiniteError for NaN or infinite weights."""
     if scheme.is_float:
-        return np.ascontiguousarray(w, dtype=np.float32), None
+        w = np.ascontiguousarray(w, dtype=np.float32)
+        if not np.isfinite(w).all():  # float weights are copied as they are: this is their only check
+            raise NonFiniteError("the values hold NaN or infinity")
+        return w, None
     if scheme.granularity == "channel" and scheme.bits == 8:
         return quantize_per_channel(w, 8)
     if scheme.granularity == "channel" and scheme.bits == 4:

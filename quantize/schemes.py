@@ -78,11 +78,15 @@ KINDS = {  # recipe key -> canonical weight suffix
     "embedding": "embed",  # the tied input embedding / LM head
     "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_o": "o",
     "ffn_gate": "gate", "ffn_up": "up", "ffn_down": "down",
+    # Gemma 4's per-layer embeddings: each layer's table (read a row per token), the projection
+    # of the token embedding, and each layer's gate and output projection
+    "ple_embed": "ple_embed", "ple_proj": "ple_proj", "ple_gate": "ple_gate", "ple_out": "ple_out",
 }
 ROLES = {
     "embedding": ("embedding",),
     "attention": ("attn_q", "attn_k", "attn_v", "attn_o"),
     "ffn": ("ffn_gate", "ffn_up", "ffn_down"),
+    "ple": ("ple_embed", "ple_proj", "ple_gate", "ple_out"),
 }
 _BY_SUFFIX = {suffix: kind for kind, suffix in KINDS.items()}
 
@@ -91,18 +95,23 @@ _BY_SUFFIX = {suffix: kind for kind, suffix in KINDS.items()}
 # int4 rounding costs the attention weights the most per byte, then the FFN, then the
 # embedding; int8 costs almost nothing in rounding, but the kernels' on-the-fly int8
 # activations cost the attention inputs ~1.5% perplexity.
+#
+# Gemma 4's per-layer embeddings (role "ple") are half of E2B's weights (2.35B of 4.6B), but a
+# token reads one row of each layer's table, so their bytes cost file size and disk, not decode
+# time: the int4 presets store them in int4 blocks, as Google's own E2B files do. Their quality
+# cost is not measured here (no real Gemma 4 weights are reachable from this machine).
 PRESETS: dict[str, dict[str, str]] = {
-    "fp32": {"embedding": "fp32", "attention": "fp32", "ffn": "fp32"},
-    "int8": {"embedding": "int8", "attention": "int8", "ffn": "int8"},
+    "fp32": {"embedding": "fp32", "attention": "fp32", "ffn": "fp32", "ple": "fp32"},
+    "int8": {"embedding": "int8", "attention": "int8", "ffn": "int8", "ple": "int8"},
     # int8 with float attention: within 1% of fp32; attention is ~10% of a Gemma's weights
-    "int8-attn-fp32": {"embedding": "int8", "attention": "fp32", "ffn": "int8"},
+    "int8-attn-fp32": {"embedding": "int8", "attention": "fp32", "ffn": "int8", "ple": "int8"},
     # int4 only where the bytes are and it hurts least: the FFN (91% of Gemma 2B's body)
-    "int4": {"embedding": "int8", "attention": "int8", "ffn": "int4-b32"},
+    "int4": {"embedding": "int8", "attention": "int8", "ffn": "int4-b32", "ple": "int4-b32"},
     # the tied embedding / LM head in int4 blocks, the body int8: smallest and fastest when
     # the embedding dominates (the 270M: 63% of its weights)
-    "int4-emb": {"embedding": "int4-b32", "attention": "int8", "ffn": "int8"},
-    "int4-b32-mixed": {"embedding": "int8", "attention": "int4-b32", "ffn": "int4-b32"},
-    "int4-b32": {"embedding": "int4-b32", "attention": "int4-b32", "ffn": "int4-b32"},
+    "int4-emb": {"embedding": "int4-b32", "attention": "int8", "ffn": "int8", "ple": "int4-b32"},
+    "int4-b32-mixed": {"embedding": "int8", "attention": "int4-b32", "ffn": "int4-b32", "ple": "int4-b32"},
+    "int4-b32": {"embedding": "int4-b32", "attention": "int4-b32", "ffn": "int4-b32", "ple": "int4-b32"},
 }
 
 
@@ -118,8 +127,9 @@ def _expand(pairs: dict[str, str]) -> dict[str, str]:
 def kind_of(name: str) -> str | None:
     """Recipe kind of a canonical weight name (``embed`` -> embedding, ``l3_q`` -> attn_q),
     None for norms."""
-    suffix = name.split("_", 1)[1] if name.startswith("l") and "_" in name else name
-    return _BY_SUFFIX.get(suffix)
+    from ..runtime.contract import parse_weight_name
+
+    return _BY_SUFFIX.get(parse_weight_name(name)[1])
 
 
 def role_of(name: str) -> str | None:
@@ -158,13 +168,18 @@ def parse_recipe(text: str) -> dict[str, str]:
     return recipe
 
 
-def recipe_name(text: str) -> str:
-    """The preset's name, or the recipe spelled out compactly (a role where its kinds agree)."""
+def recipe_name(text: str, present=None) -> str:
+    """The preset's name, or the recipe spelled out compactly (a role where its kinds agree).
+    ``present``: the kinds the model has; roles it lacks (Gemma 1-3 have no ``ple``) are left out."""
     if text in PRESETS:
         return text
     recipe = parse_recipe(text)
     parts = []
     for role, kinds in ROLES.items():
+        if present is not None:
+            kinds = tuple(k for k in kinds if k in present)
+            if not kinds:
+                continue
         schemes = {recipe[k] for k in kinds}
         if len(schemes) == 1:
             parts.append(f"{role}={schemes.pop()}")

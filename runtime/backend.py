@@ -9,88 +9,50 @@ signature's cache outputs to its inputs through the interpreter's own tensors.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 
 import numpy as np
 
+from . import contract, native_log
+from . import weight_cache as weight_cache_mod
 from .errors import GemmaEdgeError, ModelFileError
 from .modelfile import ModelInfo
 
 
-@contextlib.contextmanager
-def quiet_native_stderr():
-    """Silence LiteRT's native INFO/WARNING chatter (accelerator registry, plugins) on fd 2.
-
-    Errors still surface as exceptions. Set GEMMA_EDGE_DEBUG=1 to see the native log.
-    """
-    if os.environ.get("GEMMA_EDGE_DEBUG"):
-        yield
-        return
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):
-        yield
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def weight_cache_path(model_path: str) -> str | None:
-    """Where XNNPACK keeps its packed weights for ``model_path``, shared by all signatures.
-
-    Without it every signature packs its own copy (the 270M int8 file: 1165 MB peak RSS,
-    1.1 s load); with it one packed copy is written once and then memory-mapped (545 MB,
-    0.28 s on later loads; benchmarks/runtime_memory.py). Keyed by path, size and mtime, under $XDG_CACHE_HOME or
-    ~/.cache. None if no cache folder can be written.
-    """
-    try:
-        st = os.stat(model_path)
-        root = os.environ.get("GEMMA_EDGE_CACHE") or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemma-edge", "xnnpack")
-        os.makedirs(root, exist_ok=True)
-        if not os.access(root, os.W_OK):
-            return None
-        import hashlib
-
-        key = hashlib.sha256(f"{os.path.realpath(model_path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-        return os.path.join(root, f"{os.path.basename(model_path)}.{key[:16]}.xnnpack")
-    except OSError:
-        return None
-
-
-def check_graph(info: ModelInfo, signatures, decode_inputs: dict, decode_outputs: dict, kv_names: list[str]) -> None:
-    """The metadata must describe the graph the file holds: the signatures it names, the KV cache
-    [1, num_kv_heads, context_length, head_dim] of every layer, and logits over vocab_size."""
+def check_graph(info: ModelInfo, signatures, decode_inputs: dict, decode_outputs: dict) -> None:
+    """The metadata must describe the graph the file holds: the signatures it names, the KV
+    caches of the contract (``contract.kv_shapes``), and logits over vocab_size."""
     cfg = info.config
-    want = ["decode", *(f"prefill_{T}" for T in info.prefill_lengths), *(f"score_{T}" for T in info.score_lengths)]
+    want = contract.signature_names(info.prefill_lengths, info.score_lengths)
     missing = [s for s in want if s not in signatures]
     if missing:
         raise ModelFileError(f"{info.path}: the metadata names signatures {missing} that the graph does not have "
                              f"(it has {sorted(signatures)}); the file is corrupt: convert the checkpoint again")
-    kv = [1, cfg.num_kv_heads, info.context_length, cfg.head_dim]
-    bad = [n for n in kv_names if list(decode_inputs.get(n, {}).get("shape", [])) != kv]
-    if bad or len([n for n in decode_inputs if n.startswith("kv_cache_")]) != len(kv_names):
-        got = decode_inputs.get(bad[0] if bad else kv_names[0], {}).get("shape")
+    kv = contract.kv_shapes(cfg, info.context_length)
+    got = {n: list(d.get("shape", [])) for n, d in decode_inputs.items() if contract.parse_kv_name(n)}
+    bad = sorted(set(kv) ^ set(got)) or [n for n in kv if got[n] != list(kv[n])]
+    if bad:
+        n = bad[0]
         raise ModelFileError(
-            f"{info.path}: the metadata describes {len(kv_names)} KV caches of shape {kv} (num_kv_heads, "
-            f"context_length, head_dim) but the graph's are {got}; the file is corrupt: convert the checkpoint again")
-    logits = list(decode_outputs.get("logits", {}).get("shape", []))
+            f"{info.path}: the metadata describes {len(kv)} KV caches ({n}: {list(kv[n]) if n in kv else 'none'}; "
+            f"[1, KV heads, context_length, head_dim]) but the graph has {len(got)} ({n}: {got.get(n, 'none')}); "
+            "the file is corrupt: convert the checkpoint again")
+    logits = list(decode_outputs.get(contract.LOGITS, {}).get("shape", []))
     if not logits or logits[-1] != cfg.vocab_size:
         raise ModelFileError(f"{info.path}: the metadata gives vocab_size {cfg.vocab_size} but the graph's logits "
                              f"are {logits}; the file is corrupt: convert the checkpoint again")
 
 
 def _threads(threads: int | None) -> int:
-    return int(threads) if threads else max(1, min(os.cpu_count() or 1, 4))
+    """The threads asked for, at most the cores this process may use (more only contend)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not threads:
+        return max(1, min(cores, 4))
+    if int(threads) > cores:
+        weight_cache_mod.note(f"{threads} threads asked for, but this machine gives the process {cores} cores; "
+                              f"using {cores}")
+        return cores
+    return int(threads)
 
 
 class CompiledBackend:
@@ -106,34 +68,37 @@ class CompiledBackend:
 
         self.info = info
         self.threads = _threads(threads)
-        self.weight_cache = weight_cache_path(info.path) if weight_cache else None
+        self.weight_cache = weight_cache_mod.prepare(info, self.threads) if weight_cache else None
         opts = Options(HardwareAccelerator.CPU, cpu_options=CpuOptions(
             num_threads=self.threads, xnnpack_weight_cache_path=self.weight_cache or ""))
         try:
-            with quiet_native_stderr():
+            with native_log.silenced():
                 self.model = CompiledModel.from_file(info.path, options=opts)
         except Exception as e:  # the native loader reports with RuntimeError/ValueError
             raise ModelFileError(f"{info.path}: LiteRT could not load the model ({e})") from None
         cfg = info.config
-        self.kv_names = [f"kv_cache_{c}_{i}" for i in range(cfg.num_layers) for c in "kv"]
-        check_graph(info, self.model.get_signature_list(), self.model.get_input_tensor_details("decode"),
-                    self.model.get_output_tensor_details("decode"), self.kv_names)
-        self.kv = {n: self.model.create_input_buffer_by_name("decode", n) for n in self.kv_names}
-        zeros = np.zeros((1, cfg.num_kv_heads, info.context_length, cfg.head_dim), np.float32)
-        for buf in self.kv.values():  # fresh buffers hold garbage; 0 * NaN in masked slots is NaN
-            buf.write(zeros)
-        self.logits = self.model.create_output_buffer_by_name("decode", "logits")
+        decode = contract.DECODE
+        check_graph(info, self.model.get_signature_list(), self.model.get_input_tensor_details(decode),
+                    self.model.get_output_tensor_details(decode))
+        shapes = contract.kv_shapes(cfg, info.context_length)
+        self.kv = {n: self.model.create_input_buffer_by_name(decode, n) for n in shapes}
+        for n, buf in self.kv.items():  # fresh buffers hold garbage; 0 * NaN in masked slots is NaN
+            buf.write(np.zeros(shapes[n], np.float32))
+        self.logits = self.model.create_output_buffer_by_name(decode, contract.LOGITS)
         self.vocab = cfg.vocab_size
         # per signature, built once: (tokens buffer, input_pos buffer, input map, output map)
         self.io = {}
         for T in [*info.prefill_lengths, None]:
-            sig = "decode" if T is None else f"prefill_{T}"
-            tok = self.model.create_input_buffer_by_name(sig, "tokens")
-            pos = self.model.create_input_buffer_by_name(sig, "input_pos")
-            outputs = {**self.kv, "logits": self.logits} if T is None else dict(self.kv)
-            self.io[sig] = (tok, pos, {"tokens": tok, "input_pos": pos, **self.kv}, outputs)
+            sig = decode if T is None else contract.prefill_name(T)
+            outputs = {**self.kv, contract.LOGITS: self.logits} if T is None else dict(self.kv)
+            self.io[sig] = self._bind(sig, outputs)
         self._token = np.zeros((1, 1), np.int32)
         self._pos = np.zeros((1,), np.int32)
+
+    def _bind(self, sig: str, outputs: dict):
+        tok = self.model.create_input_buffer_by_name(sig, contract.TOKENS)
+        pos = self.model.create_input_buffer_by_name(sig, contract.INPUT_POS)
+        return tok, pos, {contract.TOKENS: tok, contract.INPUT_POS: pos, **self.kv}, outputs
 
     def _run(self, sig: str, tokens: np.ndarray, pos: np.ndarray):
         tok_buf, pos_buf, inputs, outputs = self.io[sig]
@@ -142,25 +107,22 @@ class CompiledBackend:
         self.model.run_by_name(sig, inputs, outputs)
 
     def prefill_chunk(self, T: int, tokens: np.ndarray, pos: np.ndarray) -> None:
-        self._run(f"prefill_{T}", tokens, pos)
+        self._run(contract.prefill_name(T), tokens, pos)
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         self._token[0, 0], self._pos[0] = token, pos
-        self._run("decode", self._token, self._pos)
+        self._run(contract.DECODE, self._token, self._pos)
         return self.logits.read(self.vocab, np.float32)
 
     def score(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """A prefill chunk through ``score_<T>``: logits [T, V] of every position."""
         T = tokens.shape[1]
-        sig = f"score_{T}"
+        sig = contract.score_name(T)
         if sig not in self.io:  # built on first use: its [T, V] output is large
-            tok = self.model.create_input_buffer_by_name(sig, "tokens")
-            pos_buf = self.model.create_input_buffer_by_name(sig, "input_pos")
-            logits = self.model.create_output_buffer_by_name(sig, "logits")
-            self.io[sig] = (tok, pos_buf, {"tokens": tok, "input_pos": pos_buf, **self.kv},
-                            {**self.kv, "logits": logits})
+            logits = self.model.create_output_buffer_by_name(sig, contract.LOGITS)
+            self.io[sig] = self._bind(sig, {**self.kv, contract.LOGITS: logits})
         self._run(sig, tokens, pos)
-        return self.io[sig][3]["logits"].read(T * self.vocab, np.float32).reshape(T, self.vocab)
+        return self.io[sig][3][contract.LOGITS].read(T * self.vocab, np.float32).reshape(T, self.vocab)
 
 
 class InterpreterBackend:
@@ -191,26 +153,24 @@ class InterpreterBackend:
         except Exception as e:
             raise ModelFileError(f"{info.path}: the LiteRT interpreter could not load it ({e}); "
                                  "files over 2 GB need ai-edge-litert rather than tflite-runtime") from None
-        cfg = info.config
-        self.kv_names = [f"kv_cache_{c}_{i}" for i in range(cfg.num_layers) for c in "kv"]
-        shape = (1, cfg.num_kv_heads, info.context_length, cfg.head_dim)
-        self.kv = {n: np.zeros(shape, np.float32) for n in self.kv_names}
+        self.kv = {n: np.zeros(s, np.float32) for n, s in contract.kv_shapes(info.config, info.context_length).items()}
         self.runners = {s: self.interp.get_signature_runner(s) for s in self.interp.get_signature_list()}
 
     def _run(self, sig, tokens, pos):
-        out = self.runners[sig](tokens=tokens, input_pos=pos, **self.kv)
-        for n in self.kv_names:
+        out = self.runners[sig](**{contract.TOKENS: tokens, contract.INPUT_POS: pos}, **self.kv)
+        for n in self.kv:
             self.kv[n] = out[n]
         return out
 
     def prefill_chunk(self, T, tokens, pos):
-        self._run(f"prefill_{T}", tokens, pos)
+        self._run(contract.prefill_name(T), tokens, pos)
 
     def decode(self, token, pos):
-        return self._run("decode", np.array([[token]], np.int32), np.array([pos], np.int32))["logits"].reshape(-1)
+        out = self._run(contract.DECODE, np.array([[token]], np.int32), np.array([pos], np.int32))
+        return out[contract.LOGITS].reshape(-1)
 
     def score(self, tokens, pos):
-        return self._run(f"score_{tokens.shape[1]}", tokens, pos)["logits"].reshape(tokens.shape[1], -1)
+        return self._run(contract.score_name(tokens.shape[1]), tokens, pos)[contract.LOGITS].reshape(tokens.shape[1], -1)
 
 
 def make_backend(info: ModelInfo, threads: int | None = None, kind: str = "auto", weight_cache: bool = True):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import sys
 
 import click
 
+from .. import __version__
+from . import native_log
+from .process import exit_code, terminate_as_interrupt
 from .errors import GemmaEdgeError
 
 
@@ -21,6 +23,9 @@ def _handle_errors(fn):
         except GemmaEdgeError as e:
             click.echo(f"gemma-edge: error: {e}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM before a command handles it: 130 / 143, no "Aborted!"
+            click.echo("", err=True)
+            sys.exit(exit_code(e))
     return wrapper
 
 
@@ -54,25 +59,8 @@ def _sampling_kwargs(kw) -> dict:
                 seed=kw["seed"], stop=list(kw["stop"]) or None)
 
 
-def _silence_native_stderr() -> None:
-    """LiteRT's native library logs INFO lines (accelerator registry, plugins) to fd 2, some
-    only at exit. Point fd 2 at /dev/null for native code and keep Python's sys.stderr on
-    the real stderr. GEMMA_EDGE_DEBUG=1 keeps the native log."""
-    if os.environ.get("GEMMA_EDGE_DEBUG"):
-        return
-    try:
-        sys.stderr.flush()
-        real = os.dup(2)
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-        sys.stderr = io.TextIOWrapper(io.FileIO(real, "w"), encoding="utf-8", errors="replace",
-                                      line_buffering=True, write_through=True)
-    except (OSError, ValueError):
-        pass
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", "-V", prog_name="gemma-edge", message="%(prog)s %(version)s")
 def main():
     """Run Gemma models converted by gemma-convert on CPUs, Raspberry Pis and phones.
 
@@ -88,7 +76,8 @@ def main():
 
     Set GEMMA_EDGE_DEBUG=1 to see LiteRT's own log.
     """
-    _silence_native_stderr()
+    native_log.silence_process()
+    terminate_as_interrupt()
 
 
 @main.command()
@@ -96,11 +85,17 @@ def main():
 @click.option("-p", "--prompt", required=True, help="Prompt text; '-' reads it from stdin.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the model's chat template.")
 @click.option("--system", default=None, help="System prompt (implies --chat).")
+@click.option("--think", is_flag=True, help="Ask a model that can think (Gemma 4) to think first (implies --chat).")
+@click.option("--show-thinking", is_flag=True,
+              help="Print the model's thoughts (Gemma 4's thought channel) to stderr; by default they are hidden.")
 @click.option("-v", "--verbose", is_flag=True, help="Statistics on stderr.")
 @_sampling_options
 @_handle_errors
-def run(model, prompt, chat, system, verbose, **kw):
-    """Stream a continuation of PROMPT from MODEL; only generated text goes to stdout."""
+def run(model, prompt, chat, system, think, show_thinking, verbose, **kw):
+    """Stream a continuation of PROMPT from MODEL; only generated text goes to stdout.
+
+    With --chat, PROMPT is one user turn in the model's chat format; a model that thinks
+    before it answers (Gemma 4) keeps its thoughts apart from the answer (--show-thinking)."""
     sampling = _sampling_kwargs(kw)
     if prompt == "-":
         data = sys.stdin.buffer.read()
@@ -114,18 +109,23 @@ def run(model, prompt, chat, system, verbose, **kw):
     from .engine import load
 
     m = load(model, threads=kw["threads"])
-    if chat or system:
-        stream = m.chat(system=system).send(prompt, **sampling)
+    chat = chat or system is not None or think
+    if chat:
+        stream = m.chat(system=system, thinking=think).send(prompt, **sampling)
     else:
         stream = m.stream_generate(prompt, **sampling)
     last, interrupted = None, False
     try:
         for r in stream:
-            sys.stdout.write(r.text)
+            # a raw continuation is all of the text; a chat answer keeps the thoughts apart
+            sys.stdout.write(r.text if chat else r.text + r.reasoning)
             sys.stdout.flush()
+            if chat and show_thinking and r.reasoning:
+                sys.stderr.write(r.reasoning)
+                sys.stderr.flush()
             last = r
-    except KeyboardInterrupt:  # Ctrl-C ends the answer: the text so far stays, exit 130 says it was cut
-        interrupted = True
+    except KeyboardInterrupt as e:  # Ctrl-C ends the answer: the text so far stays, exit 130 says it was cut
+        interrupted = exit_code(e)
     sys.stdout.write("\n")
     if verbose and last is not None:
         click.echo(f"[{last.finish_reason}] prompt {last.prompt_tokens} tokens ({last.prompt_tps:.1f} tok/s, "
@@ -134,21 +134,23 @@ def run(model, prompt, chat, system, verbose, **kw):
                    f"{m.load_seconds:.2f} s; backend {m.backend.name}", err=True)
     if interrupted:
         sys.stdout.flush()
-        sys.exit(130)
+        sys.exit(interrupted)
 
 
 @main.command("chat")
 @click.argument("model", type=click.Path())
-@click.option("--system", default=None, help="System prompt, folded into the first user turn.")
+@click.option("--system", default=None, help="System prompt (Gemma 1-3 fold it into the first user turn).")
+@click.option("--think", is_flag=True, help="Ask a model that can think (Gemma 4) to think first.")
+@click.option("--show-thinking", is_flag=True, help="Print the model's thoughts to stderr; by default hidden.")
 @_sampling_options
 @_handle_errors
-def chat_cmd(model, system, **kw):
+def chat_cmd(model, system, think, show_thinking, **kw):
     """Interactive multi-turn chat. Ctrl-C stops an answer, Ctrl-D exits."""
     sampling = _sampling_kwargs(kw)
     from .engine import load
 
     m = load(model, threads=kw["threads"])
-    conv = m.chat(system=system)
+    conv = m.chat(system=system, thinking=think)
     click.echo(f"gemma-edge chat: {model} (context {m.context_length} tokens). Ctrl-C stops an answer, "
                "Ctrl-D exits.", err=True)
     while True:
@@ -172,6 +174,9 @@ def chat_cmd(model, system, **kw):
             for r in conv.send(msg, **sampling):
                 sys.stdout.write(r.text)
                 sys.stdout.flush()
+                if show_thinking and r.reasoning:
+                    sys.stderr.write(r.reasoning)
+                    sys.stderr.flush()
         except KeyboardInterrupt:
             click.echo(" [stopped]", err=True)
         except GemmaEdgeError as e:  # one bad message (not UTF-8, longer than the context): say so, go on
@@ -252,45 +257,157 @@ def eval_cmd(model, text_file, max_tokens, threads, as_json):
 
 @main.command()
 @click.argument("model", type=click.Path())
+@click.option("--verify", is_flag=True,
+              help="Also read every weight byte and check it against the file's checksum (a load checks "
+                   "the graph, metadata and tokenizer; the weights are checked here, and when a file is "
+                   "first packed for XNNPACK on this machine).")
 @click.option("--json", "as_json", is_flag=True)
 @_handle_errors
-def info(model, as_json):
+def info(model, verify, as_json):
     """What a gemma-edge file holds: architecture, sizes, quantization, context, tokenizer, template."""
-    import os
-
-    from .modelfile import read_info
+    from . import contract
+    from .modelfile import read_info, verify_weights
 
     i = read_info(model)
-    meta = dict(i.meta)
+    verified = None
+    if verify:
+        verified = verify_weights(i)
+    m = i.meta
     if as_json:
-        click.echo(json.dumps(meta, indent=1))
+        click.echo(json.dumps({**m.to_dict(), **({"weights_verified": verified} if verify else {})}, indent=1))
         return
-    c = i.config
-    t = i.tokens
-    click.echo(
-        f"file          {model} ({os.path.getsize(model) / 1e6:.1f} MB)\n"
+    c, t = i.config, m.tokenizer
+    sliding = sum(c.is_sliding(k) for k in range(c.num_layers))
+    lines = [
+        f"file          {model} ({os.path.getsize(model) / 1e6:.1f} MB, format {m.format_version})",
         f"model         Gemma {c.family}: {c.num_layers} layers, d_model {c.hidden_size}, FFN "
         f"{c.intermediate_size}, {c.num_heads} query / {c.num_kv_heads} KV heads x {c.head_dim}, vocab "
-        f"{c.vocab_size} ({c.num_params / 1e6:.0f}M params)\n"
-        f"attention     {sum(c.is_sliding(k) for k in range(c.num_layers))} sliding (window "
-        f"{c.sliding_window}) / {sum(not c.is_sliding(k) for k in range(c.num_layers))} global layers; "
-        f"RoPE {c.rope_local_base:g} / {c.rope_base:g}\n"
-        f"quantization  {i.quant} ({meta['quantization']['scheme']['description']})\n"
-        f"context       {i.context_length} tokens; prefill chunks {', '.join(map(str, i.prefill_lengths))}\n"
-        f"tokenizer     SentencePiece, {len(i.tokenizer_model) / 1e6:.1f} MB; bos {t['bos_id']}, eos "
-        f"{t['eos_id']}, stop {t.get('stop_token_ids')}\n"
-        f"chat template {meta['chat_template']['kind']}"
-        f"{' (+ checkpoint jinja template)' if meta['chat_template'].get('jinja') else ''}\n"
-        f"source        {meta['source']['name']} ({meta['source']['format']}, sha256 "
-        f"{meta['source']['sha256'][:16]}...)")
+        f"{c.vocab_size} ({c.num_params / 1e6:.0f}M params)",
+        f"attention     {sliding} sliding (window {c.sliding_window}) / {c.num_layers - sliding} global layers; "
+        f"RoPE {c.rope_local_base:g} / {c.rope_base:g}"
+        + (f" (global: {c.global_rope_fraction:g} of the pairs rotate)" if c.global_rope_fraction < 1 else ""),
+    ]
+    if c.family >= 4:
+        g = next((k for k in range(c.num_layers) if not c.is_sliding(k)), 0)
+        lines.append(
+            f"gemma 4       global layers {c.kv_heads_for(g)} KV heads x {c.head_dim_for(g)}; last "
+            f"{c.kv_shared_layers} layers share earlier caches ({len(contract.kv_layers(c))} caches); per-layer "
+            f"embeddings {c.ple_dim} x {c.num_layers} layers ({c.ple_vocab} rows)"
+            + ("; double-wide FFN on sharing layers" if c.double_wide_mlp else "")
+            + ("; K = V on global layers" if c.k_eq_v else ""))
+    lines += [
+        f"quantization  {m.quantization.name} ({m.quantization.description})",
+        f"context       {i.context_length} tokens; prefill chunks {', '.join(map(str, i.prefill_lengths))}",
+        f"tokenizer     SentencePiece, {len(i.tokenizer_model) / 1e6:.1f} MB; bos {t.bos_id}, eos "
+        f"{t.eos_id}, stop {list(t.stop_token_ids)}",
+        f"chat template {m.chat_template.kind}{' (+ checkpoint jinja template)' if m.chat_template.jinja else ''}",
+        f"source        {m.source.name} ({m.source.format}, sha256 {m.source.sha256[:16]}...)"
+        + (f"; LoRA {m.source.lora.get('name')}" if m.source.lora else ""),
+    ]
+    if verify:
+        lines.append("verified      " + ("every weight byte matches the file's checksum" if verified else
+                                         "not possible: the file predates weight checksums (format 1)"))
+    click.echo("\n".join(lines))
 
 
-from .server import serve  # noqa: E402  (light: numpy loads with the first request)
+@main.command("serve")
+@click.argument("model", type=click.Path())
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. 0.0.0.0 (or ::) accepts other machines: then set --api-key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="TCP port; 0 picks a free one. The URL is printed on stdout.")
+@click.option("--api-key", envvar="GEMMA_EDGE_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every request (also read from "
+                   "GEMMA_EDGE_API_KEY, which keeps it out of the process list).")
+@click.option("--max-queue", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Requests that may wait while one generates; one more is answered 503 with Retry-After.")
+@click.option("--model-name", default=None,
+              help="The model id clients send and /v1/models lists (default: the file name without .tflite).")
+@click.option("--strict-model", is_flag=True,
+              help="Answer 404 to requests naming another model (by default any name is served, as "
+                   "llama-server does: many clients send a fixed name).")
+@click.option("--max-body", type=click.IntRange(min=1024), default=8 << 20, show_default=True,
+              help="Largest request body in bytes; a larger one is answered 413 before it is read.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: cores, up to 4).")
+@click.option("-q", "--quiet", is_flag=True, help="No log line per request on stderr.")
+def serve(model, host, port, api_key, max_queue, model_name, strict_model, max_body, threads, quiet):
+    """Serve MODEL over an OpenAI-compatible HTTP API on this machine.
 
-main.add_command(serve)
-from .litertlm import pack_cmd  # noqa: E402  (litert_lm_builder loads only when packing)
+    \b
+    POST /v1/chat/completions   chat (the Gemma template), streamed or not
+    POST /v1/completions        raw text continuation
+    GET  /v1/models, /health
+    \b
+    gemma-edge serve model.tflite
+    gemma-edge serve model.tflite --port 0 --api-key secret
+    \b
+    Then, in Python:
+      openai.OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="secret")
+    or: curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+          -d '{"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}'
 
-main.add_command(pack_cmd)
+    One request generates at a time; up to --max-queue more wait their turn, in order.
+    Ctrl-C stops the server.
+    """
+    def err(line: str) -> None:
+        click.echo(line, err=True)
+
+    try:
+        from .engine import load
+        from .server import make_server
+
+        m = load(model, threads=threads)
+        server = make_server(m, host, port, api_key=api_key, max_queue=max_queue, model_name=model_name,
+                             log=None if quiet else err, strict_model=strict_model, max_body=max_body)
+    except GemmaEdgeError as e:
+        err(f"gemma-edge: error: {e}")
+        sys.exit(2)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        err(f"gemma-edge serve: warning: listening on {host} without --api-key; anyone who can reach "
+            "this machine can use the model")
+    err(f"gemma-edge serve: model {server.model_name!r} ({m.info.quant}, context {m.context_length} tokens, "
+        f"backend {m.backend.name}), up to {max_queue} waiting requests; Ctrl-C stops")
+    click.echo(server.url)  # on stdout alone, for scripts (--port 0)
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        err("gemma-edge serve: stopped")
+    finally:
+        server.server_close()
+
+
+@main.command("pack")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), default=None,
+              help="Output .litertlm path (default: MODEL with the suffix .litertlm).")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Default sampler stored in the file: top-k (1 = greedy).")
+@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+              help="Default sampler: nucleus probability.")
+@click.option("--temperature", type=click.FloatRange(0.0, min_open=True), default=1.0, show_default=True,
+              help="Default sampler: temperature.")
+@_handle_errors
+def pack_cmd(model, output, force, top_k, top_p, temperature):
+    """Pack a gemma-edge MODEL.tflite into a LiteRT-LM .litertlm file.
+
+    The .litertlm holds the model unchanged, its SentencePiece tokenizer and LiteRT-LM's
+    metadata (start and stop tokens, context length, Gemma chat template, a greedy default
+    sampler), so LiteRT-LM runs it on Android, iOS, desktop and Raspberry Pi CPUs. Needs
+    litert-lm-builder (pip install litert-lm-builder). The file is written to a temporary
+    name and renamed when complete.
+
+    \b
+    Example:
+      gemma-edge pack gemma3-270m-int8.tflite
+      litert-lm run gemma3-270m-int8.litertlm --prompt "Why is the sky blue?"
+    """
+    from .litertlm import pack
+
+    out = pack(model, output, force=force, top_k=top_k, top_p=top_p, temperature=temperature)
+    click.echo(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB)", err=True)
+
 
 if __name__ == "__main__":
     main()

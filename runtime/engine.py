@@ -42,6 +42,7 @@ class GenerationResponse:
     prompt_tps: float
     generation_tps: float
     time_to_first_token: float
+    reasoning: str = ""  # text of the model's thinking channel (Gemma 4), kept apart from ``text``
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class GenerationResult:
     prompt_tps: float
     generation_tps: float
     time_to_first_token: float
+    reasoning: str = ""
 
 
 class Model:
@@ -72,20 +74,34 @@ class Model:
                 f"has {self.config.vocab_size} rows; the file is corrupt: convert the checkpoint again")
         self.backend = make_backend(self.info, threads, backend)
         self.context_length = self.info.context_length
-        tok = self.info.tokens
-        self.stop_token_ids = frozenset(int(t) for t in tok.get("stop_token_ids", [tok["eos_id"]]) if t is not None)
-        self.bos_id = tok["bos_id"]
+        tok = self.info.meta.tokenizer
+        self.stop_token_ids = frozenset(tok.stop_token_ids or ([tok.eos_id] if tok.eos_id is not None else []))
+        self.bos_id = tok.bos_id
+        self.add_bos = tok.add_bos
+        self.chat_format = chat_format.chat_format(self.info.meta.chat_template.kind)
+        fmt = self.chat_format  # a thinking channel's markers, if the model has them as tokens of their own
+        self._channel = tuple(self.tokenizer.piece_to_id(p) if p else None for p in (fmt.channel_start, fmt.channel_end))
         self._cached: list[int] = []  # tokens whose K/V sit at positions 0..len-1 of the cache
         self._busy = threading.Lock()
         self.load_seconds = time.perf_counter() - t0
 
+    def reset(self) -> None:
+        """Forget what the KV cache holds: the next prompt is prefilled from the start.
+
+        Call it after driving ``backend`` by hand (``run_prefill`` / ``decode``), which
+        changes the cache behind the Model's back."""
+        with self._exclusive():
+            self._cached = []
+
     # ---- prompts ---------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        """Text -> ids with one <bos> (special tokens such as <start_of_turn> parsed); ids pass through."""
+        """Text -> ids with one <bos> (if the file's tokenizer adds one) and control strings such
+        as <start_of_turn> parsed into their tokens: the whole prompt is the caller's. Ids pass
+        through. Text from users goes through ``encode_chat``, which never parses them."""
         if isinstance(prompt, str):
             if not prompt:
                 raise GenerationError("the prompt is empty; give some text (or token ids)")
-            return self.tokenizer.encode(prompt, add_bos=True, parse_special=True)
+            return self.tokenizer.encode(prompt, add_bos=self.add_bos, parse_special=True)
         ids = [int(t) for t in prompt]
         if not ids:
             raise GenerationError("the prompt is empty; give some text (or token ids)")
@@ -154,6 +170,7 @@ class Model:
         sample = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
         detok = StreamingDetokenizer(self.tokenizer)
         stops = StopStringMatcher(list(stop)) if stop else None
+        channel = _Channel(*self._channel)
         history = list(ids)
 
         t0 = time.perf_counter()
@@ -171,12 +188,15 @@ class Model:
                 t_first = t_gen = now
             generated += 1
             history.append(token)
-            finish = None
+            finish, reasoning = None, ""
             if stop_tokens and token in self.stop_token_ids:
                 finish = "stop"
                 text = ""
+            elif channel.marker(token):
+                text = detok.flush()  # what came before the marker belongs where it was
+                text, reasoning = channel.route(text, before_switch=True)
             else:
-                text = detok.add(token)
+                text, reasoning = channel.route(detok.add(token))
             if finish is None and stops is not None:
                 text, hit = stops.feed(text)
                 if hit:
@@ -184,7 +204,8 @@ class Model:
             if finish is None and (generated >= max_tokens or len(self._cached) >= self.context_length):
                 finish = "length"
             if finish is not None:
-                tail = detok.flush()
+                tail, tail_reasoning = channel.route(detok.flush())
+                reasoning += tail_reasoning
                 if stops is not None and not stops.hit:
                     t2, hit = stops.feed(tail)
                     tail = t2 + ("" if hit else stops.flush())
@@ -198,20 +219,21 @@ class Model:
                 prefilled_tokens=prefilled + 1, generation_tokens=generated,
                 prompt_tps=(prefilled + 1) / elapsed_prompt if elapsed_prompt > 0 else 0.0,
                 generation_tps=(generated - 1) / gen_time if gen_time > 0 else 0.0,
-                time_to_first_token=elapsed_prompt)
+                time_to_first_token=elapsed_prompt, reasoning=reasoning)
             if finish is not None:
                 return
 
     def generate(self, prompt, **kwargs) -> GenerationResult:
         """``stream_generate`` joined into one result."""
-        parts, tokens, last = [], [], None
+        parts, thoughts, tokens, last = [], [], [], None
         for r in self.stream_generate(prompt, **kwargs):
             parts.append(r.text)
+            thoughts.append(r.reasoning)
             tokens.append(r.token)
             last = r
         return GenerationResult("".join(parts), tokens, last.finish_reason, last.prompt_tokens,
                                 last.prefilled_tokens, last.prompt_tps, last.generation_tps,
-                                last.time_to_first_token)
+                                last.time_to_first_token, "".join(thoughts))
 
     def perplexity(self, text: str | Sequence[int], max_tokens: int | None = None, progress=None) -> dict:
         """Perplexity of ``text`` (BOS prepended, one window of up to the context length).
@@ -262,21 +284,41 @@ class Model:
                 "predicted": n, "mean_nll": mean, "perplexity": float(np.exp(mean)),
                 "seconds": time.perf_counter() - t0, "scored_with": f"score_{T}" if T else "decode"}
 
-    def chat(self, system: str | None = None) -> "Conversation":
-        return Conversation(self, system)
+    def chat(self, system: str | None = None, thinking: bool = False) -> "Conversation":
+        """A multi-turn chat; ``thinking`` asks a model that can think (Gemma 4) to."""
+        return Conversation(self, system, thinking=thinking)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, thinking: bool = False) -> str:
         """The prompt text (without <bos>) of ``messages`` in this model's chat format: the
         checkpoint's own jinja template (metadata ``chat_template.jinja``) rendered in jinja2's
         sandbox when the file has one and jinja2 is installed; else, or if that template fails
-        (a ChatTemplateWarning says why), the built-in Gemma format (``chat.render``)."""
-        tpl = self.info.meta.get("chat_template")
-        source = tpl.get("jinja") if isinstance(tpl, dict) else None
+        (a ChatTemplateWarning says why), the file's built-in format (``chat.ChatFormat``).
+        Control strings in the messages stay text here; ``encode_chat`` keeps them text.
+        ``thinking`` asks a model that can think (Gemma 4) to: its thoughts then come in
+        ``GenerationResponse.reasoning``, apart from the answer."""
+        return chat_format.render_chat(messages, add_generation_prompt, template=self.info.meta.chat_template.jinja,
+                                       fmt=self.chat_format, thinking=thinking, **self._special_strings())
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, add_bos: bool | None = None,
+                    thinking: bool = False) -> list[int]:
+        """The ids of ``messages`` in the chat format: the template's own markers are control
+        tokens, while a control string inside a message's text (``<end_of_turn>``...) is
+        encoded as the characters it is, so no message can forge a turn."""
+        return chat_format.encode_chat(self.tokenizer, messages, add_generation_prompt,
+                                       self.add_bos if add_bos is None else add_bos,
+                                       template=self.info.meta.chat_template.jinja, fmt=self.chat_format,
+                                       thinking=thinking, **self._special_strings())
+
+    def _special_strings(self) -> dict:
         tok = self.tokenizer
-        special = {name: tok.id_to_piece(i) for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id))
-                   if i is not None}
-        return chat_format.render_chat(messages, add_generation_prompt,
-                                       template=source if isinstance(source, str) else None, **special)
+        return {name: tok.id_to_piece(i) for name, i in (("bos_token", tok.bos_id), ("eos_token", tok.eos_id))
+                if i is not None}
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """No text longer than this many UTF-8 bytes fits the context: a token covers at most
+        the tokenizer's longest piece. Lets a server refuse a huge prompt before tokenizing it."""
+        return self.context_length * self.tokenizer.max_piece_bytes
 
     # ---- benchmark -------------------------------------------------------------------
     def benchmark(self, prompt_tokens: int = 128, gen_tokens: int = 128, runs: int = 5) -> dict:
@@ -343,9 +385,11 @@ class Conversation:
 
     model: Model
     system: str | None = None
+    thinking: bool = False
     tokens: list[int] = field(default_factory=list)
     messages: list[dict] = field(default_factory=list)
     dropped_turns: int = 0
+    _nonce: str = field(default_factory=chat_format.new_nonce, repr=False)  # see chat.protect
 
     def reply_room(self, max_tokens: int = 256) -> int:
         """Tokens kept free for a reply of up to ``max_tokens`` (see the context policy)."""
@@ -356,16 +400,21 @@ class Conversation:
         system = [{"role": "system", "content": self.system}] if self.system else []
         return system + self.messages[2 * dropped:]
 
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The chat format's text, control strings in the messages as placeholders (chat.protect)."""
+        return self.model.render_chat(chat_format.protect(messages, self.model.tokenizer, self._nonce),
+                                      add_generation_prompt, self.thinking)
+
     def _encode(self, text: str, add_bos: bool) -> list[int]:
-        return self.model.tokenizer.encode(text, add_bos=add_bos, parse_special=True)
+        return chat_format.encode_protected(self.model.tokenizer, text, self._nonce, add_bos and self.model.add_bos)
 
     def _next_turn(self, user: dict) -> list[int] | None:
         """The tokens so far plus the new turn's, or None if the template cannot be extended
         (its render of the history is not a prefix of its render with the new turn)."""
         history = self._in_context(self.dropped_turns)
-        before = self.model.render_chat(history, add_generation_prompt=False)
-        after = self.model.render_chat(history + [user], add_generation_prompt=True)
-        eot_id = self.model.info.tokens.get("end_of_turn_id")
+        before = self._render(history, add_generation_prompt=False)
+        after = self._render(history + [user], add_generation_prompt=True)
+        eot_id = self.model.info.meta.tokenizer.end_of_turn_id
         eot = self.model.tokenizer.id_to_piece(eot_id) if eot_id is not None else None
         cut = before.rfind(eot) if eot else -1
         if not after.startswith(before) or cut < 0:
@@ -380,7 +429,7 @@ class Conversation:
         context, turns = self.model.context_length, len(self.messages) // 2
         while True:
             msgs = self._in_context(dropped) + [user]
-            prompt = self._encode(self.model.render_chat(msgs, add_generation_prompt=True), add_bos=True)
+            prompt = self._encode(self._render(msgs, add_generation_prompt=True), add_bos=True)
             if len(prompt) + room <= context or dropped >= turns:
                 break
             dropped += 1
@@ -419,7 +468,7 @@ class Conversation:
             raise
         finally:  # an interrupted reply (Ctrl-C, a closed stream) still joins the conversation
             if not failed:
-                eot = self.model.info.tokens.get("end_of_turn_id")
+                eot = self.model.info.meta.tokenizer.end_of_turn_id
                 if eot is not None and (not reply_tokens or reply_tokens[-1] != eot):
                     reply_tokens.append(eot)  # a reply cut short still closes its turn
                 self.tokens = prompt + reply_tokens
@@ -428,6 +477,37 @@ class Conversation:
 
     def ask(self, message: str, **kwargs) -> str:
         return "".join(r.text for r in self.send(message, **kwargs))
+
+
+class _Channel:
+    """Routes generated text to the answer or to the thinking channel: after the channel's start
+    marker (Gemma 4's <|channel>) comes the channel's name on a line of its own ("thought"),
+    then its text, until the end marker (<channel|>). Markers are tokens; without them (Gemma
+    1-3) everything is answer."""
+
+    def __init__(self, start: int | None, end: int | None):
+        self.start, self.end = start, end
+        self.inside = self.naming = False
+
+    def marker(self, token: int) -> bool:
+        if self.start is not None and token == self.start:
+            self._switch = (True, True)
+            return True
+        if self.end is not None and token == self.end and self.inside:
+            self._switch = (False, False)
+            return True
+        return False
+
+    def route(self, text: str, before_switch: bool = False) -> tuple[str, str]:
+        """(answer text, thinking text) of ``text``; a marker switches after the text before it."""
+        answer, reasoning = ("", text) if self.inside else (text, "")
+        if self.naming and not before_switch:  # the channel's name line is neither
+            name, newline, rest = reasoning.partition("\n")
+            reasoning = rest if newline else ""
+            self.naming = not newline
+        if before_switch:
+            self.inside, self.naming = self._switch
+        return answer, reasoning
 
 
 def load(path, threads: int | None = None, backend: str = "auto") -> Model:

@@ -25,9 +25,10 @@ What goes in, all derived from the file's own metadata (``read_info``):
   first turn), one stop token per stop id (``<eos>``, ``<end_of_turn>``), ``max_num_tokens``
   = the file's context, a greedy default sampler (``TOP_P`` with k=1: the only sampler type
   LiteRT-LM 0.18.1 runs on CPU), the model type (``gemma3`` for Gemma 3; 0.18.1 has no type
-  for Gemma 1 or 2, which get ``generic_model``), the Gemma chat format of ``runtime/chat.py``
-  both as ``prompt_templates`` and as a jinja template, and ``suppress_tokens`` for embedding
-  rows past the tokenizer (test models only; gemma-edge never samples those either).
+  for Gemma 1 or 2, which get ``generic_model``), the file's built-in chat format
+  (``runtime/chat.ChatFormat``) both as ``prompt_templates`` and as a jinja template, and
+  ``suppress_tokens`` for embedding rows past the tokenizer (test models only; gemma-edge
+  never samples those either).
 """
 
 from __future__ import annotations
@@ -36,43 +37,16 @@ import os
 import tempfile
 from pathlib import Path
 
-import click
-
-from .chat import MODEL_PREFIX
-from .errors import GemmaEdgeError, ModelFileError, OutputExistsError, TokenizerError
-from .fileio import atomic_output
+from .chat import chat_format
+from .errors import GemmaEdgeError, ModelFileError, TokenizerError
+from .fileio import atomic_output, check_output
 from .modelfile import ModelInfo, read_info
 
 SUFFIX = ".litertlm"
 
 # Gemma family -> LiteRT-LM LlmModelType field (llm_model_type.proto, 0.18.1). Families not
 # listed get ``generic_model``: they still run, with the chat template below.
-MODEL_TYPES = {3: "gemma3"}
-
-# The Gemma chat format of runtime/chat.py as a jinja template for LiteRT-LM's
-# Conversation API: a system message has no role of its own and is folded into the first
-# user turn, then a blank line. Content is a string or a list of {"type": "text"} parts.
-# No <bos>: LiteRT-LM prepends the start token to the first turn itself.
-CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system='', content='') -%}"
-    "{%- for message in messages -%}"
-    "{%- if message.content is string -%}{%- set ns.content = message.content -%}"
-    "{%- else -%}{%- set ns.content = '' -%}{%- for part in message.content -%}"
-    "{%- if part.type == 'text' -%}{%- set ns.content = ns.content + part.text -%}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- if message.role == 'system' -%}"
-    "{%- set ns.system = ns.system + ('\\n\\n' if ns.system else '') + ns.content -%}"
-    "{%- else -%}"
-    "{%- set role = 'model' if message.role in ['model', 'assistant'] else 'user' -%}"
-    "{%- if role == 'user' and ns.system -%}"
-    "{%- set ns.content = ns.system + '\\n\\n' + ns.content -%}{%- set ns.system = '' -%}"
-    "{%- endif -%}"
-    "{{ '<start_of_turn>' + role + '\\n' + ns.content + '<end_of_turn>\\n' }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
-)
-
+MODEL_TYPES = {3: "gemma3", 4: "gemma4"}
 
 def default_output(tflite_path) -> Path:
     """``model.tflite`` -> ``model.litertlm`` next to it."""
@@ -95,8 +69,8 @@ def litert_tokenizer(info: ModelInfo) -> tuple[bytes, list[str]]:
         raise TokenizerError(f"{info.path}: the embedded tokenizer is not a SentencePiece model ({e}); "
                              "convert the checkpoint again") from None
     Piece = sp_pb2.ModelProto.SentencePiece
-    spec, tok = proto.trainer_spec, info.tokens
-    keep = {spec.bos_id, spec.eos_id, spec.pad_id, tok.get("bos_id"), tok.get("eos_id"), tok.get("pad_id")}
+    spec, tok = proto.trainer_spec, info.meta.tokenizer
+    keep = {spec.bos_id, spec.eos_id, spec.pad_id, tok.bos_id, tok.eos_id, tok.pad_id}
     changed = []
     for i, p in enumerate(proto.pieces):
         if p.type == Piece.CONTROL and i not in keep:
@@ -117,13 +91,13 @@ def llm_metadata(info: ModelInfo, *, top_k: int = 1, top_p: float = 1.0, tempera
     """The ``LlmMetadata`` proto LiteRT-LM reads from the container."""
     from litert_lm_builder.runtime.proto import llm_metadata_pb2, sampler_params_pb2
 
-    tok = info.tokens
-    stops = [int(t) for t in tok.get("stop_token_ids") or [tok["eos_id"]] if t is not None]
-    if tok.get("bos_id") is None or not stops:
+    tok = info.meta.tokenizer
+    stops = list(tok.stop_token_ids) or ([tok.eos_id] if tok.eos_id is not None else [])
+    if tok.bos_id is None or not stops:
         raise ModelFileError(f"{info.path}: the metadata names no <bos> or no stop token "
                              f"(tokenizer: {tok}); convert the checkpoint again")
     m = llm_metadata_pb2.LlmMetadata()
-    m.start_token.token_ids.ids.append(int(tok["bos_id"]))
+    m.start_token.token_ids.ids.append(int(tok.bos_id))
     for t in stops:
         m.stop_tokens.add().token_ids.ids.append(t)
     m.max_num_tokens = info.context_length
@@ -135,11 +109,15 @@ def llm_metadata(info: ModelInfo, *, top_k: int = 1, top_p: float = 1.0, tempera
     s.k, s.p, s.temperature, s.seed = int(top_k), float(top_p), float(temperature), 0
     kind = MODEL_TYPES.get(info.config.family, "generic_model")
     getattr(m.llm_model_type, kind).SetInParent()
-    m.prompt_templates.user.prefix = "<start_of_turn>user\n"
-    m.prompt_templates.user.suffix = "<end_of_turn>\n"
-    m.prompt_templates.model.prefix = MODEL_PREFIX
-    m.prompt_templates.model.suffix = "<end_of_turn>\n"
-    m.jinja_prompt_template = CHAT_TEMPLATE
+    fmt = chat_format(info.meta.chat_template.kind)
+    m.prompt_templates.user.prefix = fmt.turn_start + "user\n"
+    m.prompt_templates.user.suffix = fmt.turn_end + "\n"
+    m.prompt_templates.model.prefix = fmt.model_prefix
+    m.prompt_templates.model.suffix = fmt.turn_end + "\n"
+    if fmt.system_role is not None:
+        m.prompt_templates.system.prefix = fmt.turn_start + fmt.system_role + "\n"
+        m.prompt_templates.system.suffix = fmt.turn_end + "\n"
+    m.jinja_prompt_template = fmt.jinja()
     m.supports_thinking = False
     m.supports_function_calling = False
     return m
@@ -156,15 +134,8 @@ def pack(tflite_path, out_path=None, *, force: bool = False, top_k: int = 1, top
     """
     src = Path(tflite_path)
     info = read_info(str(src))  # ModelFileError: missing, not a .tflite, not gemma-edge
-    out = Path(out_path) if out_path is not None else default_output(src)
-    if out.is_dir():
-        raise OutputExistsError(f"{out} is a directory; give a file name such as {out / (src.stem + SUFFIX)}")
-    if out.exists() and out.resolve() == src.resolve():
-        raise OutputExistsError(f"{out} is the input model; choose another output name (e.g. {src.stem}{SUFFIX})")
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} exists; pass --force (force=True) to overwrite it, or choose another -o")
-    if not out.parent.exists():
-        raise GemmaEdgeError(f"the output folder {out.parent} does not exist; create it first")
+    out = check_output(out_path if out_path is not None else default_output(src), force, inputs=[src],
+                       example=src.stem + SUFFIX)
     if not 1 <= int(top_k) or not 0.0 < float(top_p) <= 1.0 or float(temperature) <= 0.0:
         raise GemmaEdgeError(f"bad default sampler top_k={top_k}, top_p={top_p}, temperature={temperature}: "
                              "need top_k >= 1, 0 < top_p <= 1 and temperature > 0 (top_k=1 is greedy)")
@@ -178,7 +149,7 @@ def pack(tflite_path, out_path=None, *, force: bool = False, top_k: int = 1, top
 
     tokenizer, _ = litert_tokenizer(info)
     meta = llm_metadata(info, top_k=top_k, top_p=top_p, temperature=temperature)
-    with atomic_output(out) as tmp, tempfile.TemporaryDirectory(prefix="gemma-edge-pack-") as work:
+    with atomic_output(out, force, inputs=[src]) as tmp, tempfile.TemporaryDirectory(prefix="gemma-edge-pack-") as work:
         tok_path = os.path.join(work, "tokenizer.model")
         meta_path = os.path.join(work, "llm_metadata.pb")
         with open(tok_path, "wb") as f:
@@ -200,35 +171,4 @@ def pack(tflite_path, out_path=None, *, force: bool = False, top_k: int = 1, top
     return out
 
 
-@click.command("pack", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("model", type=click.Path())
-@click.option("-o", "--output", type=click.Path(), default=None,
-              help="Output .litertlm path (default: MODEL with the suffix .litertlm).")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
-@click.option("--top-k", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Default sampler stored in the file: top-k (1 = greedy).")
-@click.option("--top-p", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
-              help="Default sampler: nucleus probability.")
-@click.option("--temperature", type=click.FloatRange(0.0, min_open=True), default=1.0, show_default=True,
-              help="Default sampler: temperature.")
-def pack_cmd(model, output, force, top_k, top_p, temperature):
-    """Pack a gemma-edge MODEL.tflite into a LiteRT-LM .litertlm file.
-
-    The .litertlm holds the model unchanged, its SentencePiece tokenizer and LiteRT-LM's
-    metadata (start and stop tokens, context length, Gemma chat template, a greedy default
-    sampler), so LiteRT-LM runs it on Android, iOS, desktop and Raspberry Pi CPUs. Needs
-    litert-lm-builder (pip install litert-lm-builder). The file is written to a temporary
-    name and renamed when complete.
-
-    \b
-    Example:
-      gemma-edge pack gemma3-270m-int8.tflite
-      litert-lm run gemma3-270m-int8.litertlm --prompt "Why is the sky blue?"
-    """
-    from .cli import _handle_errors
-
-    out = _handle_errors(pack)(model, output, force=force, top_k=top_k, top_p=top_p, temperature=temperature)
-    click.echo(f"wrote {out} ({os.path.getsize(out) / 1e6:.1f} MB)", err=True)
-
-
-__all__ = ["pack", "pack_cmd", "llm_metadata", "litert_tokenizer", "CHAT_TEMPLATE", "MODEL_TYPES"]
+__all__ = ["pack", "llm_metadata", "litert_tokenizer", "MODEL_TYPES"]

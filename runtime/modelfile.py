@@ -1,54 +1,256 @@
-"""Read a gemma-edge .tflite's self-description: the metadata entries in its flatbuffer.
+"""The gemma-edge file format: its metadata keys, a typed record of what a file holds, and
+the code that writes and reads them. Nothing else formats or parses the metadata.
 
-Only the header is parsed (lazily, from a memory map); weights are never touched here.
-Everything the runtime needs (config, tokenizer, chat template, special tokens, prefill
-lengths, context length) comes from the ``gemma_edge.config`` JSON and the embedded
-SentencePiece model.
+A gemma-edge file is a LiteRT flatbuffer (graph and weights, ``runtime/contract.py``) whose
+TFLite metadata entries describe it:
+
+    gemma_edge.config      JSON: FileMeta (config, quantization, context, signatures' chunk
+                           lengths, tokenizer ids, chat template, source)
+    gemma_edge.tokenizer   the serialized SentencePiece model
+    gemma_edge.checksums   fixed-size: the header's length and sha256 (LiteRT parses the graph
+                           without verifying it; a flipped bit there can crash it), the sha256
+                           of the two entries above, and the sha256 of the weights (every other
+                           buffer after the header, in file order)
+
+``read_info`` parses only the header and the metadata (from a memory map), checks the header
+and metadata digests (cheap: the header is a few hundred KB, the metadata a few MB) and
+returns a ``ModelInfo``; ``verify_weights`` reads every weight byte against its digest (what
+``gemma-edge info --verify`` runs, and the first load of a file on a machine, when XNNPACK
+packs the weights anyway). Files of format 1 carry only the header digest
+(``gemma_edge.header_sha256``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from .config import GemmaConfig
 from .errors import GemmaEdgeError, ModelFileError
 
 FORMAT = "gemma-edge"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: gemma_edge.checksums covers metadata and weights, not only the header
 CONFIG_KEY = "gemma_edge.config"
 TOKENIZER_KEY = "gemma_edge.tokenizer"
-# sha256 of the flatbuffer header (graph, tensors, buffer table: everything LiteRT parses
-# without verifying; a flipped bit there can crash it): header length (uint64 LE) + digest.
-CHECKSUM_KEY = "gemma_edge.header_sha256"
-CHECKSUM_BYTES = 8 + 32
+CHECKSUMS_KEY = "gemma_edge.checksums"
+HEADER_CHECKSUM_KEY = "gemma_edge.header_sha256"  # format 1: header length (uint64 LE) + sha256
+_DIGEST = 32
+CHECKSUMS_BYTES = 8 + 3 * _DIGEST  # header length, sha256 of header, of metadata, of weights
 
 
-def header_checksum(header: bytes) -> bytes:
-    """The CHECKSUM_KEY blob for a header of ``len(header)`` bytes."""
-    import hashlib
+# ---- the typed record ----------------------------------------------------------------------
 
-    return struct.pack("<Q", len(header)) + hashlib.sha256(header).digest()
+@dataclass(frozen=True)
+class TokenizerMeta:
+    """Special ids of the embedded SentencePiece model, and when generation stops."""
+
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+    start_of_turn_id: int | None = None
+    end_of_turn_id: int | None = None
+    stop_token_ids: tuple[int, ...] = ()  # generation stops on any of these
+    declared_stop_ids: tuple[int, ...] = ()  # what the checkpoint itself declared (a subset)
+    add_bos: bool = True  # a prompt starts with <bos>
+    kind: str = "sentencepiece"
 
 
-def verify_header(path: str, blob: bytes) -> None:
-    """Raise ModelFileError unless the file's header matches its CHECKSUM_KEY blob."""
-    if len(blob) != CHECKSUM_BYTES:
-        raise ModelFileError(f"{path}: the header checksum entry is damaged; convert the checkpoint again")
+@dataclass(frozen=True)
+class ChatTemplate:
+    kind: str = "gemma"  # the built-in format (runtime/chat.py) used without a usable jinja template
+    jinja: str | None = None  # the checkpoint's own template (rendered in a sandbox)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    name: str  # the preset or the recipe spelled out (quantize/schemes.recipe_name)
+    description: str = ""
+    recipe: dict = field(default_factory=dict)  # kind -> scheme
+    tensors: dict = field(default_factory=dict)  # canonical weight -> scheme
+    scheme: dict = field(default_factory=dict)  # the scheme table's row when one scheme covers all
+
+
+@dataclass(frozen=True)
+class SourceMeta:
+    name: str = ""
+    format: str = ""  # "safetensors" or "gguf"
+    sha256: str = ""  # of the checkpoint's files (fileio.sha256_files)
+    lora: dict | None = None  # the adapter merged in (convert/lora.py describe())
+
+
+@dataclass(frozen=True)
+class FileMeta:
+    """What a gemma-edge file holds besides its graph, weights and tokenizer bytes."""
+
+    config: GemmaConfig
+    context_length: int
+    prefill_lengths: tuple[int, ...]
+    score_lengths: tuple[int, ...] = ()
+    quantization: Quantization = Quantization("fp32")
+    tokenizer: TokenizerMeta = TokenizerMeta()
+    chat_template: ChatTemplate = ChatTemplate()
+    source: SourceMeta = SourceMeta()
+    gemma_edge_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        d["quantization"]["scheme"] = {**self.quantization.scheme, "name": self.quantization.name,
+                                       "description": self.quantization.description}
+        del d["quantization"]["name"], d["quantization"]["description"]
+        return {"format": FORMAT, **d,
+                "kv_cache": {"layout": "[1, num_kv_heads, context_length, head_dim]", "dtype": "float32"}}
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), indent=1).encode()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FileMeta":
+        """Raises ValueError, KeyError or TypeError for what is missing or mistyped
+        (``read_info`` turns them into one ModelFileError naming the file)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"it is a JSON {type(d).__name__}, not an object")
+        if d.get("format") != FORMAT:
+            raise ValueError(f"format is {d.get('format')!r}")
+        q = _obj(d, "quantization")
+        scheme = _obj(q, "scheme")
+        tok = _obj(d, "tokenizer")
+        tpl = _obj(d, "chat_template", {})
+        src = _obj(d, "source", {})
+        return cls(
+            config=GemmaConfig.from_dict(_obj(d, "config")),
+            context_length=_count(d["context_length"], "context_length"),
+            prefill_lengths=tuple(_count(t, "prefill_lengths") for t in _list(d, "prefill_lengths")),
+            score_lengths=tuple(_count(t, "score_lengths") for t in _list(d, "score_lengths", [])),
+            quantization=Quantization(
+                name=_str(scheme, "name"), description=_str(scheme, "description", ""),
+                recipe=_obj(q, "recipe", {}), tensors=_obj(q, "tensors", {}),
+                scheme={k: v for k, v in scheme.items() if k not in ("name", "description")}),
+            tokenizer=TokenizerMeta(
+                bos_id=_id(tok, "bos_id", required=True), eos_id=_id(tok, "eos_id"), pad_id=_id(tok, "pad_id"),
+                start_of_turn_id=_id(tok, "start_of_turn_id"), end_of_turn_id=_id(tok, "end_of_turn_id"),
+                stop_token_ids=_ids(tok, "stop_token_ids"), declared_stop_ids=_ids(tok, "declared_stop_ids"),
+                add_bos=_bool(tok, "add_bos", True), kind=_str(tok, "kind", "sentencepiece")),
+            chat_template=ChatTemplate(kind=_str(tpl, "kind", "gemma"), jinja=_str(tpl, "jinja", None)),
+            source=SourceMeta(name=_str(src, "name", ""), format=_str(src, "format", ""),
+                              sha256=_str(src, "sha256", ""), lora=_obj(src, "lora", None)),
+            gemma_edge_version=_str(d, "gemma_edge_version", ""),
+            format_version=_count(d.get("format_version", 1), "format_version"),
+        )
+
+
+def _obj(d: dict, key: str, default=KeyError):
+    v = d.get(key, default)
+    if v is KeyError:
+        raise KeyError(key)
+    if v is not default and not isinstance(v, dict):
+        raise TypeError(f"{key} is {type(v).__name__}, not an object")
+    return v
+
+
+def _list(d: dict, key: str, default=KeyError) -> list:
+    v = d.get(key, default)
+    if v is KeyError:
+        raise KeyError(key)
+    if not isinstance(v, list):
+        raise TypeError(f"{key} is {type(v).__name__}, not a list")
+    return v
+
+
+def _str(d: dict, key: str, default=KeyError):
+    v = d.get(key, default)
+    if v is KeyError:
+        raise KeyError(key)
+    if v is not default and not isinstance(v, str):
+        raise TypeError(f"{key} is {type(v).__name__}, not a string")
+    return v
+
+
+def _bool(d: dict, key: str, default: bool) -> bool:
+    v = d.get(key, default)
+    if not isinstance(v, bool):
+        raise TypeError(f"{key} is {v!r}, not true or false")
+    return v
+
+
+def _count(v, key: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{key} holds {v!r}, not a positive integer")
+    return v
+
+
+def _id(d: dict, key: str, required: bool = False) -> int | None:
+    v = d[key] if required else d.get(key)
+    if v is None and not required:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"tokenizer {key} is {v!r}, not a token id")
+    return v
+
+
+def _ids(d: dict, key: str) -> tuple[int, ...]:
+    v = d.get(key) or []
+    if not isinstance(v, list) or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in v):
+        raise ValueError(f"tokenizer {key} is {v!r}, not a list of token ids")
+    return tuple(v)
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+def metadata_entries(meta: FileMeta, tokenizer_model: bytes) -> dict[str, bytes]:
+    """The metadata entries a writer stores; the checksums entry is a zeroed placeholder of its
+    final size, filled by ``checksums_blob`` once header and weights are written."""
+    return {CONFIG_KEY: meta.to_json(), TOKENIZER_KEY: bytes(tokenizer_model), CHECKSUMS_KEY: bytes(CHECKSUMS_BYTES)}
+
+
+def metadata_digest(entries: dict[str, bytes]) -> bytes:
+    h = hashlib.sha256()
+    for key in (CONFIG_KEY, TOKENIZER_KEY):
+        blob = entries.get(key, b"")
+        h.update(struct.pack("<Q", len(blob)))
+        h.update(blob)
+    return h.digest()
+
+
+def weights_digest(buffer_digests: list[bytes]) -> bytes:
+    """One digest of the weights from the sha256 of every weight buffer, in file order."""
+    return hashlib.sha256(b"".join(buffer_digests)).digest()
+
+
+def checksums_blob(header: bytes, entries: dict[str, bytes], weight_buffer_digests: list[bytes]) -> bytes:
+    return (struct.pack("<Q", len(header)) + hashlib.sha256(header).digest() + metadata_digest(entries)
+            + weights_digest(weight_buffer_digests))
+
+
+# ---- reading -------------------------------------------------------------------------------
+
+_DAMAGED = "copy it again or convert the checkpoint again"
+
+
+def _check_header(path: str, blob: bytes, expected_len: int) -> None:
+    if len(blob) != expected_len:
+        raise ModelFileError(f"{path}: the checksum entry is damaged; {_DAMAGED}")
     n = struct.unpack_from("<Q", blob)[0]
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if n > len(m) or header_checksum(m[:n]) != blob:
-            raise ModelFileError(
-                f"{path}: the file is damaged (its graph no longer matches the checksum written with it); "
-                "copy it again or convert the checkpoint again")
+        if n > len(m) or hashlib.sha256(m[:n]).digest() != blob[8:8 + _DIGEST]:
+            raise ModelFileError(f"{path}: the file is damaged (its graph no longer matches the checksum "
+                                 f"written with it); {_DAMAGED}")
 
 
 def read_metadata(path: str) -> dict[str, bytes]:
     """All TFLite metadata entries of ``path`` as name -> bytes. Raises ModelFileError."""
+    return _read(path)[0]
+
+
+def _read(path: str) -> tuple[dict[str, bytes], list[tuple[int, int]]]:
+    """(metadata entries, (offset, size) of every other buffer stored after the header)."""
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: no such file. Convert a checkpoint first: gemma-convert SOURCE -o {path}")
     try:
@@ -113,13 +315,13 @@ class _FlatBuffer:
         return struct.unpack_from(fmt, self.buf, at)[0]
 
 
-def _parse(buf, size: int) -> dict[str, bytes]:
+def _parse(buf, size: int) -> tuple[dict[str, bytes], list[tuple[int, int]]]:
     if size < 8 or bytes(buf[4:8]) != b"TFL3":
         raise ModelFileError("not a TensorFlow Lite flatbuffer (no TFL3 identifier)")
     fbuf = _FlatBuffer(buf, size)
     root = fbuf.u32(0)
     buffers = fbuf.table_vector(root, 4)  # Model.buffers
-    out = {}
+    out, meta_buffers = {}, set()
     for m in fbuf.table_vector(root, 6):  # Model.metadata
         name = fbuf.string(m, 0)
         if name in out:  # else N entries naming one big buffer copy it N times (a hang)
@@ -128,6 +330,7 @@ def _parse(buf, size: int) -> dict[str, bytes]:
         if index >= len(buffers):
             raise ModelFileError(f"metadata {name!r} points at buffer {index} of {len(buffers)}")
         b = buffers[index]
+        meta_buffers.add(index)
         offset, n = fbuf.scalar(b, 1, "<Q"), fbuf.scalar(b, 2, "<Q")
         if offset > 1:
             if offset + n > size:
@@ -144,7 +347,13 @@ def _parse(buf, size: int) -> dict[str, bytes]:
             if vec + 4 + n > size:
                 raise ModelFileError(f"metadata {name!r} runs past the end of the file")
             out[name] = bytes(buf[vec + 4:vec + 4 + n])
-    return out
+    regions = []  # checked against the file's size by read_info, after the header's checksum
+    for i, b in enumerate(buffers):
+        if i not in meta_buffers:
+            offset, n = fbuf.scalar(b, 1, "<Q"), fbuf.scalar(b, 2, "<Q")
+            if offset > 1 and n:
+                regions.append((offset, n))
+    return out, sorted(regions)
 
 
 @dataclass(frozen=True)
@@ -152,61 +361,102 @@ class ModelInfo:
     """The parsed self-description of a gemma-edge file."""
 
     path: str
-    meta: dict
+    meta: FileMeta
     tokenizer_model: bytes
+    weight_regions: tuple[tuple[int, int], ...] = ()  # (offset, size) of every weight buffer
+    checksums: bytes = b""  # the CHECKSUMS_KEY entry (format 2)
 
-    @cached_property
+    @property
     def config(self) -> GemmaConfig:
-        return GemmaConfig.from_dict(self.meta["config"])
+        return self.meta.config
 
     @property
     def context_length(self) -> int:
-        return int(self.meta["context_length"])
+        return self.meta.context_length
 
     @property
     def prefill_lengths(self) -> list[int]:
-        return [int(t) for t in self.meta["prefill_lengths"]]
+        return list(self.meta.prefill_lengths)
 
     @property
     def score_lengths(self) -> list[int]:
         """Chunk lengths of ``score_<T>`` signatures (older files have none)."""
-        return [int(t) for t in self.meta.get("score_lengths", [])]
+        return list(self.meta.score_lengths)
 
     @property
     def quant(self) -> str:
-        return self.meta["quantization"]["scheme"]["name"]
+        return self.meta.quantization.name
 
-    @property
-    def tokens(self) -> dict:
-        return self.meta["tokenizer"]
+    @cached_property
+    def weights_sha256(self) -> bytes | None:
+        return self.checksums[8 + 2 * _DIGEST:] if self.checksums else None
 
 
 def read_info(path: str) -> ModelInfo:
-    entries = read_metadata(path)
+    """Parse and check a file's self-description (header and metadata digests); weights are
+    not read. Raises ModelFileError naming the file for anything wrong."""
+    entries, regions = _read(path)
     if CONFIG_KEY not in entries:
         raise ModelFileError(
             f"{path} is a .tflite file but not a gemma-edge model (no {CONFIG_KEY} metadata). "
             "Convert the checkpoint with gemma-convert")
-    if CHECKSUM_KEY in entries:  # files before it have none
-        verify_header(path, entries[CHECKSUM_KEY])
+    checksums = entries.get(CHECKSUMS_KEY, b"")
+    if checksums:
+        _check_header(path, checksums, CHECKSUMS_BYTES)
+        if metadata_digest(entries) != checksums[8 + _DIGEST:8 + 2 * _DIGEST]:
+            raise ModelFileError(f"{path}: the file is damaged (its metadata or tokenizer no longer matches "
+                                 f"the checksum written with it); {_DAMAGED}")
+    elif HEADER_CHECKSUM_KEY in entries:  # format 1
+        _check_header(path, entries[HEADER_CHECKSUM_KEY], 8 + _DIGEST)
     try:
-        meta = json.loads(entries[CONFIG_KEY].decode("utf-8"))
-        if not isinstance(meta, dict):
-            raise ValueError(f"it is a JSON {type(meta).__name__}, not an object")
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format is {meta.get('format')!r}")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise ModelFileError(f"{path} uses file format {meta['format_version']}; this gemma-edge reads "
+        raw = json.loads(entries[CONFIG_KEY].decode("utf-8"))
+        if isinstance(raw, dict) and isinstance(raw.get("format_version"), int) and raw["format_version"] > FORMAT_VERSION:
+            raise ModelFileError(f"{path} uses file format {raw['format_version']}; this gemma-edge reads "
                                  f"up to {FORMAT_VERSION}: upgrade gemma-edge")
-        info = ModelInfo(path, meta, entries.get(TOKENIZER_KEY, b""))
-        info.config, info.context_length, info.prefill_lengths, info.score_lengths, info.tokens["bos_id"]  # validate now
+        meta = FileMeta.from_dict(raw)
     except ModelFileError:
         raise
     except GemmaEdgeError as e:  # the config's own checks (UnsupportedModelError)
         raise ModelFileError(f"{path}: the gemma-edge metadata is corrupt ({e}); convert the checkpoint again") from None
-    except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError, UnicodeDecodeError,
+            RecursionError) as e:
         raise ModelFileError(f"{path}: the gemma-edge metadata is corrupt ({type(e).__name__}: {e}); "
                              "convert the checkpoint again") from None
-    if not info.tokenizer_model:
+    size = os.path.getsize(path)
+    past = [(o, n) for o, n in regions if o + n > size]
+    if past:
+        raise ModelFileError(f"{path}: the file is truncated: its weights reach byte {max(o + n for o, n in past)} "
+                             f"but it has {size} bytes; {_DAMAGED}")
+    tokenizer_model = entries.get(TOKENIZER_KEY, b"")
+    if not tokenizer_model:
         raise ModelFileError(f"{path}: the embedded tokenizer is missing; convert the checkpoint again")
-    return info
+    return ModelInfo(path, meta, tokenizer_model, tuple(regions), checksums)
+
+
+def verify_weights(info: ModelInfo, progress=None) -> bool | None:
+    """Read every weight buffer and compare with the file's weights digest: True if equal,
+    None for a file without one (format 1). Raises ModelFileError on a mismatch.
+    ``progress(done_bytes, total_bytes)`` is called as it reads."""
+    if info.weights_sha256 is None:
+        return None
+    total = sum(n for _, n in info.weight_regions)
+    done, digests = 0, []
+    with open(info.path, "rb") as f:
+        for offset, n in info.weight_regions:
+            h = hashlib.sha256()
+            f.seek(offset)
+            left = n
+            while left:
+                chunk = f.read(min(left, 16 << 20))
+                if not chunk:
+                    raise ModelFileError(f"{info.path}: the file is truncated; {_DAMAGED}")
+                h.update(chunk)
+                left -= len(chunk)
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+            digests.append(h.digest())
+    if weights_digest(digests) != info.weights_sha256:
+        raise ModelFileError(f"{info.path}: the file is damaged (its weights no longer match the checksum written "
+                             f"with them); {_DAMAGED}")
+    return True

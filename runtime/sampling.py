@@ -167,7 +167,9 @@ def make_sampler(
         return greedy
 
     rng = np.random.default_rng(seed)
-    inv_t = np.float32(min(1.0 / temperature, 3e38))  # a tiny temperature is greedy, not inf * 0
+    # a tiny temperature is greedy, not inf * 0; capped so that (x - top) * inv_t stays finite in
+    # float32 for any logit gap under 1e8 (no overflow warning): exp of it is 0 either way
+    inv_t = np.float32(min(1.0 / temperature, 1e30))
 
     def sample(logits) -> int:
         x = _as_logits(logits)

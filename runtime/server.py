@@ -1,9 +1,11 @@
-"""``gemma-edge serve``: an OpenAI-compatible HTTP server over one loaded model.
+"""The HTTP transport of ``gemma-edge serve``: an OpenAI-compatible server over one loaded model.
 
 Standard library only (``http.server`` + ``json``), so the runtime still installs on a
-Raspberry Pi with no web framework, and never imports TensorFlow.
+Raspberry Pi with no web framework, and never imports TensorFlow. What a request means and
+what is answered is ``runtime/openai_api.py``; this module reads bodies, queues requests,
+streams events and notices clients that go away.
 
-    POST /v1/chat/completions   messages -> the Gemma chat template -> a reply (streamed or not)
+    POST /v1/chat/completions   messages -> the model's chat template -> a reply (streamed or not)
     POST /v1/completions        a raw prompt (text or token ids) -> its continuation
     GET  /v1/models             the one model: the file name without .tflite, or --model-name
     GET  /v1/models/{id}
@@ -11,23 +13,6 @@ Raspberry Pi with no web framework, and never imports TensorFlow.
 
 The ``/v1`` prefix is optional. Streams are server-sent events (``data: {...}`` ...
 ``data: [DONE]``), sent with chunked transfer encoding so the connection stays open.
-
-Request fields, mapped to ``Model.stream_generate``:
-
-    model                       must be the served id (404 otherwise); may be left out
-    max_completion_tokens,      at least 1; default: until the context is full (chat),
-      max_tokens                16 (completions, as OpenAI's). Generation also ends
-                                with "length" when the context is full.
-    temperature                 >= 0, default 1 (OpenAI's); 0 is greedy
-    top_p                       in (0, 1], default 1
-    stop                        a string or a list of strings
-    seed                        an integer >= 0
-    top_k, min_p,               extensions (as in llama.cpp and vLLM), default off
-      repetition_penalty
-    stream, stream_options      {"include_usage": true} adds a last chunk with usage
-
-``n`` other than 1, logprobs, tools, non-zero frequency/presence penalties and
-non-text message parts are refused with 400 rather than ignored.
 
 One model, one generation at a time: requests wait in arrival order (``RequestQueue``),
 at most ``max_queue`` of them; one more is answered 503 with ``Retry-After`` at once.
@@ -38,8 +23,8 @@ generation at the next token, which frees the model.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``:
 400 bad JSON or parameter (code ``context_length_exceeded`` for a prompt over the
-context), 401 missing or wrong API key, 404 unknown model or route, 405 wrong method,
-411/413 body without length or too large, 503 queue full, 500 the model failed.
+context), 401 missing or wrong API key, 404 unknown route (or model, with strict_model),
+405 wrong method, 411/413 body without length or too large, 503 queue full, 500 the model failed.
 """
 
 from __future__ import annotations
@@ -47,16 +32,11 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
-import math
-import numbers
-import secrets
 import select
 import socket
-import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -64,19 +44,14 @@ from socketserver import TCPServer
 from typing import Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
-import click
-
 from .. import __version__
-from .errors import GemmaEdgeError, GenerationError
+from . import openai_api as api
+from .errors import GemmaEdgeError
+from .openai_api import RequestError, _bad
 
 MAX_BODY_BYTES = 8 << 20
 RETRY_AFTER_SECONDS = 1
 SOCKET_TIMEOUT_SECONDS = 120  # a client that neither sends nor reads for this long is dropped
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-# OpenAI role -> the role chat.render expects (Gemma has no system turn: render folds it
-# into the next user turn; "developer" is OpenAI's newer name for "system").
-CHAT_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "model"}
 ROUTES = {  # path without the /v1 prefix -> allowed methods
     "/chat/completions": ("POST",),
     "/completions": ("POST",),
@@ -86,27 +61,6 @@ ROUTES = {  # path without the /v1 prefix -> allowed methods
 
 
 # ---- errors ------------------------------------------------------------------------------
-
-class RequestError(Exception):
-    """An HTTP error answer in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status = int(status)
-        self.message = message
-        self.param = param
-        self.code = code
-        self.kind = kind or ("server_error" if self.status >= 500 else "invalid_request_error")
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-
-def _bad(message: str, param: str | None = None, code: str | None = None) -> RequestError:
-    return RequestError(400, message, param=param, code=code)
-
 
 class ClientGone(Exception):
     """The client closed its connection; stop generating for it."""
@@ -159,162 +113,6 @@ class RequestQueue:
                 self._cv.notify_all()
 
 
-# ---- parsing requests --------------------------------------------------------------------
-
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _number(body: dict, name: str, default):
-    x = body.get(name)
-    if x is None:
-        return default
-    if not _is_number(x):
-        raise _bad(f"{name} must be a number, got {json.dumps(x)}", param=name)
-    return x
-
-
-def _integer(body: dict, name: str, default):
-    x = body.get(name)
-    if x is None:
-        return default
-    if not _is_int(x):
-        raise _bad(f"{name} must be an integer, got {json.dumps(x)}", param=name)
-    return int(x)
-
-
-def _stop_strings(body: dict) -> list[str] | None:
-    stop = body.get("stop")
-    if stop is None:
-        return None
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise _bad(f"stop must be a non-empty string or a list of them, got {json.dumps(stop)}", param="stop")
-    return stop or None
-
-
-def _refuse_unsupported(body: dict, completions: bool) -> None:
-    """Fields we cannot honour are refused, not silently ignored."""
-    if body.get("n") not in (None, 1):
-        raise _bad(f"n must be 1 (one choice per request), got {json.dumps(body['n'])}", param="n")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if body.get(name) not in (None, 0):
-            raise _bad(f"{name} is not supported; use repetition_penalty (> 1 discourages repeats) instead",
-                       param=name)
-    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-        raise _bad("logprobs are not supported", param="logprobs")
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise _bad(f"{name} are not supported: Gemma here has no tool-calling template", param=name)
-    if body.get("logit_bias"):
-        raise _bad("logit_bias is not supported", param="logit_bias")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise _bad('response_format: only {"type": "text"} is supported', param="response_format")
-    if completions:
-        if body.get("echo"):
-            raise _bad("echo is not supported", param="echo")
-        if body.get("best_of") not in (None, 1):
-            raise _bad("best_of must be 1", param="best_of")
-        if body.get("suffix"):
-            raise _bad("suffix (fill-in-the-middle) is not supported", param="suffix")
-
-
-def _generation_kwargs(body: dict, completions: bool) -> dict:
-    """Request fields -> ``stream_generate`` keyword arguments, each checked with its field name."""
-    from .sampling import validate_sampling  # numpy: not needed to import the CLI
-
-    if completions:
-        max_tokens = _integer(body, "max_tokens", COMPLETIONS_DEFAULT_MAX_TOKENS)
-        max_name = "max_tokens"
-    else:
-        max_name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-        max_tokens = _integer(body, max_name, None)
-    if max_tokens is not None and max_tokens < 1:
-        raise _bad(f"{max_name} must be at least 1, got {max_tokens}", param=max_name)
-    kwargs = dict(temperature=_number(body, "temperature", 1.0), top_p=_number(body, "top_p", 1.0),
-                  top_k=_integer(body, "top_k", 0), min_p=_number(body, "min_p", 0.0),
-                  repetition_penalty=_number(body, "repetition_penalty", 1.0),
-                  seed=_integer(body, "seed", None))
-    for name, value in kwargs.items():  # one at a time, so the error names its field
-        try:
-            validate_sampling(**{name: value})
-        except GenerationError as e:
-            raise _bad(str(e), param=name) from None
-    kwargs["max_tokens"] = max_tokens
-    kwargs["stop"] = _stop_strings(body)
-    return kwargs
-
-
-def _message_text(content, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-        parts = []
-        for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise _bad(f"messages[{i}].content: only text parts are supported, got {kind!r}",
-                           param=f"messages[{i}].content")
-            parts.append(part["text"])
-        return "\n".join(parts)
-    raise _bad(f"messages[{i}].content must be a string or a list of text parts, got {json.dumps(content)}",
-               param=f"messages[{i}].content")
-
-
-def chat_messages(body: dict) -> list[dict]:
-    """OpenAI messages -> the [{role, content}] that ``chat.render`` takes (roles system/user/model)."""
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise _bad("messages must be a non-empty list of {role, content} objects", param="messages")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise _bad(f"messages[{i}] must be an object with role and content", param=f"messages[{i}]")
-        role = m.get("role")
-        if role not in CHAT_ROLES:
-            raise _bad(f"messages[{i}].role {role!r} is not supported; use one of {', '.join(CHAT_ROLES)}",
-                       param=f"messages[{i}].role")
-        out.append({"role": CHAT_ROLES[role], "content": _message_text(m.get("content"), i)})
-    last_system = max((i for i, m in enumerate(out) if m["role"] == "system"), default=-1)
-    if last_system >= 0 and not any(m["role"] == "user" for m in out[last_system + 1:]):
-        raise _bad(f"messages[{last_system}] is a system message with no user message after it: Gemma has "
-                   "no system turn, its text is folded into the next user message", param="messages")
-    return out
-
-
-def completion_prompt(body: dict):
-    """The ``prompt`` of /v1/completions: one string, or one list of token ids."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str) and prompt:
-        return prompt
-    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        return [int(t) for t in prompt]
-    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-        raise _bad(f"one prompt per request, got a batch of {len(prompt)}", param="prompt")
-    raise _bad("prompt must be a non-empty string or a non-empty list of token ids", param="prompt")
-
-
-@dataclass
-class Job:
-    """One parsed generation request, ready to run."""
-
-    chat: bool
-    ids: list[int]  # the whole prompt, <bos> included
-    kwargs: dict  # for stream_generate
-    stream: bool
-    include_usage: bool
-    id: str = field(default_factory=lambda: secrets.token_hex(12))
-    created: int = field(default_factory=lambda: int(time.time()))
-
-
 # ---- the server --------------------------------------------------------------------------
 
 class ModelServer(ThreadingHTTPServer):
@@ -324,14 +122,43 @@ class ModelServer(ThreadingHTTPServer):
     request_queue_size = 64  # the listen backlog: a burst of clients is accepted, then queued or refused
 
     def __init__(self, address, model, api_key: str | None, max_queue: int, model_name: str,
-                 log: Callable[[str], None] | None):
+                 log: Callable[[str], None] | None, strict_model: bool = False, max_body: int = MAX_BODY_BYTES):
         self.model = model
         self.model_name = model_name
+        self.strict_model = strict_model
+        self.max_body = max_body
         self.api_key = api_key
         self.queue = RequestQueue(max_queue)
+        # open connections, each a thread: slow clients cannot make threads without bound
+        self.max_connections = max(32, 4 * (max_queue + 2))
+        self._connections = threading.BoundedSemaphore(self.max_connections)
         self.log = log
         self.created = int(time.time())
         super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address):
+        if not self._connections.acquire(blocking=False):  # answered at once, without a thread
+            body = json.dumps(RequestError(503, f"the server has {self.max_connections} open connections; retry "
+                                                f"after {RETRY_AFTER_SECONDS} s", code="too_many_connections").body())
+            with contextlib.suppress(OSError):
+                request.sendall(f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                f"Retry-After: {RETRY_AFTER_SECONDS}\r\nConnection: close\r\n"
+                                f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+            self.shutdown_request(request)
+            if self.log:
+                self.log(f"{client_address[0]} refused: {self.max_connections} connections open")
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
 
     def server_bind(self):
         # HTTPServer.server_bind resolves the host's FQDN (a DNS lookup that can stall); skip it.
@@ -345,95 +172,27 @@ class ModelServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
-    # -- requests -> jobs --
-    def check_model(self, body: dict) -> None:
-        name = body.get("model")
-        if name is None:
-            return
-        if not isinstance(name, str):
-            raise _bad(f"model must be a string, got {json.dumps(name)}", param="model")
-        if name != self.model_name:
-            raise RequestError(404, f"the model {name!r} does not exist; this server serves "
-                                    f"{self.model_name!r} (GET /v1/models)", param="model", code="model_not_found")
-
-    def job(self, body: dict, chat: bool) -> Job:
-        self.check_model(body)
-        _refuse_unsupported(body, completions=not chat)
-        kwargs = _generation_kwargs(body, completions=not chat)
-        stream = body.get("stream") or False
-        if not isinstance(stream, bool):
-            raise _bad(f"stream must be true or false, got {json.dumps(stream)}", param="stream")
-        options = body.get("stream_options") or {}
-        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-            raise _bad('stream_options must be {"include_usage": true|false}', param="stream_options")
-        param = "messages" if chat else "prompt"
-        prompt = self.model.render_chat(chat_messages(body)) if chat else completion_prompt(body)
-        try:
-            ids = self.model.encode(prompt)
-        except GemmaEdgeError as e:
-            raise _bad(str(e), param=param) from None
-        context = self.model.context_length
-        if len(ids) > context:
-            raise _bad(f"the prompt has {len(ids)} tokens but the model's context is {context}; shorten the "
-                       f"{param} (or convert the model with a larger --max-context)",
-                       param=param, code="context_length_exceeded")
-        if kwargs["max_tokens"] is None:
-            kwargs["max_tokens"] = context  # generation ends with "length" when the context is full
-        return Job(chat=chat, ids=ids, kwargs=kwargs, stream=stream,
-                   include_usage=stream and bool(options.get("include_usage")))
-
-    # -- jobs -> response bodies --
-    def _envelope(self, job: Job, chunk: bool) -> dict:
-        kind = ("chat.completion" + (".chunk" if chunk else "")) if job.chat else "text_completion"
-        return {"id": ("chatcmpl-" if job.chat else "cmpl-") + job.id, "object": kind, "created": job.created,
-                "model": self.model_name, "system_fingerprint": f"gemma-edge-{__version__}"}
-
-    @staticmethod
-    def usage(job: Job, completion_tokens: int) -> dict:
-        return {"prompt_tokens": len(job.ids), "completion_tokens": completion_tokens,
-                "total_tokens": len(job.ids) + completion_tokens}
-
-    def response(self, job: Job, text: str, finish_reason: str, completion_tokens: int) -> dict:
-        if job.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._envelope(job, chunk=False), "choices": [choice],
-                "usage": self.usage(job, completion_tokens)}
-
-    def chunk(self, job: Job, text: str | None = None, finish_reason: str | None = None,
-              role: bool = False, usage: dict | None = None) -> dict:
-        out = self._envelope(job, chunk=True)
-        if usage is not None:
-            out["choices"] = []
-        elif job.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            out["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-        else:
-            out["choices"] = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]
-        if job.include_usage:
-            out["usage"] = usage
-        return out
-
-
 def make_server(model, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None,
                 max_queue: int = 8, model_name: str | None = None,
-                log: Callable[[str], None] | None = None) -> ModelServer:
+                log: Callable[[str], None] | None = None, strict_model: bool = False,
+                max_body: int = MAX_BODY_BYTES) -> ModelServer:
     """An OpenAI-compatible server over ``model`` (a loaded ``Model``), bound but not yet serving.
 
     ``port=0`` binds a free port (see ``server.url``). ``log`` receives one line per request.
-    Run it with ``serve_forever()`` (in a thread, if need be); stop with ``shutdown()`` then
-    ``server_close()``.
+    ``strict_model`` answers 404 to a request naming another model (by default any name is
+    served). ``max_body`` bytes is the largest request body read. Run it with
+    ``serve_forever()`` (in a thread, if need be); stop with ``shutdown()`` then ``server_close()``.
     """
-    if not _is_int(max_queue) or max_queue < 0:
+    if not api._is_int(max_queue) or max_queue < 0:
         raise GemmaEdgeError(f"max_queue must be an integer >= 0 (requests waiting for the model), got {max_queue!r}")
+    if not api._is_int(max_body) or max_body < 1:
+        raise GemmaEdgeError(f"max_body must be a positive number of bytes, got {max_body!r}")
     if api_key is not None and not api_key.strip():
         raise GemmaEdgeError("the API key is empty; give a non-empty --api-key, or none to serve without one")
     name = model_name or Path(model.info.path).stem
     cls = _ModelServer6 if ":" in host else ModelServer
     try:
-        return cls((host, port), model, api_key, max_queue, name, log)
+        return cls((host, port), model, api_key, max_queue, name, log, strict_model, max_body)
     except OSError as e:
         raise GemmaEdgeError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port "
                              "(0 picks a free one) or --host") from None
@@ -465,6 +224,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self):
         t0 = time.perf_counter()
         self._status, self._note, self._body_read = None, "", False
+        self._probed = self._streaming = self._chunked = False
         path = unquote(urlsplit(self.path).path).rstrip("/")
         route = path[3:] if path.startswith("/v1/") else path
         try:
@@ -492,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._log(traceback.format_exc().rstrip())
             self._send_error(RequestError(500, f"internal error: {type(e).__name__}: {e}"))
         finally:
-            self._log(f'{self.client_address[0]} "{self.command} {path}" {self._status or "-"} '
+            self._log(f'{self.client_address[0]} "{self.command} {_printable(path)}" {self._status or "-"} '
                       f"{time.perf_counter() - t0:.2f}s{self._note}")
 
     def _check_key(self) -> None:
@@ -512,8 +272,7 @@ class _Handler(BaseHTTPRequestHandler):
                                code="method_not_allowed", headers={"Allow": ", ".join(methods)})
 
     def _model_card(self) -> dict:
-        return {"id": self.server.model_name, "object": "model", "created": self.server.created,
-                "owned_by": "gemma-edge"}
+        return api.model_card(self.server.model_name, self.server.created)
 
     def _model(self, name: str) -> None:
         if name != self.server.model_name:
@@ -523,7 +282,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- generation --
     def _generate(self, chat: bool) -> None:
-        job = self.server.job(self._read_json(), chat=chat)
+        srv = self.server
+        job = api.parse_job(self._read_json(), chat, srv.model, srv.model_name, srv.strict_model)
         try:
             with self.server.queue.turn():
                 if self._client_gone():
@@ -537,11 +297,12 @@ class _Handler(BaseHTTPRequestHandler):
                     if job.stream:
                         self._stream(job, first, gen)
                         return
-                    parts, last = [first.text], first
+                    parts, thoughts, last = [], [], first
+                    _collect(job, first, parts, thoughts)
                     for r in gen:
                         if self._client_gone():
                             raise ClientGone
-                        parts.append(r.text)
+                        _collect(job, r, parts, thoughts)
                         last = r
                 finally:
                     gen.close()  # a client that went away frees the model here
@@ -554,11 +315,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._note = " (client disconnected; generation stopped)"
             return
         self._note = f" {len(job.ids)}+{last.generation_tokens} tokens"
-        self._send_json(200, self.server.response(job, "".join(parts), last.finish_reason, last.generation_tokens))
+        self._send_json(200, api.response(job, "".join(parts), last.finish_reason, last.generation_tokens,
+                                          reasoning="".join(thoughts)))
 
-    def _stream(self, job: Job, first, gen: Iterator) -> None:
-        srv = self.server
+    def _stream(self, job: api.Job, first, gen: Iterator) -> None:
         self._chunked = self.request_version == "HTTP/1.1"
+        self._streaming = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
@@ -569,13 +331,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         self._end_headers()
         if job.chat:
-            self._event(srv.chunk(job, role=True))
+            self._event(api.chunk(job, role=True))
         last = None
         try:
             for r in _chain(first, gen):
                 last = r
-                if r.text:
-                    self._event(srv.chunk(job, text=r.text))
+                text, reasoning = _collect(job, r)
+                if text or reasoning:
+                    self._event(api.chunk(job, text=text, reasoning=reasoning))
         except GemmaEdgeError as e:  # headers are sent: the error travels as an event
             self._event(_bad(str(e)).body())
         except ClientGone:
@@ -584,9 +347,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._log(traceback.format_exc().rstrip())
             self._event(RequestError(500, f"internal error: {type(e).__name__}: {e}").body())
         if last is not None and last.finish_reason is not None:
-            self._event(srv.chunk(job, finish_reason=last.finish_reason))
+            self._event(api.chunk(job, finish_reason=last.finish_reason))
             if job.include_usage:
-                self._event(srv.chunk(job, usage=srv.usage(job, last.generation_tokens)))
+                self._event(api.chunk(job, usage=api.usage(job, last.generation_tokens)))
             self._note = f" {len(job.ids)}+{last.generation_tokens} tokens, streamed"
         self._write(b"data: [DONE]\n\n")
         if self._chunked:
@@ -613,10 +376,12 @@ class _Handler(BaseHTTPRequestHandler):
             raise ClientGone from None
 
     def _client_gone(self) -> bool:
-        """Has the client closed its side? A readable socket with nothing to read means end-of-file.
-
-        (A write to a closed socket fails only from the second write on; this sees the close
-        at once. A pipelined next request is data, not end-of-file.)"""
+        """Has the client gone? End-of-file on its socket means it closed its side: either it went
+        away, or it only half-closed (shut down writing) and still waits for the answer. The two
+        look alike until something is written: so on the first end-of-file a probe is sent that
+        every client ignores (an interim ``100 Continue`` before the answer, an SSE comment line
+        in a stream); a client that went away answers it with a reset, seen at the next check.
+        (A pipelined next request is data, not end-of-file.)"""
         try:
             if hasattr(select, "poll"):  # no FD_SETSIZE limit
                 poller = select.poll()
@@ -624,9 +389,25 @@ class _Handler(BaseHTTPRequestHandler):
                 readable = bool(poller.poll(0))
             else:
                 readable = bool(select.select([self.connection], [], [], 0)[0])
-            return readable and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if not readable or self.connection.recv(1, socket.MSG_PEEK) != b"":
+                return False
+            # after end-of-file a reset no longer shows in recv(); it leaves a pending socket error
+            if self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                return True
         except (OSError, ValueError):
-            return True
+            return True  # reset: the client went away
+        if not self._probed:
+            self._probed = True
+            probe = (b"%x\r\n%s\r\n" % (3, b":\n\n") if self._chunked else b":\n\n") if self._streaming \
+                else b"HTTP/1.1 100 Continue\r\n\r\n"
+            try:
+                self.wfile.write(probe)
+                # a client that went away answers with a reset: at once over loopback, within a
+                # round trip (the next token's check) over a network
+                return bool(self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
+            except OSError:
+                return True
+        return False
 
     # -- bodies --
     def _read_json(self) -> dict:
@@ -645,14 +426,17 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError:
                 self.close_connection = True
                 raise _bad(f"Content-Length {length!r} is not a byte count") from None
-            if n > MAX_BODY_BYTES:
+            if n > self.server.max_body:
                 self.close_connection = True
-                raise RequestError(413, f"the body has {n} bytes; the limit is {MAX_BODY_BYTES}")
+                raise RequestError(413, f"the body has {n} bytes; the limit is {self.server.max_body} "
+                                        "(gemma-edge serve --max-body)")
             raw = self.rfile.read(n)
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise _bad(f"the body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise _bad("the body nests JSON arrays or objects too deeply") from None
         if not isinstance(body, dict):
             raise _bad(f"the body must be a JSON object, got {type(body).__name__}")
         return body
@@ -663,16 +447,19 @@ class _Handler(BaseHTTPRequestHandler):
             line = self.rfile.readline(1024)
             try:
                 size = int(line.split(b";")[0].strip(), 16)
+                if size < 0 or not line.split(b";")[0].strip().isalnum():
+                    raise ValueError
             except ValueError:
                 self.close_connection = True
-                raise _bad("malformed chunked body") from None
+                raise _bad(f"malformed chunked body: chunk size {line[:20]!r} is not a hexadecimal count") from None
             if size == 0:
                 while self.rfile.readline(1024).strip():  # trailers
                     pass
                 return bytes(out)
-            if len(out) + size > MAX_BODY_BYTES:
+            if len(out) + size > self.server.max_body:
                 self.close_connection = True
-                raise RequestError(413, f"the body is over the limit of {MAX_BODY_BYTES} bytes")
+                raise RequestError(413, f"the body is over the limit of {self.server.max_body} bytes "
+                                        "(gemma-edge serve --max-body)")
             out += self.rfile.read(size)
             self.rfile.readline(1024)
 
@@ -707,7 +494,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             phrase = ""
         self._send_json(code, RequestError(code, message or explain or phrase).body())
-        self._log(f"{self.client_address[0]} {self.requestline[:80]!r} {code} {message or phrase}")
+        self._log(f"{self.client_address[0]} {_printable(self.requestline[:80])} {code} {_printable(message or phrase)}")
 
     def send_response(self, code, message=None):
         self._status = code
@@ -717,80 +504,29 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # _dispatch logs one line per request
 
     def log_message(self, format, *args):
-        self._log(f"{self.address_string()} {format % args}")
+        self._log(f"{self.address_string()} {_printable(format % args)}")
 
     def _log(self, line: str) -> None:
         if self.server.log is not None:
             self.server.log(line)
 
 
+def _printable(text: str) -> str:
+    """What a client sent, safe to log: control characters (a %0a in a path) escaped, so no
+    request can forge a log line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _collect(job: api.Job, r, parts: list | None = None, thoughts: list | None = None) -> tuple[str, str]:
+    """(text, reasoning) of one step: a chat keeps the thinking channel apart; a raw completion
+    is the whole continuation."""
+    text, reasoning = (r.text, r.reasoning) if job.chat else (r.text + r.reasoning, "")
+    if parts is not None:
+        parts.append(text)
+        thoughts.append(reasoning)
+    return text, reasoning
+
+
 def _chain(first, rest):
     yield first
     yield from rest
-
-
-# ---- the command -------------------------------------------------------------------------
-
-@click.command("serve", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("model", type=click.Path())
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on. 0.0.0.0 (or ::) accepts other machines: then set --api-key.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
-              help="TCP port; 0 picks a free one. The URL is printed on stdout.")
-@click.option("--api-key", envvar="GEMMA_EDGE_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on every request (also read from "
-                   "GEMMA_EDGE_API_KEY, which keeps it out of the process list).")
-@click.option("--max-queue", type=click.IntRange(min=0), default=8, show_default=True,
-              help="Requests that may wait while one generates; one more is answered 503 with Retry-After.")
-@click.option("--model-name", default=None,
-              help="The model id clients send and /v1/models lists (default: the file name without .tflite).")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: cores, up to 4).")
-@click.option("-q", "--quiet", is_flag=True, help="No log line per request on stderr.")
-def serve(model, host, port, api_key, max_queue, model_name, threads, quiet):
-    """Serve MODEL over an OpenAI-compatible HTTP API on this machine.
-
-    \b
-    POST /v1/chat/completions   chat (the Gemma template), streamed or not
-    POST /v1/completions        raw text continuation
-    GET  /v1/models, /health
-    \b
-    gemma-edge serve model.tflite
-    gemma-edge serve model.tflite --port 0 --api-key secret
-    \b
-    Then, in Python:
-      openai.OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="secret")
-    or: curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
-          -d '{"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}'
-
-    One request generates at a time; up to --max-queue more wait their turn, in order.
-    Ctrl-C stops the server.
-    """
-    def err(line: str) -> None:
-        click.echo(line, err=True)
-
-    try:
-        from .engine import load
-
-        m = load(model, threads=threads)
-        server = make_server(m, host, port, api_key=api_key, max_queue=max_queue, model_name=model_name,
-                             log=None if quiet else err)
-    except GemmaEdgeError as e:
-        err(f"gemma-edge: error: {e}")
-        sys.exit(2)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        err(f"gemma-edge serve: warning: listening on {host} without --api-key; anyone who can reach "
-            "this machine can use the model")
-    err(f"gemma-edge serve: model {server.model_name!r} ({m.info.quant}, context {m.context_length} tokens, "
-        f"backend {m.backend.name}), up to {max_queue} waiting requests; Ctrl-C stops")
-    click.echo(server.url)  # on stdout alone, for scripts (--port 0)
-    sys.stdout.flush()
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        err("gemma-edge serve: stopped")
-    finally:
-        server.server_close()
-
-
-if __name__ == "__main__":
-    serve()

@@ -17,7 +17,9 @@ them literally, as llama.cpp does.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
+from functools import cached_property
 
 from sentencepiece import SentencePieceProcessor
 
@@ -64,8 +66,14 @@ class Tokenizer:
                 if piece:
                     specials.setdefault(piece, i)
         self._special_ids = frozenset(specials.values())
-        # llama.cpp partitions with the longest special first; ties keep id order.
-        self._specials_longest_first = sorted(specials.items(), key=lambda kv: (-len(kv[0]), kv[1]))
+        self._specials = specials
+        # where a special may start: its first character -> the lengths of those starting with it,
+        # longest first (so a scan tries the longest match first, as llama.cpp's partition does)
+        by_first: dict[str, set[int]] = {}
+        for piece in specials:
+            by_first.setdefault(piece[0], set()).add(len(piece))
+        self._special_lengths = {c: sorted(n, reverse=True) for c, n in by_first.items()}
+        self._special_start = re.compile("[" + "".join(re.escape(c) for c in by_first) + "]") if by_first else None
         self._token_bytes_cache: dict[int, bytes] = {}
 
     @classmethod
@@ -143,32 +151,50 @@ class Tokenizer:
         if not parse_special:
             ids.extend(self._sp.EncodeAsIds(text))
             return ids
-        for fragment in self._split_special(text):
+        for fragment in self.split_special(text):
             if isinstance(fragment, int):
                 ids.append(fragment)
             else:
                 ids.extend(self._sp.EncodeAsIds(fragment))
         return ids
 
-    def _split_special(self, text: str) -> list[str | int]:
-        """llama.cpp's ``tokenizer_st_partition``: text fragments and special ids, in order."""
-        fragments: list[str | int] = [text]
-        for piece, token_id in self._specials_longest_first:
-            if piece not in text:
-                continue
-            out: list[str | int] = []
-            for fragment in fragments:
-                if isinstance(fragment, int) or piece not in fragment:
-                    out.append(fragment)
-                    continue
-                parts = fragment.split(piece)
-                for k, part in enumerate(parts):
-                    if k:
-                        out.append(token_id)
-                    if part:
-                        out.append(part)
-            fragments = out
-        return fragments
+    def split_special(self, text: str) -> list[str | int]:
+        """Text fragments and special ids, in order: every control string in ``text`` becomes its
+        id, leftmost first and the longest at each place (llama.cpp's ``tokenizer_st_partition``
+        gives the same for Gemma's control pieces, none of which overlaps another).
+
+        Linear in the text: a position is tried only where a control piece could start, against
+        the few lengths such pieces have (an 8 MB prompt takes milliseconds, not minutes)."""
+        if self._special_start is None:
+            return [text] if text else []
+        out: list[str | int] = []
+        specials, lengths = self._specials, self._special_lengths
+        start = pos = 0
+        find = self._special_start.search
+        while (m := find(text, pos)) is not None:
+            at = m.start()
+            for n in lengths[text[at]]:
+                token_id = specials.get(text[at:at + n])
+                if token_id is not None:
+                    if at > start:
+                        out.append(text[start:at])
+                    out.append(token_id)
+                    start = pos = at + n
+                    break
+            else:
+                pos = at + 1
+        if start < len(text):
+            out.append(text[start:])
+        return out
+
+    @cached_property
+    def max_piece_bytes(self) -> int:
+        """The most UTF-8 bytes one token can stand for (a control string counts as its text):
+        no text longer than ``n * max_piece_bytes`` bytes encodes to n tokens or fewer."""
+        sp = self._sp
+        if not any(sp.IsByte(i) for i in range(self._vocab_size)):
+            return 1 << 40  # no byte fallback: a run of unknown characters is one <unk> token, unbounded
+        return max(1, max(len(sp.IdToPiece(i).encode("utf-8")) for i in range(self._vocab_size)))
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; control tokens (bos, eos, turn markers) decode to ''."""

@@ -1,0 +1,156 @@
+"""The LiteRT-LM contract: every signature, tensor and weight name, and its shape, lives here.
+
+The converter builds the graph from these names, the writer and the quantization recipes
+parse them, and the runtime binds them; nothing else formats or parses them.
+
+Signatures (LiteRT-LM runs the first two; ``score_<T>`` is gemma-edge's own, ignored there):
+    prefill_<T>   tokens [1, T], input_pos [T], KV caches      -> KV caches
+    decode        tokens [1, 1], input_pos [1], KV caches      -> KV caches, logits [1, 1, V]
+    score_<T>     as prefill_<T>                               -> KV caches, logits [1, T, V]
+KV caches: ``kv_cache_k_<i>`` / ``kv_cache_v_<i>``, float32 [1, K, S, H], one pair for every
+layer i that owns a cache (``kv_layers``), bound as both input and output (updated in place).
+
+Weights: canonical names ``embed``, ``final_norm`` and ``l<i>_<kind>`` (``l3_q``, ``l0_down``),
+[out, in] for linear layers; norm weights hold the (1 + w) scale.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .config import GemmaConfig
+
+DECODE = "decode"
+PREFILL = "prefill"
+SCORE = "score"
+TOKENS = "tokens"
+INPUT_POS = "input_pos"
+LOGITS = "logits"
+KV_PREFIX = "kv_cache_"
+
+# What a signature returns besides the caches: nothing, the last token's logits, every token's.
+NO_LOGITS, LAST_LOGITS, ALL_LOGITS = "none", "last", "all"
+
+
+def prefill_name(T: int) -> str:
+    return f"{PREFILL}_{int(T)}"
+
+
+def score_name(T: int) -> str:
+    return f"{SCORE}_{int(T)}"
+
+
+def signature_names(prefill_lengths, score_lengths=()) -> list[str]:
+    """Every signature of a file, in the order the converter builds them."""
+    return ([prefill_name(T) for T in sorted(set(prefill_lengths))] + [DECODE] +
+            [score_name(T) for T in sorted(set(score_lengths))])
+
+
+_SIGNATURE = re.compile(rf"({PREFILL}|{SCORE})_([1-9][0-9]*)")
+
+
+def parse_signature(name: str) -> tuple[int, str]:
+    """``prefill_32`` -> (32, "none"), ``score_32`` -> (32, "all"), ``decode`` -> (1, "last")."""
+    if name == DECODE:
+        return 1, LAST_LOGITS
+    m = _SIGNATURE.fullmatch(name)
+    if not m:
+        raise ValueError(f"{name!r} is not a gemma-edge signature (prefill_<T>, decode, score_<T>)")
+    return int(m.group(2)), NO_LOGITS if m.group(1) == PREFILL else ALL_LOGITS
+
+
+# ---- KV caches ---------------------------------------------------------------------------
+
+def kv_name(kind: str, layer: int) -> str:
+    """``kv_name("k", 3)`` -> ``kv_cache_k_3``."""
+    if kind not in ("k", "v"):
+        raise ValueError(f"a KV cache is 'k' or 'v', not {kind!r}")
+    return f"{KV_PREFIX}{kind}_{int(layer)}"
+
+
+_KV = re.compile(rf"{KV_PREFIX}([kv])_([0-9]+)")
+
+
+def parse_kv_name(name: str) -> tuple[str, int] | None:
+    """``kv_cache_v_12`` -> ("v", 12); None for any other name."""
+    m = _KV.fullmatch(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def kv_layers(cfg: GemmaConfig) -> list[int]:
+    """The layers that own a cache; the others read the cache of ``cfg.kv_source(layer)``."""
+    return [i for i in range(cfg.num_layers) if cfg.kv_source(i) == i]
+
+
+def kv_names(cfg: GemmaConfig) -> list[str]:
+    """Every cache tensor of a file: k and v of each layer that owns a cache."""
+    return [kv_name(c, i) for i in kv_layers(cfg) for c in "kv"]
+
+
+def kv_shape(cfg: GemmaConfig, layer: int, context: int) -> tuple[int, int, int, int]:
+    """[1, K, S, H]: LiteRT-LM reads the context length S from dim 2 of a K cache."""
+    return (1, cfg.kv_heads_for(layer), int(context), cfg.head_dim_for(layer))
+
+
+def kv_shapes(cfg: GemmaConfig, context: int) -> dict[str, tuple[int, int, int, int]]:
+    return {kv_name(c, i): kv_shape(cfg, i, context) for i in kv_layers(cfg) for c in "kv"}
+
+
+# ---- weights -----------------------------------------------------------------------------
+
+EMBED = "embed"
+FINAL_NORM = "final_norm"
+PLE_PROJ = "ple_proj"  # per-layer embeddings: the projection of the token embedding, [L * P, D]
+PLE_PROJ_NORM = "ple_proj_norm"  # and its norm, [P]
+
+
+def weight_name(layer: int | None, kind: str) -> str:
+    """``weight_name(3, "q")`` -> ``l3_q``; ``weight_name(None, "embed")`` -> ``embed``."""
+    return kind if layer is None else f"l{int(layer)}_{kind}"
+
+
+_LAYER_WEIGHT = re.compile(r"l([0-9]+)_(.+)")
+
+
+def parse_weight_name(name: str) -> tuple[int | None, str]:
+    """``l3_q`` -> (3, "q"); ``embed`` -> (None, "embed")."""
+    m = _LAYER_WEIGHT.fullmatch(name)
+    return (int(m.group(1)), m.group(2)) if m else (None, name)
+
+
+def weight_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Canonical weight names and shapes ([out, in] for linear layers), in file order. Norm
+    weights hold the multiplier (Gemma 1-3's 1 + w). The per-layer embedding table is stored
+    as one [ple_vocab, P] table per layer (``l<i>_ple_embed``): each lookup then touches one
+    row of one table, and no tensor passes the 2**31-byte offsets of LiteRT's lookup kernel."""
+    d, n = cfg.hidden_size, cfg.num_heads
+    shapes = {EMBED: (cfg.vocab_size, d)}
+    if cfg.ple_dim:
+        P = cfg.ple_dim
+        shapes |= {PLE_PROJ: (cfg.num_layers * P, d), PLE_PROJ_NORM: (P,)}
+        shapes |= {weight_name(i, "ple_embed"): (cfg.ple_vocab, P) for i in range(cfg.num_layers)}
+    shapes[FINAL_NORM] = (d,)
+    for i in range(cfg.num_layers):
+        f, h, k = cfg.intermediate_size_for(i), cfg.head_dim_for(i), cfg.kv_heads_for(i)
+        own_cache = cfg.kv_source(i) == i
+        w = {"attn_norm": (d,), "q": (n * h, d)}
+        if own_cache:
+            w["k"] = (k * h, d)
+            if cfg.has_v_proj(i):
+                w["v"] = (k * h, d)
+        w["o"] = (d, n * h)
+        if cfg.has_qk_norm:
+            w["q_norm"] = (h,)
+            if own_cache:
+                w["k_norm"] = (h,)
+        if cfg.has_post_norms:
+            w["post_attn_norm"] = (d,)
+        w |= {"ffn_norm": (d,), "gate": (f, d), "up": (f, d), "down": (d, f)}
+        if cfg.has_post_norms:
+            w["post_ffn_norm"] = (d,)
+        if cfg.ple_dim:
+            w |= {"ple_gate": (cfg.ple_dim, d), "ple_out": (d, cfg.ple_dim), "ple_norm": (d,)}
+        if cfg.layer_scale:
+            w["layer_scale"] = (1,)
+        shapes |= {weight_name(i, kind): s for kind, s in w.items()}
+    return shapes

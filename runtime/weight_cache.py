@@ -1,0 +1,220 @@
+"""The XNNPACK weight cache: one packed copy of a file's weights, shared by every signature.
+
+Without it every signature packs its own copy (the 270M int8 file: 1165 MB peak RSS, 1.1 s
+load); with it one packed copy is written once and then memory-mapped (545 MB, 0.28 s on
+later loads; benchmarks/runtime_memory.py). It lives under ``$GEMMA_EDGE_CACHE``, else
+``$XDG_CACHE_HOME/gemma-edge/xnnpack`` or ``~/.cache/gemma-edge/xnnpack``.
+
+The cache must never make a run fail or lie, so:
+
+- it is built by a child process (``python -m gemma_edge.runtime.weight_cache``) into a
+  temporary name: XNNPACK aborts the process when a write fails (a full disk, ``ulimit -f``),
+  and a child that dies costs only the cache. The parent then runs without it and says so;
+- before building, the free space and the file size limit are checked against the model's size;
+- the child also reads every weight of the model against the file's checksum (the first load
+  of a file on a machine checks its weights once; later loads check its header and metadata);
+- a built cache is renamed into place with a record beside it (size and CRC-32 of the packed
+  bytes, the model it belongs to); every load checks the record and the whole cache against
+  it before LiteRT maps it, and rebuilds a cache that does not match (a truncated, damaged or
+  foreign file) instead of trusting it;
+- caches of an earlier version of the same model path, and of models that no longer exist,
+  are removed when a new one is built.
+
+Every note goes to stderr as one line starting ``gemma-edge: note:``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+from .errors import ModelFileError
+from .modelfile import ModelInfo
+
+SUFFIX = ".xnnpack"
+RECORD = ".ok"  # beside each cache: {"size", "crc32", "model", "key"}
+_HEADROOM = 1.25  # packed weights take about the file's size; int4 packs a little larger
+_SLACK = 64 << 20
+EXIT_DAMAGED = 3  # the child found the model's weights damaged
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GEMMA_EDGE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gemma-edge", "xnnpack"))
+
+
+def note(message: str) -> None:
+    sys.stderr.write(f"gemma-edge: note: {message}\n")
+    sys.stderr.flush()
+
+
+def _key(info: ModelInfo) -> tuple[str, str]:
+    """(stem shared by every version of this model path, key of this version's content)."""
+    real = os.path.realpath(info.path)
+    st = os.stat(info.path)
+    place = hashlib.sha256(real.encode()).hexdigest()[:8]
+    if info.checksums:  # the file's own digests: the same content always finds the same cache
+        content = hashlib.sha256(info.checksums).hexdigest()[:16]
+    else:  # format 1: its identity on disk
+        content = hashlib.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"{os.path.basename(info.path)}.{place}", content
+
+
+def crc32_file(path: Path, chunk: int = 16 << 20) -> int:
+    crc = 0
+    with open(path, "rb") as f:  # read(), not mmap: the bytes stay out of this process's RSS
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(Path(str(path) + RECORD).read_text())
+        return record if isinstance(record, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _remove(path: Path) -> None:
+    for p in (path, Path(str(path) + RECORD)):
+        with contextlib.suppress(OSError):
+            p.unlink()
+
+
+def _valid(path: Path, key: str) -> bool:
+    record = _read_record(path)
+    try:
+        return (record is not None and record.get("key") == key and path.stat().st_size == record.get("size")
+                and crc32_file(path) == record.get("crc32"))
+    except OSError:
+        return False
+
+
+def _prune(folder: Path, stem: str, keep: Path) -> None:
+    """Remove caches of earlier versions of this model path, caches of models that are gone,
+    and unfinished builds of processes that no longer run."""
+    from .fileio import _pid_alive
+
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        name = p.name
+        if p == keep or name.endswith(RECORD):
+            continue  # a record goes with its cache
+        tmp = re.fullmatch(r".*\.tmp([0-9]+)", name)
+        if tmp:
+            if not _pid_alive(int(tmp.group(1))):
+                _remove(p)
+        elif name.endswith(SUFFIX):
+            record = _read_record(p)
+            if name.startswith(stem + ".") or record is None or not os.path.exists(record.get("model", "")):
+                _remove(p)
+
+
+def _room_for(folder: Path, need: int) -> str | None:
+    """Why ``need`` bytes cannot be written in ``folder`` (None if they can)."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and limit < need:
+        return f"the file size limit (ulimit -f) is {limit} bytes"
+    try:
+        st = os.statvfs(folder)
+    except OSError as e:
+        return f"{folder} cannot be checked ({e.strerror or e})"
+    free = st.f_bavail * st.f_frsize
+    if free < need:
+        return f"{folder} has {free / 1e6:.0f} MB free"
+    return None
+
+
+def prepare(info: ModelInfo, threads: int) -> str | None:
+    """The path of a verified weight cache for ``info``, built if need be; None to run without
+    one (the reason was noted). Raises ModelFileError if the model's weights are damaged."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        note(f"no XNNPACK weight cache ({folder}: {e.strerror or e}); every signature packs its own weights")
+        return None
+    stem, key = _key(info)
+    path = folder / f"{stem}.{key}{SUFFIX}"
+    if path.exists():
+        if _valid(path, key):
+            return str(path)
+        note(f"the XNNPACK weight cache {path} does not match its record (damaged or cut short); rebuilding it")
+        _remove(path)
+    need = int(os.path.getsize(info.path) * _HEADROOM) + _SLACK
+    why = _room_for(folder, need)
+    if why:
+        note(f"no XNNPACK weight cache: it needs about {need / 1e6:.0f} MB and {why}; running without it "
+             "(every signature packs its own weights: more memory). Set GEMMA_EDGE_CACHE to a folder with room")
+        return None
+    _prune(folder, stem, path)
+    tmp = folder / f"{stem}.{key}.tmp{os.getpid()}"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gemma_edge.runtime.weight_cache", info.path, str(tmp), str(threads)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if proc.returncode == EXIT_DAMAGED:
+            raise ModelFileError(proc.stdout.strip() or f"{info.path}: the weights are damaged")
+        if proc.returncode != 0 or not tmp.exists():
+            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+            detail = (proc.stdout.strip().splitlines() or [""])[-1]
+            note(f"building the XNNPACK weight cache failed ({how}{': ' + detail if detail else ''}); running "
+                 "without it (every signature packs its own weights: more memory)")
+            return None
+        record = {"size": tmp.stat().st_size, "crc32": crc32_file(tmp), "key": key,
+                  "model": os.path.realpath(info.path)}
+        Path(str(tmp) + RECORD).write_text(json.dumps(record))
+        os.replace(str(tmp) + RECORD, str(path) + RECORD)
+        os.replace(tmp, path)
+        return str(path)
+    except OSError as e:
+        note(f"the XNNPACK weight cache could not be kept ({e.strerror or e}); running without it")
+        return None
+    finally:
+        _remove(tmp)
+
+
+def _build(model_path: str, cache_path: str, threads: int) -> int:
+    """In the child: check the model's weights, then let LiteRT pack them into ``cache_path``."""
+    from . import native_log
+    from .modelfile import read_info, verify_weights
+
+    try:
+        info = read_info(model_path)
+    except ModelFileError:
+        info = None  # a bare LiteRT file (tests build some): nothing to check its weights against
+    try:
+        if info is not None:
+            verify_weights(info)
+    except ModelFileError as e:
+        print(e)
+        return EXIT_DAMAGED
+    from ai_edge_litert.compiled_model import CompiledModel
+    from ai_edge_litert.cpu_options import CpuOptions
+    from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+    from ai_edge_litert.options import Options
+
+    opts = Options(HardwareAccelerator.CPU, cpu_options=CpuOptions(num_threads=threads,
+                                                                 xnnpack_weight_cache_path=cache_path))
+    try:
+        with native_log.silenced():
+            CompiledModel.from_file(model_path, options=opts)
+    except Exception as e:  # the native loader reports with RuntimeError/ValueError
+        print(f"LiteRT could not load the model ({e})")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_build(sys.argv[1], sys.argv[2], int(sys.argv[3])))
