@@ -183,7 +183,8 @@ class Models:
     """One template, two weight sets (random normal; and with odd rows/blocks), files cached."""
 
     def __init__(self, tmp_path):
-        from gemma_edge.convert.template import build_template, weight_shapes
+        from gemma_edge.convert.template import build_template
+        from gemma_edge.runtime.contract import weight_shapes
         from gemma_edge.runtime.config import FULL, GemmaConfig
 
         # every input width (128 or 256) is a multiple of the largest block, 128
@@ -237,11 +238,9 @@ class Models:
     def logits(self, path: str) -> np.ndarray:
         """Logits [steps, V] of a prefill of 4 tokens then 3 decode steps (every signature runs)."""
         from gemma_edge.runtime.backend import make_backend
-        from gemma_edge.runtime.modelfile import ModelInfo
+        from gemma_edge.runtime.modelfile import FileMeta, ModelInfo
 
-        meta = {"config": self.cfg.to_dict(), "context_length": 16, "prefill_lengths": [4],
-                "quantization": {"scheme": {"name": "x"}}, "tokenizer": {"bos_id": 2}}
-        b = make_backend(ModelInfo(path, meta, b"x"))
+        b = make_backend(ModelInfo(path, FileMeta(self.cfg, context_length=16, prefill_lengths=(4,)), b"x"))
         b.prefill_chunk(4, np.array([[2, 7, 11, 13]], np.int32), np.arange(4, dtype=np.int32))
         return np.stack([b.decode(t, 4 + i) for i, t in enumerate([17, 19, 23])])
 

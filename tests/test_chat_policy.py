@@ -204,7 +204,7 @@ def _with_template(tiny, tmp_path_factory, name: str, template: str | None) -> s
 def test_gguf_chat_template_goes_into_the_file(tmp_path):
     """gemma-convert copies GGUF ``tokenizer.chat_template`` into the file's ``chat_template.jinja``
     as it is (untrusted text; only the runtime renders it, in the sandbox)."""
-    from gemma_edge.convert.pipeline import Source
+    from gemma_edge.convert.checkpoint import Source
 
     src = Source(str(write_gemma3_gguf(tmp_path / "templated.gguf", chat_template=GEMMA3_CHAT_TEMPLATE)))
     try:
@@ -227,7 +227,7 @@ def test_model_renders_its_own_template(tiny, gemma3_path):
     import gemma_edge
 
     m = gemma_edge.load(gemma3_path)
-    assert m.info.meta["chat_template"]["jinja"] == GEMMA3_CHAT_TEMPLATE
+    assert m.info.meta.chat_template.jinja == GEMMA3_CHAT_TEMPLATE
     for msgs in CONVERSATIONS:
         assert m.render_chat(msgs) == render(msgs)
     assert m.render_chat([{"role": "user", "content": " x "}]).startswith("<start_of_turn>user\nx<end_of_turn>")

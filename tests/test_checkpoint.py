@@ -19,12 +19,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gemma_edge.convert.checkpoint import (
-    GGUFCheckpoint,
-    SafetensorsCheckpoint,
-    TensorInfo,
-    open_checkpoint,
-)
+from gemma_edge.convert.checkpoint import TensorInfo, open_checkpoint
+from gemma_edge.convert.gguf_checkpoint import GGUFCheckpoint
+from gemma_edge.convert.hf_checkpoint import SafetensorsCheckpoint
 from gemma_edge.runtime.errors import SourceError
 
 Q = gguf.GGMLQuantizationType

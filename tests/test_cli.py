@@ -6,8 +6,10 @@ paragraph on stderr, never a traceback. The tiny Gemma 3 of ``test_runtime.py`` 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -35,7 +37,7 @@ def path(tiny) -> str:
     return str(tiny.model_file)
 
 
-def cli(*args, stdin: str | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+def cli(*args, stdin: str | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in args], input=stdin, capture_output=True, text=True,
                           timeout=timeout, **kw)
 
@@ -241,7 +243,7 @@ def test_convert_directory_without_config(tiny, tmp_path):
 
 
 def test_convert_unsupported_model_type(tiny, tmp_path):
-    from gemma_edge.runtime.config import HF_MODEL_TYPES
+    from gemma_edge.convert.hf_checkpoint import HF_MODEL_TYPES
 
     src = broken_copy(tiny, tmp_path)
     config = json.loads((src / "config.json").read_text())
@@ -310,31 +312,55 @@ def test_convert_write_failure_keeps_old_file_and_leaves_no_temp(tiny, tmp_path)
 
 
 def test_convert_interrupted_leaves_nothing(tiny, tmp_path):
-    """Ctrl-C (SIGINT to the process group) while converting: exit 130, no output, no temp file."""
-    if not Path("/proc/self/maps").exists():
-        pytest.skip("needs /proc to see when the conversion has started")
+    """Ctrl-C (SIGINT to the process group) while the output is being written: exit 130, no
+    output, no temporary file. The converter is held there, deterministically: its stderr is a
+    packet pipe kept full, so each progress line it prints (every update, via tqdm's
+    environment) waits until the test has read one packet. The test lets lines through one at
+    a time until the temporary file exists; the conversion cannot then finish before the test
+    reads again, so SIGINT surely lands while the file is being written."""
+    if not hasattr(os, "pipe2") or not hasattr(os, "O_DIRECT"):
+        pytest.skip("needs a Linux packet pipe (pipe2 with O_DIRECT) to hold the conversion")
     out = tmp_path / "m.tflite"
-    proc = subprocess.Popen([GEMMA_CONVERT, str(tiny.checkpoint), "-o", str(out), "--quant", "fp32",
-                             "--max-context", "16", "--prefill-lengths", "8", "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    r, w = os.pipe2(os.O_DIRECT)  # one write, one packet, one slot: nothing merges into a free slot
+    proc, got, slots = None, [], 0
     try:
-        # The conversion has started once the checkpoint is memory-mapped; a second later it
-        # is building the graph with TensorFlow (the whole conversion takes several seconds).
-        deadline = time.monotonic() + 60
-        while "model.safetensors" not in Path(f"/proc/{proc.pid}/maps").read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, "the conversion never started"
-            time.sleep(0.01)
-        time.sleep(1.0)
-        assert proc.poll() is None, "the conversion ended before it could be interrupted"
+        os.set_blocking(w, False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(w, b"F")
+                slots += 1
+        os.set_blocking(w, True)  # the child's writes must wait, not fail
+        env = {**os.environ, "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}  # a line per update
+        proc = subprocess.Popen([GEMMA_CONVERT, str(tiny.checkpoint), "-o", str(out), "--quant", "fp32",
+                                 "--max-context", "16", "--prefill-lengths", "8"],
+                                stdout=subprocess.PIPE, stderr=w, env=env, start_new_session=True)
+        deadline = time.monotonic() + 300  # a hang guard
+        while True:
+            while select.select([], [w], [], 0)[1]:  # a free slot: the child has not printed into it
+                assert proc.poll() is None, "the conversion ended before it could be interrupted"
+                assert time.monotonic() < deadline, "the conversion printed nothing for 300 s"
+                time.sleep(0.005)
+            if temp_files(tmp_path):
+                break
+            got.append(os.read(r, 65536))  # let one more line through
         os.killpg(proc.pid, signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
+        os.close(w)
+        w = -1
+        while chunk := os.read(r, 65536):
+            got.append(chunk)
+        stdout = proc.communicate(timeout=300)[0]
     finally:
-        if proc.poll() is None:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert got[:slots] == [b"F"] * slots
+    stderr = b"".join(got[slots:]).decode()
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr, stderr
-    assert stdout == ""
+    assert stdout == b""
     assert not out.exists() and temp_files(tmp_path) == []
 
 

@@ -228,7 +228,7 @@ def test_constant_work_per_token(gemma_like):
 @pytest.mark.slow
 def test_invariant_on_the_real_gemma3_vocabulary(real_gguf):
     """262144 pieces with USER_DEFINED whitespace runs and the chat markers."""
-    from gemma_edge.convert.checkpoint import GGUFCheckpoint
+    from gemma_edge.convert.gguf_checkpoint import GGUFCheckpoint
     from gemma_edge.convert.gguf_tokenizer import sentencepiece_from_gguf
 
     tok = Tokenizer(sentencepiece_from_gguf(GGUFCheckpoint(real_gguf)))

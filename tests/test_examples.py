@@ -17,6 +17,7 @@ import select
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def test_minimal_prints_the_greedy_generation(model_path):
     assert expected.strip()
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
     run = subprocess.run([sys.executable, str(EXAMPLES / "minimal.py"), model_path, "-p", PROMPT, "-n", "24"],
-                         capture_output=True, env=env, timeout=120)
+                         capture_output=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr.decode(errors="replace")
     assert run.stdout.decode("utf-8") == expected + "\n"
 
@@ -56,7 +57,7 @@ def _start_xvfb(exe: str) -> tuple[subprocess.Popen, str]:
                             pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     os.close(write_fd)
     number = b""
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 60  # a hang guard
     while not number.endswith(b"\n") and time.monotonic() < deadline:
         ready, _, _ = select.select([read_fd], [], [], 0.2)
         if ready:
@@ -67,8 +68,8 @@ def _start_xvfb(exe: str) -> tuple[subprocess.Popen, str]:
     os.close(read_fd)
     if not number.strip().isdigit():
         proc.kill()
-        err = proc.communicate(timeout=5)[1].decode(errors="replace").strip()
-        pytest.skip(f"Xvfb ({exe}) did not start: {err[-300:] or 'no display number within 15 s'}")
+        err = proc.communicate(timeout=60)[1].decode(errors="replace").strip()
+        pytest.skip(f"Xvfb ({exe}) did not start: {err[-300:] or 'no display number within 60 s'}")
     return proc, ":" + number.decode().strip()
 
 
@@ -100,7 +101,7 @@ def tk_root():
             os.environ.pop("DISPLAY", None)
         if xvfb is not None:
             xvfb.terminate()
-            xvfb.wait(timeout=10)
+            xvfb.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -111,16 +112,17 @@ def chat_tk():
     return module
 
 
-def _slow_down(model, seconds: float):
-    """Make every token take ``seconds`` longer, as on a slow device, so that a generation
-    spans many Tk polls; the tokens are unchanged."""
+def _pace(model, before_token):
+    """Call ``before_token(response)`` in the worker before the model yields each token, as a slow
+    device would pause there: the test decides when each token may come, instead of hoping
+    that a sleep is long enough on a loaded machine. The tokens are unchanged."""
     fast = model.stream_generate
 
     def stream_generate(*args, **kwargs):
         inner = fast(*args, **kwargs)
         try:
             for r in inner:
-                time.sleep(seconds)
+                before_token(r)
                 yield r
         finally:
             inner.close()
@@ -137,13 +139,21 @@ def test_chat_tk_streams_the_api_replies_without_freezing(tk_root, chat_tk, mode
     assert all(e.strip() for e in expected)
 
     model = gemma_edge.load(model_path)
-    _slow_down(model, 0.01)
+    ticked = threading.Event()
+
+    def after_a_tick(_):  # each token waits until the UI has shown the ones before it
+        ticked.clear()
+        assert ticked.wait(300), "the Tk event loop stopped running"
+
+    _pace(model, after_a_tick)
     app = chat_tk.ChatApp(tkinter.Toplevel(tk_root), model, max_tokens=16)
     seen = []  # (transcript length) at each tick of our own `after` callback while a reply runs
 
     def tick():
         if app.busy:
             seen.append(len(app.transcript()))
+        if app.events.empty():  # the app's poll took every token so far into the transcript
+            ticked.set()
         tick_id[0] = tk_root.after(5, tick)
 
     tick_id = [tk_root.after(5, tick)]
@@ -152,7 +162,7 @@ def test_chat_tk_streams_the_api_replies_without_freezing(tk_root, chat_tk, mode
             before = len(seen)
             assert app.send(turn)
             assert not app.send("a second message while busy")  # one reply at a time
-            app.wait_idle(timeout=60)
+            app.wait_idle(timeout=300)
             during = seen[before:]
             assert len(during) > 1, "the Tk event loop did not run while the model generated"
             assert len(set(during)) > 1, "the reply did not appear token by token"
@@ -169,26 +179,35 @@ def test_chat_tk_stop_closes_the_stream(tk_root, chat_tk, model_path):
 
     model = gemma_edge.load(model_path)
     full = model.chat().ask(PROMPT, max_tokens=40, temperature=0, stop_tokens=False)
-    _slow_down(model, 0.05)  # 40 tokens: 2 s unless stopped
+    stopped, shown = threading.Event(), []
+
+    def hold_after_the_first_text(r):  # until Stop is pressed: the reply surely stops half way
+        if shown:
+            assert stopped.wait(300), "Stop was never pressed"
+        if r.text:
+            shown.append(r.text)
+
+    _pace(model, hold_after_the_first_text)
     app = chat_tk.ChatApp(tkinter.Toplevel(tk_root), model, max_tokens=40)
     app.gen_kwargs["stop_tokens"] = False  # a reply that surely runs long enough to be stopped
     try:
         assert app.send(PROMPT)
         start = len(app.transcript())
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 300  # a hang guard: the first token is held by nothing
         while len(app.transcript()) == start:  # wait for the first streamed text
-            assert time.monotonic() < deadline, "no text streamed within 30 s"
+            assert time.monotonic() < deadline, "no text streamed within 300 s"
             tk_root.update()
             time.sleep(0.002)
         app.stop()
-        app.wait_idle(timeout=10)
+        stopped.set()
+        app.wait_idle(timeout=300)
         partial = app.conversation.messages[-1]["content"]
         assert partial and full.startswith(partial) and len(partial) < len(full)
         assert app.transcript().endswith(f"{partial} [stopped]\n\n")
         assert not app.worker.is_alive()
         # the model's stream was closed, so the model is free for the next turn
         assert app.send("cache layer weight")
-        app.wait_idle(timeout=60)
+        app.wait_idle(timeout=300)
         assert len(app.conversation.messages) == 4
     finally:
         app.close()

@@ -12,7 +12,7 @@ struct.error, ValueError, MemoryError, a hang or a crash of the process.
 * GGUF headers and key/value sections: built from random keys, value types, counts and tensor
   infos; and byte edits of the header of a small Gemma 3 GGUF taken through the converter's
   ``Source`` (config, tokenizer, name map);
-* GGUF metadata -> ``GemmaConfig.from_gguf``, any value for any key;
+* GGUF metadata -> ``gguf_checkpoint.config_from_gguf``, any value for any key;
 * the tokenizer rebuild (``convert/gguf_tokenizer.sentencepiece_from_gguf``): mutated token,
   score and type arrays and special ids, and byte edits inside the token array; a rebuilt
   tokenizer must then load, encode and decode.
@@ -42,7 +42,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from gemma_edge.convert.checkpoint import GGUFCheckpoint, open_checkpoint
+from gemma_edge.convert.checkpoint import open_checkpoint
+from gemma_edge.convert.gguf_checkpoint import GGUFCheckpoint, config_from_gguf
 from gemma_edge.convert.gguf_tokenizer import sentencepiece_from_gguf
 from gemma_edge.runtime.config import GemmaConfig
 from gemma_edge.runtime.errors import GemmaEdgeError, TokenizerError
@@ -389,8 +390,8 @@ _DATA_START = SMALL_GEMMA3.find(b"blk.1.attn_k_norm.weight") + 64  # past the la
 def source_cleanly(path: Path) -> None:
     """The converter's view of a checkpoint: config, tokenizer, name map, shapes (no writing).
     A block_count over 64 is left out: that hang is pinned by test_from_gguf_huge_block_count."""
-    from gemma_edge.convert.pipeline import Source
-    from gemma_edge.convert.template import weight_shapes
+    from gemma_edge.convert.checkpoint import Source
+    from gemma_edge.runtime.contract import weight_shapes
 
     try:
         with GGUFCheckpoint(path) as ck:
@@ -463,7 +464,7 @@ def test_fuzz_config_from_gguf(edits, vocab):
         else:
             meta[k] = v
     try:
-        GemmaConfig.from_gguf(meta, vocab_size=vocab)
+        config_from_gguf(meta, vocab_size=vocab)
     except GemmaEdgeError:
         pass
     except KNOWN["from_gguf"]:
@@ -474,7 +475,7 @@ def test_fuzz_config_from_gguf(edits, vocab):
                                        ("gemma3.block_count", float("inf"))])
 def test_from_gguf_minimal_crashes(key, value):
     with pytest.raises(GemmaEdgeError):
-        GemmaConfig.from_gguf({**GEMMA3_META, key: value}, vocab_size=64)
+        config_from_gguf({**GEMMA3_META, key: value}, vocab_size=64)
 
 
 class _Timeout(Exception):
@@ -490,7 +491,7 @@ def test_from_gguf_huge_block_count():
     signal.setitimer(signal.ITIMER_REAL, 0.1)
     try:
         with pytest.raises(GemmaEdgeError, match="block_count"):
-            GemmaConfig.from_gguf({**GEMMA3_META, "gemma3.block_count": 2**31}, vocab_size=64)
+            config_from_gguf({**GEMMA3_META, "gemma3.block_count": 2**31}, vocab_size=64)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)

@@ -27,8 +27,12 @@ from test_cli import tiny_tflite
 from test_runtime import BOS, CONTEXT, EOS, EOT, SOT, prompt_ids, tiny_gemma3
 
 from gemma_edge.runtime.errors import GemmaEdgeError, ModelFileError, OutputExistsError
-from gemma_edge.runtime.litertlm import CHAT_TEMPLATE, llm_metadata, pack, pack_cmd
+from gemma_edge.runtime.cli import pack_cmd
+from gemma_edge.runtime.chat import GEMMA
+from gemma_edge.runtime.litertlm import llm_metadata, pack
 from gemma_edge.runtime.modelfile import read_info
+
+CHAT_TEMPLATE = GEMMA.jinja()
 
 NO_LITERT_LM = ("litert-lm (LiteRT-LM's Python Engine, pip install litert-lm) is not installed; "
                 "it is the independent runtime these tests run packed files on")
@@ -177,8 +181,7 @@ def test_model_type_by_family(tiny, family, kind):
     """LiteRT-LM 0.18.1 has a Gemma 3 type; Gemma 1 and 2 run as generic models with the
     jinja chat template."""
     info = read_info(str(tiny.model_file))
-    meta = json.loads(json.dumps(info.meta))
-    meta["config"]["family"] = family
+    meta = dataclasses.replace(info.meta, config=dataclasses.replace(info.config, family=family))
     m = llm_metadata(dataclasses.replace(info, meta=meta))
     assert m.llm_model_type.WhichOneof("model_type") == kind
     assert m.jinja_prompt_template == CHAT_TEMPLATE
@@ -211,7 +214,7 @@ def test_default_output_is_next_to_the_model(tiny, tmp_path):
     model = tmp_path / "tiny-fp32.tflite"
     model.write_bytes(tiny.model_file.read_bytes())
     assert pack(model) == tmp_path / "tiny-fp32.litertlm"
-    with pytest.raises(OutputExistsError, match="is the input model"):
+    with pytest.raises(OutputExistsError, match="is an input of this command"):
         pack(model, model, force=True)
     assert model.read_bytes() == tiny.model_file.read_bytes()
 
@@ -341,14 +344,14 @@ def greedy_margins(model, ids: list[int], tokens: list[int]) -> list[float]:
     """Top-1 minus top-2 logit of gemma-edge's own decode at each step of its greedy path."""
     from gemma_edge.runtime.backend import run_prefill
 
-    model._cached = []
+    model.reset()
     run_prefill(model.backend, ids[:-1], 0)
     seq = ids + tokens
     out = []
     for pos in range(len(ids) - 1, len(seq) - 1):
         top2 = np.sort(model.backend.decode(seq[pos], pos)[:model.tokenizer.vocab_size])[-2:]
         out.append(float(top2[1] - top2[0]))
-    model._cached = []  # the cache was driven by hand
+    model.reset()  # the cache was driven by hand
     return out
 
 

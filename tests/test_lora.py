@@ -17,7 +17,8 @@ import safetensors.numpy
 
 from conftest import MODEL_VOCAB, corpus_ids, hf_logits, make_hf_checkpoint
 
-from gemma_edge.convert.checkpoint import GGUFCheckpoint, open_checkpoint
+from gemma_edge.convert.checkpoint import open_checkpoint
+from gemma_edge.convert.gguf_checkpoint import GGUFCheckpoint
 from gemma_edge.convert.lora import CONFIG_NAME, WEIGHTS_NAME, LoraCheckpoint, open_with_lora
 from gemma_edge.runtime.errors import GemmaEdgeError, SourceError, UnsupportedModelError, WeightMapError
 
@@ -315,7 +316,7 @@ def test_convert_with_lora_matches_peft(e2e, tmp_path):
     out = tmp_path / "lora_fp32.tflite"
     convert(str(d), str(out), quant="fp32", max_context=CONTEXT, prefill_lengths=PREFILL, progress=False,
             lora=str(adir), score_length=0)  # score_<T> only costs time here
-    lora_meta = read_info(str(out)).meta["source"]["lora"]
+    lora_meta = read_info(str(out)).meta.source.lora
     with open_with_lora(open_checkpoint(d), adir) as ckpt:
         assert lora_meta == ckpt.describe()
     _check_logits(out, pm, model, seq)

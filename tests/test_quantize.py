@@ -53,16 +53,18 @@ def test_recipes_and_roles():
     assert role_of("l0_down") == "ffn" and role_of("l3_q_norm") is None and role_of("final_norm") is None
     assert role_of("l0_v") == "attention" and kind_of("l0_v") == "attn_v" and kind_of("embed") == "embedding"
     kinds = ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up", "ffn_down")
+    ple = {k: "int4-b32" for k in ("ple_embed", "ple_proj", "ple_gate", "ple_out")}  # Gemma 4's per-layer embeddings
+    assert role_of("l3_ple_embed") == "ple" and role_of("ple_proj") == "ple" and role_of("l3_ple_norm") is None
     assert parse_recipe("int4") == {"embedding": "int8", **{k: "int4-b32" if k.startswith("ffn") else "int8"
-                                                          for k in kinds}}
+                                                          for k in kinds}, **ple}
     assert parse_recipe("int4-b32,embedding=int8") == parse_recipe("int4-b32-mixed")
     assert parse_recipe("ffn=int4") == {"embedding": "int8", **{k: "int4" if k.startswith("ffn") else "int8"
-                                                                   for k in kinds}}
+                                                                   for k in kinds}, **dict.fromkeys(ple, "int8")}
     # a kind overrides its role whatever the order they are given in
     got = parse_recipe("int4-b32,ffn_down=int8,ffn=int4-b64")
     assert got["ffn_down"] == "int8" and got["ffn_up"] == "int4-b64" and got["attn_q"] == "int4-b32"
     assert recipe_name("int4-b32,ffn_down=int8,embedding=int8") == (
-        "embedding=int8,attention=int4-b32,ffn_gate=int4-b32,ffn_up=int4-b32,ffn_down=int8")
+        "embedding=int8,attention=int4-b32,ffn_gate=int4-b32,ffn_up=int4-b32,ffn_down=int8,ple=int4-b32")
     assert recipe_name("int4-b32") == "int4-b32"
     with pytest.raises(QuantizationError, match="int3"):
         parse_recipe("int3")
@@ -92,7 +94,8 @@ def test_written_file_holds_the_reference_bytes_and_scales(tmp_path, quant):
     from ai_edge_litert import schema_py_generated as fb
 
     from gemma_edge.convert import tflite_writer as tw
-    from gemma_edge.convert.template import build_template, weight_shapes
+    from gemma_edge.convert.template import build_template
+    from gemma_edge.runtime.contract import weight_shapes
     from gemma_edge.runtime import modelfile
     from gemma_edge.runtime.config import FULL, GemmaConfig
 
@@ -151,7 +154,7 @@ def test_written_file_holds_the_reference_bytes_and_scales(tmp_path, quant):
     # the file runs in LiteRT and computes with exactly these weights: its logits match an
     # fp32 file of the dequantized weights up to the kernels' on-the-fly activation rounding
     from gemma_edge.runtime.backend import make_backend
-    from gemma_edge.runtime.modelfile import ModelInfo
+    from gemma_edge.runtime.modelfile import FileMeta, ModelInfo
 
     deq = {n: (dequantize_blockwise(*quantize_blockwise(w, 4, 32)) if quant == "int4-b32" else
                dequantize_per_channel(*quantize_per_channel(w, SCHEMES[quant].bits))) if w.ndim == 2 else w
@@ -161,8 +164,7 @@ def test_written_file_holds_the_reference_bytes_and_scales(tmp_path, quant):
                    [tw.WeightSlot(n, s, SCHEMES["fp32"]) for n, s in shapes.items()],
                    lambda n, a, b: deq[n].reshape(-1, deq[n].shape[-1])[a:b],
                    {modelfile.CONFIG_KEY: b"{}"}, str(ref_path))
-    meta = {"config": cfg.to_dict(), "context_length": 16, "prefill_lengths": [4],
-            "quantization": {"scheme": {"name": quant}}, "tokenizer": {"bos_id": 2}}
+    meta = FileMeta(cfg, context_length=16, prefill_lengths=(4,))
     logits = []
     for p in (path, ref_path):
         b = make_backend(ModelInfo(str(p), meta, b"x"))
@@ -176,7 +178,7 @@ def test_report_weight_errors_match_the_reference_quantizers(tmp_path, sp_model_
     recomputed here from the checkpoint read by the safetensors library itself."""
     from safetensors.numpy import load_file
 
-    from gemma_edge.convert import names as namemap
+    from gemma_edge.convert import hf_checkpoint
     from gemma_edge.convert.pipeline import convert
     from gemma_edge.quantize.reference import dequantize_rows, quantize_rows
     from gemma_edge.runtime.config import GemmaConfig
@@ -192,9 +194,8 @@ def test_report_weight_errors_match_the_reference_quantizers(tmp_path, sp_model_
         "embedding": ("int8",), "attention": ("int4-b32",), "ffn": ("int4-b32",)}
 
     hf = load_file(str(ckpt / "model.safetensors"))
-    cfg = GemmaConfig.from_hf_config(json.loads((ckpt / "config.json").read_text()))
-    canon_to_hf = {c: src for c, (src, _) in namemap.build_map(
-        "safetensors", cfg, {k: None for k in hf}).items()}
+    cfg = hf_checkpoint.config_from_hf(json.loads((ckpt / "config.json").read_text()))
+    canon_to_hf = {c: src for c, (src, _) in hf_checkpoint.build_map_for(cfg, hf).items()}
     for role, row in rows.items():
         err = ref = 0.0
         worst = (0.0, "")

@@ -431,8 +431,8 @@ def test_stop_tokens_come_from_the_checkpoint(tiny, model, tmp_path):
     out = tmp_path / "it.tflite"
     convert(str(ckpt), str(out), quant="fp32", max_context=CONTEXT, prefill_lengths=PREFILL, progress=False,
             score_length=0)
-    tok = read_info(str(out)).tokens
-    assert tok["declared_stop_ids"] == [EOS, declared] and declared in tok["stop_token_ids"]
-    assert EOT in tok["stop_token_ids"]  # <end_of_turn> always ends a turn
+    tok = read_info(str(out)).meta.tokenizer
+    assert tok.declared_stop_ids == (EOS, declared) and declared in tok.stop_token_ids
+    assert EOT in tok.stop_token_ids  # <end_of_turn> always ends a turn
     got = gemma_edge.load(str(out)).generate("the model", max_tokens=12)
     assert got.tokens == base.tokens[:base.tokens.index(declared) + 1] and got.finish_reason == "stop"

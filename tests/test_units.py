@@ -9,7 +9,10 @@ import json
 import numpy as np
 import pytest
 
-from gemma_edge.convert.names import build_map, norm_scale, shift_baked_in
+from gemma_edge.convert import gguf_checkpoint, hf_checkpoint
+from gemma_edge.convert.gguf_checkpoint import config_from_gguf
+from gemma_edge.convert.hf_checkpoint import config_from_hf
+from gemma_edge.convert.names import build_map, norm_scale, source_names
 from gemma_edge.runtime.backend import plan_prefill
 from gemma_edge.runtime.config import FULL, SLIDING, GemmaConfig
 from gemma_edge.runtime.errors import GemmaEdgeError, ModelFileError, UnsupportedModelError, WeightMapError
@@ -25,13 +28,12 @@ GEMMA3_270M_HF = {  # google/gemma-3-270m config.json (transformers 4.x format)
 
 def test_norm_shift_lives_in_one_place():
     w = np.array([-0.5, 0.0, 1.5], np.float32)
-    np.testing.assert_array_equal(norm_scale(w, shift_baked_in=False), [0.5, 1.0, 2.5])  # HF stores w
-    np.testing.assert_array_equal(norm_scale(w, shift_baked_in=True), w)  # llama.cpp baked in +1
-    assert not shift_baked_in("safetensors") and shift_baked_in("gguf")
+    np.testing.assert_array_equal(norm_scale(w, 1.0), [0.5, 1.0, 2.5])  # HF Gemma 1-3 store w of (1 + w)
+    np.testing.assert_array_equal(norm_scale(w, 0.0), w)  # llama.cpp baked in +1; Gemma 4 applies w itself
 
 
 def test_config_from_hf_gemma3_old_format():
-    c = GemmaConfig.from_hf_config(GEMMA3_270M_HF)
+    c = config_from_hf(GEMMA3_270M_HF)
     assert c.family == 3 and c.num_layers == 18 and c.head_dim == 256
     assert [i for i in range(18) if not c.is_sliding(i)] == [5, 11, 17]  # global where (i+1) % 6 == 0
     assert c.rope_base_for(5) == 1e6 and c.rope_base_for(0) == 1e4
@@ -40,11 +42,9 @@ def test_config_from_hf_gemma3_old_format():
 
 
 def test_config_matches_between_hf_and_gguf(real_gguf):
-    from gemma_edge.convert.checkpoint import GGUFCheckpoint
-
-    with GGUFCheckpoint(real_gguf) as ck:
-        g = GemmaConfig.from_gguf(ck.metadata(), vocab_size=262144)
-    h = GemmaConfig.from_hf_config(GEMMA3_270M_HF)
+    with gguf_checkpoint.GGUFCheckpoint(real_gguf) as ck:
+        g = config_from_gguf(ck.metadata(), vocab_size=262144)
+    h = config_from_hf(GEMMA3_270M_HF)
     assert g == dataclasses.replace(h, rms_norm_eps=g.rms_norm_eps)
     assert abs(g.rms_norm_eps - 1e-6) < 1e-12
 
@@ -54,42 +54,55 @@ def test_gemma2_layer_pattern_and_softcaps():
           "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
           "sliding_window": 4096, "query_pre_attn_scalar": 256, "attn_logit_softcapping": 50.0,
           "final_logit_softcapping": 30.0}
-    c = GemmaConfig.from_hf_config(hf)
+    c = config_from_hf(hf)
     assert c.layer_types[:2] == (SLIDING, FULL) and c.attn_softcap == 50.0 and c.final_softcap == 30.0
 
 
 def test_unsupported_architecture_names_what_was_found():
     with pytest.raises(UnsupportedModelError, match="llama.*gemma"):
-        GemmaConfig.from_hf_config({"model_type": "llama"})
+        config_from_hf({"model_type": "llama"})
     with pytest.raises(UnsupportedModelError, match="'qwen2'"):
-        GemmaConfig.from_gguf({"general.architecture": "qwen2"}, vocab_size=10)
+        config_from_gguf({"general.architecture": "qwen2"}, vocab_size=10)
 
 
 def test_incomplete_or_mistyped_config_is_a_typed_error():
     incomplete = {k: v for k, v in GEMMA3_270M_HF.items() if k != "num_hidden_layers"}
     with pytest.raises(UnsupportedModelError, match="num_hidden_layers"):
-        GemmaConfig.from_hf_config(incomplete)
+        config_from_hf(incomplete)
     with pytest.raises(UnsupportedModelError, match="wrong type"):
-        GemmaConfig.from_hf_config({**GEMMA3_270M_HF, "num_hidden_layers": "eighteen"})
+        config_from_hf({**GEMMA3_270M_HF, "num_hidden_layers": "eighteen"})
     with pytest.raises(UnsupportedModelError, match="wrong type"):
-        GemmaConfig.from_gguf({"general.architecture": "gemma3", "gemma3.block_count": "x"}, vocab_size=10)
+        config_from_gguf({"general.architecture": "gemma3", "gemma3.block_count": "x"}, vocab_size=10)
 
 
 def test_name_map_reports_missing_and_leftover():
-    c = GemmaConfig.from_hf_config({**GEMMA3_270M_HF, "num_hidden_layers": 1, "layer_types": [SLIDING]})
-    names = {src for src, _ in build_map("safetensors", c, _all_hf_names(c)).values()}
+    c = config_from_hf({**GEMMA3_270M_HF, "num_hidden_layers": 1, "layer_types": [SLIDING]})
+    table, ignorable = hf_checkpoint.table_for(c), hf_checkpoint.IGNORABLE
+    names = {src for src, _ in source_names(table, c, "model.").values()}
+    assert names == _transformers_names(c)  # the table names what transformers saves
+    build_map(table, c, names, ignorable, "model.")
     with pytest.raises(WeightMapError, match="model.layers.0.mlp.up_proj.weight"):
-        build_map("safetensors", c, names - {"model.layers.0.mlp.up_proj.weight"})
+        build_map(table, c, names - {"model.layers.0.mlp.up_proj.weight"}, ignorable, "model.")
     with pytest.raises(WeightMapError, match="model.layers.1.mlp.up_proj.weight"):
-        build_map("safetensors", c, names | {"model.layers.1.mlp.up_proj.weight"})
-    build_map("safetensors", c, names | {"lm_head.weight"})  # tied head: allowed, unused
+        build_map(table, c, names | {"model.layers.1.mlp.up_proj.weight"}, ignorable, "model.")
+    build_map(table, c, names | {"lm_head.weight"}, ignorable, "model.")  # tied head: allowed, unused
 
 
-def _all_hf_names(c):
-    from gemma_edge.convert.names import FORMATS
+def _transformers_names(c) -> set[str]:
+    """Tensor names of a transformers Gemma 3 of ``c``'s layout (tiny sizes), without the tied head."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    common, fam, _, _ = FORMATS["safetensors"]
-    return {src.format(i=i) for _, src, _ in common + fam[c.family] for i in range(c.num_layers)}
+    tiny = Gemma3TextConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=c.num_layers,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=4, layer_types=list(c.layer_types))
+    return set(Gemma3ForCausalLM(tiny).state_dict()) - {"lm_head.weight"}
+
+
+def test_gemma1_naming_trap():
+    """HF Gemma 1 calls its pre-FFN norm post_attention_layernorm; Gemma 2/3 their post-attention norm."""
+    g1 = config_from_hf({**GEMMA3_270M_HF, "model_type": "gemma", "num_hidden_layers": 1})
+    g3 = config_from_hf({**GEMMA3_270M_HF, "num_hidden_layers": 1, "layer_types": [SLIDING]})
+    assert source_names(hf_checkpoint.table_for(g1), g1)["l0_ffn_norm"][0] == "layers.0.post_attention_layernorm.weight"
+    assert source_names(hf_checkpoint.table_for(g3), g3)["l0_post_attn_norm"][0] == "layers.0.post_attention_layernorm.weight"
 
 
 @pytest.mark.parametrize("n,start,want", [
@@ -127,21 +140,21 @@ def test_metadata_reader_errors(tmp_path):
 @pytest.fixture(scope="module")
 def small_model_file(tmp_path_factory) -> bytes:
     from gemma_edge.convert import tflite_writer as tw
-    from gemma_edge.convert.template import build_template, weight_shapes
+    from gemma_edge.convert.template import build_template
+    from gemma_edge.runtime.contract import weight_shapes
     from gemma_edge.quantize.schemes import SCHEMES
     from gemma_edge.runtime import modelfile
 
     cfg = GemmaConfig(family=1, vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
                       num_heads=2, num_kv_heads=1, head_dim=8, layer_types=(FULL,))
     shapes = weight_shapes(cfg)
-    meta = {"format": "gemma-edge", "format_version": 1, "config": cfg.to_dict(),
-            "quantization": {"scheme": SCHEMES["int8"].to_dict()}, "context_length": 8,
-            "prefill_lengths": [4], "tokenizer": {"bos_id": 2}}
+    meta = modelfile.FileMeta(cfg, context_length=8, prefill_lengths=(4,),
+                              quantization=modelfile.Quantization("int8"), tokenizer=modelfile.TokenizerMeta(bos_id=2))
     path = tmp_path_factory.mktemp("fuzz") / "m.tflite"
     tw.write_model(build_template(cfg, 8, [4], isolate=False),
                    [tw.WeightSlot(n, s, SCHEMES["int8" if len(s) == 2 else "fp32"]) for n, s in shapes.items()],
                    lambda n, a, b: np.ones((b - a, shapes[n][-1]), np.float32),
-                   {modelfile.CONFIG_KEY: json.dumps(meta).encode(), modelfile.TOKENIZER_KEY: b"sp"}, str(path))
+                   modelfile.metadata_entries(meta, b"sp"), str(path))
     return path.read_bytes()
 
 
