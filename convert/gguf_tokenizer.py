@@ -206,14 +206,21 @@ def sentencepiece_from_gguf(source: GGUFCheckpoint | GGUFReader) -> bytes:
     """
     fields = _fields_of(source)
     model = _scalar(fields, "tokenizer.ggml.model", _STRING)
-    if model != "llama":
+    if model not in ("llama", "gemma4"):
         raise TokenizerError(
-            f"GGUF tokenizer.ggml.model is {model!r}, expected 'llama' (SentencePiece, as in every Gemma GGUF); "
-            f"this is not a Gemma tokenizer: {_HINT}"
+            f"GGUF tokenizer.ggml.model is {model!r}, expected 'llama' (SentencePiece, Gemma 1-3) or 'gemma4' "
+            f"(BPE with merges); this is not a Gemma tokenizer: {_HINT}"
         )
 
     tokens: list[str] = _array(fields, _TOKENS, _STRING)
-    scores = np.asarray(_array(fields, "tokenizer.ggml.scores", _FLOAT), dtype=np.float32)  # [V]
+    if model == "gemma4":  # the merge list orders BPE: scores that make SentencePiece merge in its order
+        from .hf_tokenizer import merge_scores, piece_score
+
+        merges = _array(fields, "tokenizer.ggml.merges", _STRING)
+        by_merge = merge_scores(merges)
+        scores = np.asarray([piece_score(by_merge, t, len(merges)) for t in tokens], dtype=np.float32)
+    else:
+        scores = np.asarray(_array(fields, "tokenizer.ggml.scores", _FLOAT), dtype=np.float32)  # [V]
     token_types: list[int] = _array(fields, "tokenizer.ggml.token_type", _INTEGER)  # [V]
     n_vocab = len(tokens)
     if n_vocab == 0:

@@ -656,10 +656,17 @@ def describe(path: Path, ckpt: "SafetensorsCheckpoint") -> Described:
                           "checkpoint directory needs config.json, *.safetensors and tokenizer.model")
     cfg = config_from_hf(hf)
     tok_path = root / "tokenizer.model"
-    if not tok_path.exists():
+    if tok_path.exists():
+        tokenizer_model = tok_path.read_bytes()
+    elif (root / "tokenizer.json").exists():  # Gemma 4 ships only this: rebuilt as SentencePiece
+        from .hf_tokenizer import sentencepiece_from_tokenizer_json
+
+        tok_path = root / "tokenizer.json"
+        tokenizer_model = sentencepiece_from_tokenizer_json(tok_path)
+    else:
         raise TokenizerError(
-            f"{root}: no tokenizer.model. gemma-edge embeds the SentencePiece tokenizer in the "
-            "output file; copy tokenizer.model from the original Gemma checkpoint into this directory")
+            f"{root}: no tokenizer.model or tokenizer.json. gemma-edge embeds the tokenizer in the output "
+            "file; copy the original checkpoint's tokenizer files into this directory")
     files = [cfg_path, tok_path, *ckpt.files()]
     declared = [hf.get("eos_token_id")]
     try:  # instruction-tuned checkpoints list <end_of_turn> here, e.g. [1, 106]
@@ -677,12 +684,18 @@ def describe(path: Path, ckpt: "SafetensorsCheckpoint") -> Described:
     if isinstance(tc, dict):
         files.append(root / "tokenizer_config.json")
         template = tc.get("chat_template") if isinstance(tc.get("chat_template"), str) else None
+    if (root / "chat_template.jinja").is_file():  # transformers >= 4.50 saves the template on its own
+        files.append(root / "chat_template.jinja")
+        try:
+            template = (root / "chat_template.jinja").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SourceError(f"{root / 'chat_template.jinja'}: cannot be read ({e})") from None
     infos = ckpt.tensors()
     prefix = decoder_prefix(infos)
     skipped = {n for n in infos if not n.startswith(prefix) and n not in IGNORABLE} if prefix != PREFIXES[0] else set()
     notes = (f"{path}: a multimodal checkpoint; its text decoder was converted and {len(skipped)} tensors of "
              "its vision/audio towers were skipped",) if skipped else ()
     return Described(
-        config=cfg, tokenizer_model=tok_path.read_bytes(),
+        config=cfg, tokenizer_model=tokenizer_model,
         names=build_map_for(cfg, infos, skipped), norm_offset=cfg.hf_norm_offset,
         chat_template=template, declared_stop_ids=tuple(ids(*declared)), files=tuple(files), notes=notes)

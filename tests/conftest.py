@@ -45,6 +45,36 @@ def sp_model_path(tmp_path_factory) -> str:
     return str(d / "tok.model")
 
 
+def write_bpe_tokenizer_json(path, specials=("<pad>", "<eos>", "<bos>", "<unk>", "<|turn>", "<turn|>", "<|channel>",
+                                               "<channel|>", "<|think|>"), plain=("<|tool>",), merges: int = 500) -> str:
+    """A Hugging Face ``tokenizer.json`` shaped like Gemma's: byte-fallback BPE over the whole text
+    (no pre-tokenizer), spaces replaced by '▁', the 256 <0xNN> pieces after the specials, and an
+    added token that is not special; trained here by the ``tokenizers`` library (the oracle)."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=merges, special_tokens=list(specials),
+                                                           show_progress=False))
+    doc = json.loads(tok.to_str())
+    vocab = doc["model"]["vocab"]
+    order = [p for p, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    pieces = order[:len(specials)] + [f"<0x{b:02X}>" for b in range(256)] + order[len(specials):]
+    doc["model"]["vocab"] = {p: i for i, p in enumerate(pieces)}
+    for a in doc["added_tokens"]:
+        a["id"] = doc["model"]["vocab"][a["content"]]
+    for text in plain:
+        doc["added_tokens"].append({"id": len(pieces), "content": text, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": False})
+        pieces.append(text)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, ensure_ascii=False)
+    return str(path)
+
+
 def tiny_hf_config(family: int):
     """A small config of each Gemma family exercising GQA/MQA, sliding windows, soft-caps."""
     from transformers import Gemma2Config, Gemma3TextConfig, GemmaConfig

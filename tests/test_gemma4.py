@@ -695,3 +695,29 @@ def test_bad_gemma4_checkpoints_exit_2(e2b, tmp_path, what, config, tensors, say
     assert r.returncode == 2, (what, r.stderr)
     assert "Traceback" not in r.stderr and says in r.stderr, (what, r.stderr)
     assert not list(tmp_path.glob("*.tflite")) and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_checkpoint_with_tokenizer_json_and_chat_template_jinja(e2b, tmp_path):
+    """Gemma 4's hub checkpoints ship tokenizer.json (no tokenizer.model) and chat_template.jinja:
+    the file's tokenizer encodes as the ``tokenizers`` library does, and its template is the jinja file's."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    import gemma_edge
+    from conftest import write_bpe_tokenizer_json
+
+    ckpt = tmp_path / "hub"
+    shutil.copytree(e2b.checkpoint, ckpt)
+    (ckpt / "tokenizer.model").unlink()
+    write_bpe_tokenizer_json(ckpt / "tokenizer.json", merges=240)
+    template = ("{{ bos_token }}{% for m in messages %}<|turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+                "{{ m['content'] | trim }}<turn|>\n{% endfor %}{% if add_generation_prompt %}<|turn>model\n{% endif %}")
+    (ckpt / "chat_template.jinja").write_text(template)
+    out = e2b.convert("fp32", source=ckpt, name="fp32-hub")
+    m = gemma_edge.load(str(out))
+    hf = HFTokenizer.from_file(str(ckpt / "tokenizer.json"))
+    for text in ("the model of the cache", "  spaces\tand tabs ☃", "<|turn>user\nhi<turn|>"):
+        assert m.tokenizer.encode(text, add_bos=False, parse_special=True) == hf.encode(text, add_special_tokens=False).ids
+    assert m.info.meta.chat_template.jinja == template
+    msgs = [{"role": "user", "content": "  hi  "}]
+    assert m.render_chat(msgs) == "<|turn>user\nhi<turn|>\n<|turn>model\n"  # the template's trim, not the built-in
+    assert m.encode_chat(msgs)[:2] == [BOS, m.tokenizer.piece_to_id("<|turn>")]

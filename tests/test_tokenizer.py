@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 
 from gemma_edge.convert.gguf_checkpoint import GGUFCheckpoint
@@ -420,3 +421,90 @@ def test_runtime_tokenizer_imports_no_converter_dependencies():
         "sys.exit(f'imported {bad}' if bad else 0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- a tokenizer.json rebuilt as SentencePiece (Gemma 4 checkpoints ship only tokenizer.json) -------
+
+@pytest.fixture(scope="module")
+def bpe_json(tmp_path_factory) -> str:
+    from conftest import write_bpe_tokenizer_json
+
+    return write_bpe_tokenizer_json(tmp_path_factory.mktemp("bpe") / "tokenizer.json")
+
+
+def test_tokenizer_json_rebuilt_encodes_like_the_tokenizers_library(bpe_json):
+    """The oracle is Hugging Face's own ``tokenizers`` on the same file: every id agrees on text,
+    whitespace runs, unknown characters (byte fallback), special strings and a plain added token."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from conftest import _corpus
+    from gemma_edge.convert.hf_tokenizer import sentencepiece_from_tokenizer_json
+
+    ours = Tokenizer(sentencepiece_from_tokenizer_json(bpe_json))
+    hf = HFTokenizer.from_file(bpe_json)
+    texts = _corpus(1500, seed=21) + ["  two leading", "tabs\t\tand\n\n\nnewlines  ", "unknown ☃ ∑ ß 🐍 ẞ",
+                                      "<|turn>user\nhi<turn|>", "a<|tool>b", "x<unk>y<bos>", "ab" * 300]
+    for text in texts:
+        assert ours.encode(text, add_bos=False, parse_special=True) == hf.encode(text, add_special_tokens=False).ids, text
+        ids = hf.encode(text, add_special_tokens=False).ids
+        if "<unk>" not in text:  # SentencePiece shows <unk> as " ⁇ ", tokenizers drops it
+            assert ours.decode(ids) == hf.decode(ids, skip_special_tokens=True), text
+    assert ours.vocab_size == hf.get_vocab_size() and ours.bos_id == 2 and ours.piece_to_id("<|turn>") == 4
+
+
+@pytest.mark.parametrize("edit,says", [
+    (lambda d: d["model"].update(type="WordPiece"), "not BPE"),
+    (lambda d: d.update(pre_tokenizer={"type": "ByteLevel", "add_prefix_space": False}), "pre-tokenizer"),
+    (lambda d: d.update(normalizer={"type": "NFKC"}), "normalizer"),
+    (lambda d: d["model"].update(byte_fallback=False), "byte fallback"),
+    (lambda d: d["model"]["vocab"].pop("<0x41>"), "ids"),
+], ids=["wordpiece", "byte_level", "nfkc", "no_byte_fallback", "hole"])
+def test_tokenizer_json_that_would_encode_differently_is_refused(bpe_json, tmp_path, edit, says):
+    from gemma_edge.convert.hf_tokenizer import sentencepiece_from_tokenizer_json
+    from gemma_edge.runtime.errors import TokenizerError
+
+    doc = json.loads(Path(bpe_json).read_text(encoding="utf-8"))
+    edit(doc)
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(json.dumps(doc), encoding="utf-8")
+    with pytest.raises(TokenizerError, match=says):
+        sentencepiece_from_tokenizer_json(bad)
+
+
+def test_gemma4_gguf_bpe_tokenizer_encodes_like_the_tokenizers_library(bpe_json, tmp_path):
+    """Gemma 4 GGUFs carry tokenizer.ggml.model 'gemma4': the vocabulary, token types and the BPE
+    merge list (no scores). Rebuilt from them, the tokenizer encodes as ``tokenizers`` does."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from conftest import _corpus
+
+    doc = json.loads(Path(bpe_json).read_text(encoding="utf-8"))
+    vocab = doc["model"]["vocab"]
+    added = {a["content"]: a for a in doc["added_tokens"]}
+    pieces = sorted({**vocab, **{a["content"]: a["id"] for a in added.values()}}.items(), key=lambda kv: kv[1])
+    types = []
+    for piece, _ in pieces:
+        a = added.get(piece)
+        types.append(2 if piece == "<unk>" else 3 if a and a["special"] else 4 if a else
+                     6 if piece.startswith("<0x") and len(piece) == 6 else 1)
+    path = tmp_path / "tok.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma4")
+    w.add_tokenizer_model("gemma4")
+    w.add_token_list([p for p, _ in pieces])
+    w.add_token_types(types)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in doc["model"]["merges"]])
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    w.add_unk_token_id(3)
+    w.add_pad_token_id(0)
+    w.add_add_space_prefix(False)
+    w.add_tensor("x", np.zeros(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with GGUFCheckpoint(path) as ck:
+        ours = Tokenizer(sentencepiece_from_gguf(ck))
+    hf = HFTokenizer.from_file(bpe_json)
+    for text in _corpus(500, seed=22) + ["<|turn>user\nhi<turn|>", "  x\t☃ 🐍", "a<|tool>b"]:
+        assert ours.encode(text, add_bos=False, parse_special=True) == hf.encode(text, add_special_tokens=False).ids, text
