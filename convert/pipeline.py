@@ -187,40 +187,37 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
 
 def perplexity_vs_fp32(source: str, result: ConvertResult, text: str, max_tokens: int | None = None,
                        progress: bool = True) -> dict:
-    """Perplexity of the converted file on ``text`` next to an fp32 conversion of the same
-    source (made in a temporary folder with the same context and signatures, then deleted)."""
+    """The converted file against an fp32 conversion of the same source on ``text`` (made in a
+    temporary folder with the same context and signatures, then deleted): ``Model.compare``'s
+    perplexities, KL divergence and top-1 agreement, as ``{"comparison": ...}``."""
     import tempfile
 
     from ..runtime.engine import load
 
-    def score(path: str, label: str) -> dict:
-        bar = None
-        if progress:
-            from tqdm import tqdm
+    bar = None
+    if progress:
+        from tqdm import tqdm
 
-            bar = tqdm(desc=f"perplexity ({label})", unit="tok", leave=False)
+        bar = tqdm(desc=f"comparing {result.quant} with fp32", unit="tok", leave=False)
 
-        def tick(done, total):
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+    def tick(done, total):
+        bar.total = total
+        bar.n = done
+        bar.refresh()
 
-        try:
-            return load(path).perplexity(text, max_tokens=max_tokens, progress=tick if bar else None)
-        finally:
-            if bar is not None:
-                bar.close()
-
-    out = {"quantized": score(result.path, result.quant)}
-    if result.quant == "fp32":
-        out["fp32"] = out["quantized"]
-        return out
-    with tempfile.TemporaryDirectory(prefix="gemma-edge-fp32-", dir=os.path.dirname(os.path.abspath(result.path))) as d:
-        ref = convert(source, os.path.join(d, "fp32.tflite"), quant="fp32", max_context=result.context_length,
-                      prefill_lengths=result.prefill_lengths, progress=progress,
-                      score_length=result.score_length, lora=result.lora)
-        out["fp32"] = score(ref.path, "fp32")
-    return out
+    try:
+        with tempfile.TemporaryDirectory(prefix="gemma-edge-fp32-", dir=os.path.dirname(os.path.abspath(result.path))) as d:
+            if result.quant == "fp32":
+                ref_path = result.path
+            else:
+                ref_path = convert(source, os.path.join(d, "fp32.tflite"), quant="fp32",
+                                   max_context=result.context_length, prefill_lengths=result.prefill_lengths,
+                                   progress=progress, score_length=result.score_length, lora=result.lora).path
+            model, base = load(result.path), load(ref_path)  # two instances even of one file
+            return {"comparison": model.compare(base, text, max_tokens=max_tokens, progress=tick if bar else None)}
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 __all__ = ["convert", "ConvertResult", "perplexity_vs_fp32"]

@@ -49,10 +49,17 @@ def format_report(rows: list[RoleError], perplexity: dict | None = None) -> str:
         lines.append(f"  {r.role:<10} {','.join(r.schemes):<14} {r.tensors:>7} {r.rel_rms:>9.4%}  "
                      f"{r.worst_tensor} {r.worst_rel_rms:.4%}")
     if perplexity:
-        q, ref = perplexity["quantized"], perplexity.get("fp32")
-        lines.append(f"perplexity on {perplexity['text']} ({q['predicted']} predicted tokens, BOS + text):")
-        if ref:
-            lines.append(f"  fp32        {ref['perplexity']:.4f}  (mean NLL {ref['mean_nll']:.4f})")
-        delta = f"  {q['perplexity'] / ref['perplexity'] - 1:+.2%} vs fp32" if ref else ""
-        lines.append(f"  {q['quant']:<11} {q['perplexity']:.4f}  (mean NLL {q['mean_nll']:.4f}){delta}")
+        lines.append(f"on {perplexity['text']}:")
+        lines += ["  " + line for line in format_comparison(perplexity["comparison"]).splitlines()]
     return "\n".join(lines)
+
+
+def format_comparison(c: dict) -> str:
+    """``Model.compare``'s result as llama.cpp's --kl-divergence prints it, in a few lines."""
+    return "\n".join([
+        f"{c['predicted']} predicted tokens (BOS + text):",
+        f"  {c['base_quant']:<11} perplexity {c['base_perplexity']:.4f}  (base: {c['base']})",
+        f"  {c['quant']:<11} perplexity {c['perplexity']:.4f}  {c['perplexity_ratio'] - 1:+.2%} vs base",
+        f"  KL divergence from base: mean {c['kl_mean']:.5f}, 99th percentile {c['kl_p99']:.5f}, max {c['kl_max']:.4f}",
+        f"  same most likely token as base: {c['top1_agreement']:.2%}",
+    ])

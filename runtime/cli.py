@@ -223,11 +223,16 @@ def bench(model, prompt_tokens, gen_tokens, runs, threads, as_json):
               help="UTF-8 text file to score.")
 @click.option("--max-tokens", type=click.IntRange(min=2), default=None,
               help="Score at most this many tokens (default: the file's context length).")
+@click.option("--base", type=click.Path(), default=None,
+              help="A reference file of the same model (e.g. its fp32 conversion): also report the KL divergence "
+                   "of MODEL's token distributions from BASE's (mean, 99th percentile), top-1 agreement and the "
+                   "perplexity ratio, on identical tokens.")
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--json", "as_json", is_flag=True)
 @_handle_errors
-def eval_cmd(model, text_file, max_tokens, threads, as_json):
-    """Perplexity of a text (BOS prepended, one window of up to the context length)."""
+def eval_cmd(model, text_file, max_tokens, base, threads, as_json):
+    """Perplexity of a text (BOS prepended, one window of up to the context length); with --base,
+    how far MODEL's predictions are from BASE's (what llama.cpp's --kl-divergence reports)."""
     try:
         with open(text_file, "rb") as f:
             text = f.read().decode("utf-8")
@@ -245,11 +250,18 @@ def eval_cmd(model, text_file, max_tokens, threads, as_json):
         def progress(done, total):
             bar.length = total
             bar.update(done - bar.pos)
-    r = m.perplexity(text, max_tokens=max_tokens, progress=progress if bar else None)
+    if base is not None:
+        r = m.compare(load(base, threads=threads), text, max_tokens=max_tokens, progress=progress if bar else None)
+    else:
+        r = m.perplexity(text, max_tokens=max_tokens, progress=progress if bar else None)
     if bar:
         bar.render_finish()
     if as_json:
         click.echo(json.dumps(r, indent=1))
+    elif base is not None:
+        from ..quantize.report import format_comparison
+
+        click.echo(format_comparison(r))
     else:
         click.echo(f"perplexity {r['perplexity']:.3f} (mean NLL {r['mean_nll']:.4f}) over {r['predicted']} "
                    f"predicted tokens of {r['tokens']} (BOS + text); {r['quant']}; {r['seconds']:.1f} s")

@@ -248,41 +248,100 @@ class Model:
         with self._exclusive():
             return self._perplexity(text, max_tokens, progress)
 
-    def _perplexity(self, text, max_tokens, progress) -> dict:
+    def _scored_ids(self, text, max_tokens) -> list[int]:
         ids = self.encode(text) if isinstance(text, str) else self.encode(list(text))
-        limit = min(self.context_length, max_tokens or self.context_length)
-        ids = ids[:limit]
+        ids = ids[:min(self.context_length, max_tokens or self.context_length)]
         if len(ids) < 2:
             raise GenerationError("perplexity needs at least 2 tokens of text")
-        n = len(ids) - 1  # inputs ids[0..n-1] predict ids[1..n]
+        return ids
+
+    def _log_probs(self, ids: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+        """(i, log-softmax [count, V] float64 of the logits at positions i .. i+count-1), in
+        order over every position that predicts a token (all but the last of ``ids``)."""
+        n = len(ids) - 1
         T = max(self.info.score_lengths, default=0)
         self._cached = []
+        i = 0
+        try:
+            while i < n:
+                if T and i + T <= self.context_length:  # a chunk never runs past the cache end
+                    count = min(T, n - i)
+                    tokens = np.zeros((1, T), np.int32)
+                    positions = np.zeros((T,), np.int32)
+                    tokens[0, :count] = ids[i:i + count]
+                    positions[:count] = np.arange(i, i + count, dtype=np.int32)
+                    z = self.backend.score(tokens, positions)[:count]  # [count, V]
+                else:
+                    count = 1
+                    z = self.backend.decode(ids[i], i)[None, :]  # [1, V]
+                z = z.astype(np.float64)
+                m = z.max(axis=1, keepdims=True)
+                yield i, z - (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))
+                i += count
+        finally:
+            self._cached = []
+
+    def _perplexity(self, text, max_tokens, progress) -> dict:
+        ids = self._scored_ids(text, max_tokens)
+        n = len(ids) - 1  # inputs ids[0..n-1] predict ids[1..n]
         nll = np.empty(n, np.float64)
         t0 = time.perf_counter()
-        i = 0
-        while i < n:
-            if T and i + T <= self.context_length:  # a chunk never runs past the cache end
-                count = min(T, n - i)
-                tokens = np.zeros((1, T), np.int32)
-                positions = np.zeros((T,), np.int32)
-                tokens[0, :count] = ids[i:i + count]
-                positions[:count] = np.arange(i, i + count, dtype=np.int32)
-                z = self.backend.score(tokens, positions)[:count]  # [count, V]
-            else:
-                count = 1
-                z = self.backend.decode(ids[i], i)[None, :]  # [1, V]
-            z = z.astype(np.float64)
-            m = z.max(axis=1)
-            target = np.asarray(ids[i + 1:i + 1 + count])
-            nll[i:i + count] = m + np.log(np.exp(z - m[:, None]).sum(axis=1)) - z[np.arange(count), target]
-            i += count
+        for i, lp in self._log_probs(ids):
+            count = len(lp)
+            nll[i:i + count] = -lp[np.arange(count), ids[i + 1:i + 1 + count]]
             if progress:
-                progress(i, n)
-        self._cached = []
+                progress(i + count, n)
         mean = float(nll.mean())
+        T = max(self.info.score_lengths, default=0)
         return {"model": self.info.path, "quant": self.info.quant, "tokens": len(ids),
                 "predicted": n, "mean_nll": mean, "perplexity": float(np.exp(mean)),
                 "seconds": time.perf_counter() - t0, "scored_with": f"score_{T}" if T else "decode"}
+
+    def compare(self, base: "Model", text: str | Sequence[int], max_tokens: int | None = None, progress=None) -> dict:
+        """How far this model's next-token distributions are from ``base``'s on the same tokens
+        (what llama.cpp's ``--kl-divergence`` reports): both perplexities and their ratio, the
+        mean and 99th-percentile KL divergence KL(base || this) per token, and how often the two
+        agree on the most likely token. Both files must share their tokenizer."""
+        if base.tokenizer.model_proto != self.tokenizer.model_proto:
+            raise GenerationError(f"{base.info.path} and {self.info.path} have different tokenizers; "
+                                  "compare files converted from the same checkpoint")
+        if base is self:
+            raise GenerationError("compare a model with another file (the base), not with itself")
+        with self._exclusive(), base._exclusive():
+            return self._compare(base, text, max_tokens, progress)
+
+    def _compare(self, base, text, max_tokens, progress) -> dict:
+        ids = self._scored_ids(text, max_tokens)[:base.context_length]
+        n = len(ids) - 1
+        t0 = time.perf_counter()
+        nll, base_nll, kl = np.empty(n), np.empty(n), np.empty(n)
+        same = np.empty(n, bool)
+        pending = []  # base chunks not yet matched: (i, log-probs)
+        base_chunks = base._log_probs(ids)
+        for i, lp in self._log_probs(ids):
+            count = len(lp)
+            while sum(len(b) for _, b in pending) < count:  # chunk lengths of the two files may differ
+                pending.append(next(base_chunks))
+            blp = np.concatenate([b for _, b in pending])
+            rest = blp[count:]
+            pending = [(i + count, rest)] if len(rest) else []
+            blp = blp[:count]
+            target = ids[i + 1:i + 1 + count]
+            rows = np.arange(count)
+            nll[i:i + count] = -lp[rows, target]
+            base_nll[i:i + count] = -blp[rows, target]
+            kl[i:i + count] = np.sum(np.exp(blp) * (blp - lp), axis=1)
+            same[i:i + count] = blp.argmax(axis=1) == lp.argmax(axis=1)
+            if progress:
+                progress(i + count, n)
+        base_chunks.close()
+        ppl, base_ppl = float(np.exp(nll.mean())), float(np.exp(base_nll.mean()))
+        return {"model": self.info.path, "quant": self.info.quant, "base": base.info.path, "base_quant": base.info.quant,
+                "tokens": len(ids), "predicted": n, "perplexity": ppl, "base_perplexity": base_ppl,
+                "perplexity_ratio": ppl / base_ppl, "mean_nll": float(nll.mean()),
+                "base_mean_nll": float(base_nll.mean()), "kl_mean": float(kl.mean()),
+                "kl_p99": float(np.percentile(kl, 99)), "kl_max": float(kl.max()),
+                "top1_agreement": float(same.mean()), "seconds": time.perf_counter() - t0}
 
     def chat(self, system: str | None = None, thinking: bool = False) -> "Conversation":
         """A multi-turn chat; ``thinking`` asks a model that can think (Gemma 4) to."""

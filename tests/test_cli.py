@@ -392,10 +392,14 @@ def test_convert_report_with_eval_text(tiny, tmp_path):
     lines = proc.stdout.splitlines()
     table = {ln.split()[0]: ln.split() for ln in lines if ln.strip().split()[:1] in (["embedding"], ["attention"], ["ffn"])}
     assert table["embedding"][1] == "int8" and table["attention"][1] == "int4-b32" and table["ffn"][1] == "int4-b32"
-    ppl = {ln.split()[0]: float(ln.split()[1]) for ln in lines if ln.startswith("  fp32 ") or ln.startswith("  embedding=")}
+    ppl = {ln.split()[0]: float(ln.split()[2]) for ln in lines if " perplexity " in ln}
+    kl = next(float(ln.split("mean ")[1].split(",")[0]) for ln in lines if "KL divergence" in ln)
     ref = tmp_path / "ref.tflite"
     assert convert_cli(tiny.checkpoint, ref, "--max-context", "32").returncode == 0
     for key, path in (("fp32", ref), ("embedding=int8,attention=int4-b32,ffn=int4-b32", out)):
         ev = json.loads(cli(GEMMA_EDGE, "eval", path, "--text", text, "--json").stdout)
         assert abs(ppl[key] - ev["perplexity"]) < 1e-3 * ev["perplexity"], (key, ppl, ev)
+    # and the KL divergence is what `gemma-edge eval --base` says of the two files
+    ev = json.loads(cli(GEMMA_EDGE, "eval", out, "--text", text, "--base", ref, "--json").stdout)
+    assert abs(ev["kl_mean"] - kl) < 1e-4 + 1e-3 * kl and ev["kl_mean"] > 0 and 0 < ev["top1_agreement"] <= 1
     assert temp_files(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["m.tflite", "ref.tflite", "text.txt"]

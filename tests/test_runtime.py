@@ -397,6 +397,40 @@ def test_perplexity_matches_transformers(scored_path, hf_model, sp_model_path):
     assert m.perplexity(ids, max_tokens=10)["predicted"] == 9
 
 
+def test_compare_reports_kl_divergence_like_an_independent_computation(tiny, scored_path, hf_model, sp_model_path,
+                                                                        tmp_path_factory):
+    """``Model.compare`` (``gemma-edge eval --base``): KL(base || model) per token, its mean and 99th
+    percentile, top-1 agreement and both perplexities; the base here is an fp32 file (score_32,
+    score_24 or decode only, so chunks of the two files do not line up) and the model an int8
+    file. The oracle: transformers' logits as the base and the int8 file's logits read one
+    decode call at a time, the KL computed here in float64."""
+    import torch
+
+    import gemma_edge
+    from gemma_edge.convert.pipeline import convert
+    from gemma_edge.runtime.backend import make_backend
+
+    out = tmp_path_factory.getbasetemp() / "tiny_gemma3" / "model_int8_compare.tflite"
+    if not out.exists():
+        convert(str(tiny.checkpoint), str(out), quant="int8", max_context=CONTEXT, prefill_lengths=PREFILL,
+                progress=False)
+    ids = [2] + corpus_ids(sp_model_path, CONTEXT - 1, seed=12)
+    r = gemma_edge.load(str(out)).compare(gemma_edge.load(scored_path), ids)
+    with torch.no_grad():
+        base = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, :-1].double(), -1).numpy()
+    backend = make_backend(gemma_edge.load(str(out)).info)
+    z = np.stack([backend.decode(t, p) for p, t in enumerate(ids[:-1])]).astype(np.float64)
+    lp = z - (z.max(1, keepdims=True) + np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)))
+    kl = np.sum(np.exp(base) * (base - lp), axis=1)
+    assert r["predicted"] == len(ids) - 1
+    assert abs(r["kl_mean"] - kl.mean()) < 1e-3 * kl.mean() + 1e-6 and abs(r["kl_p99"] - np.percentile(kl, 99)) < 1e-2 * kl.max()
+    assert r["top1_agreement"] == pytest.approx(np.mean(base.argmax(1) == lp.argmax(1)))
+    nll = -base[np.arange(len(ids) - 1), ids[1:]]
+    assert abs(np.log(r["base_perplexity"]) - nll.mean()) < 1e-4
+    same = gemma_edge.load(scored_path).compare(gemma_edge.load(scored_path), ids)
+    assert same["kl_mean"] < 1e-9 and same["top1_agreement"] == 1.0 and same["perplexity_ratio"] == pytest.approx(1.0)
+
+
 def test_a_second_generation_while_one_runs_is_refused(model):
     """Two streams at once would share one KV cache: the second gets a clear error, and once
     the first is closed the model is free again."""
