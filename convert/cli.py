@@ -130,7 +130,7 @@ def main(source, output, quant, max_context, prefill_lengths, score_length, repo
     if report:
         from ..quantize.report import format_report
 
-        click.echo(format_report(list(r.weight_errors), ppl))
+        click.echo(format_report(list(r.weight_errors), ppl, r.grid_blocks))
 
 
 if __name__ == "__main__":

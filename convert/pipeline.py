@@ -44,6 +44,7 @@ class ConvertResult:
     score_length: int | None
     weight_errors: tuple | None = None  # RoleError rows, when convert(report=True)
     lora: str | None = None  # the LoRA adapter merged in, if any
+    grid_blocks: dict | None = None  # tensor -> {blocks, imported, clipped}, when convert(report=True)
 
 
 def special_tokens(tok: Tokenizer, cfg: GemmaConfig, declared_stop_ids=()) -> modelfile.TokenizerMeta:
@@ -182,7 +183,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     return ConvertResult(str(out), size, time.time() - t0, peak, cfg, quant, context, tuple(lengths),
                          score[0] if score else None,
                          tuple(role_table(errors, meta.quantization.tensors)) if report else None,
-                         lora=lora)
+                         lora=lora, grid_blocks={s.name: dict(s.grid) for s in slots if s.grid} if report else None)
 
 
 def perplexity_vs_fp32(source: str, result: ConvertResult, text: str, max_tokens: int | None = None,

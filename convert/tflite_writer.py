@@ -49,6 +49,7 @@ class WeightSlot:
     scale_offset: int = 0
     group: str | None = None  # consecutive slots of one group are written row chunk by row chunk together
     read_cols: int = 0  # columns one row of the group's source holds (sizes its row chunks)
+    grid: dict = field(default_factory=dict)  # blocks kept on their 4-bit grid (quantize_blockwise's stats)
 
     @property
     def rows_cols(self) -> tuple[int, int]:
@@ -259,7 +260,7 @@ def _write_rows(fd: int, s: WeightSlot, read_rows: RowReader, r0: int, r1: int, 
     cols = s.rows_cols[1]
     w = read_rows(s.name, r0, r1).reshape(r1 - r0, cols)
     try:
-        data, scales = quantize_rows(w, s.scheme)
+        data, scales = quantize_rows(w, s.scheme, None if errors is None else s.grid)
     except NonFiniteError as e:
         raise NonFiniteWeights(s.name, r0, r1, str(e)) from None
     if errors is not None:

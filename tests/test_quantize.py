@@ -230,3 +230,103 @@ def test_a_block_that_does_not_divide_the_rows_is_a_clear_error(tmp_path, sp_mod
     msg = str(e.value)
     assert "l0_q" in msg and "(64, 64)" in msg and "block size 128" in msg and "int4-b32" in msg, msg
     assert list(tmp_path.iterdir()) == [ckpt]
+
+
+# ---- weights already on a 4-bit grid (GGUF Q4_0, QAT checkpoints) keep it --------------------------
+
+def _q4_0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """llama.cpp's own Q4_0 of w (the gguf package): (dequantized values, codes k in -8..7, scale d per block)."""
+    from gguf import GGMLQuantizationType, quants
+
+    raw = quants.quantize(w, GGMLQuantizationType.Q4_0)
+    blocks = raw.reshape(-1, 18)
+    d = blocks[:, :2].copy().view(np.float16).astype(np.float32).reshape(w.shape[0], -1)
+    qs = blocks[:, 2:]
+    k = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.int8) - 8
+    return quants.dequantize(raw, GGMLQuantizationType.Q4_0), k.reshape(w.shape), d
+
+
+def test_q4_0_blocks_keep_their_values_and_scale():
+    rng = np.random.default_rng(7)
+    w = (rng.standard_normal((48, 256)) * rng.uniform(0.01, 2, (48, 1))).astype(np.float32)
+    snap, k, d = _q4_0(w)
+    stats = {}
+    q, s = quantize_blockwise(snap, 4, 32, stats)
+    assert stats == {"blocks": 48 * 8, "imported": 48 * 8, "clipped": int((d < 0).sum())}
+    pos = np.repeat(d > 0, 32, axis=1)
+    # a positive Q4_0 scale: the same codes and the same fp16 scale
+    assert np.array_equal(q[pos], k[pos]) and np.array_equal(s[d > 0].astype(np.float32), d[d > 0])
+    # a negative one (its largest value is positive; LiteRT takes no negative scales): -k with |d|,
+    # the values at +8 steps (the largest, and any as large) clipped to +7; every other value exact
+    assert np.array_equal(s[d < 0].astype(np.float32), -d[d < 0])
+    deq = dequantize_blockwise(q, s)
+    off = deq != snap
+    at_8 = (k == -8) & ~pos
+    assert np.array_equal(off, at_8) and np.allclose((snap - deq)[off], np.repeat(np.abs(d), 32, axis=1)[off])
+    assert at_8.sum() < 0.02 * at_8.size
+    # QAT checkpoints store the grid in bf16: the same codes are found, the scale refitted
+    bf = ((snap.view(np.uint32) + 0x7FFF + ((snap.view(np.uint32) >> 16) & 1)) & 0xFFFF0000).view(np.float32)
+    q_bf, s_bf = quantize_blockwise(bf, 4, 32)
+    assert np.array_equal(q_bf, q) and np.max(np.abs(s_bf.astype(np.float32) / s.astype(np.float32) - 1)) < 4e-3
+    # weights on no grid are rounded as before (max / 7, byte-identical with ai-edge-quantizer)
+    stats = {}
+    quantize_blockwise(w, 4, 32, stats)
+    assert stats["imported"] == 0
+
+
+def test_q4_0_gguf_converts_at_int4_b32_with_its_own_blocks(tmp_path, capsys):
+    """A GGUF whose FC weights and embedding are Q4_0 (llama.cpp's layout, written by the gguf
+    package): at int4-b32 every weight in the file equals the GGUF's own values, but for the one
+    clipped value of each negative-scale block; the report says every tensor was imported."""
+    import gguf
+    from ai_edge_litert import schema_py_generated as fb
+
+    from gemma_edge.convert.pipeline import convert
+    from gemma_edge.runtime.modelfile import read_info
+    from test_hardening import gguf_tensors, gguf_vocab
+
+    toks, scores, types = gguf_vocab()
+    tensors = gguf_tensors(len(toks))
+    path = tmp_path / "q4_0.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    for add, v in ((w.add_context_length, 256), (w.add_embedding_length, 32), (w.add_block_count, 2),
+                   (w.add_feed_forward_length, 64), (w.add_head_count, 2), (w.add_head_count_kv, 1),
+                   (w.add_key_length, 16), (w.add_value_length, 16), (w.add_layer_norm_rms_eps, 1e-6),
+                   (w.add_rope_freq_base, 1e6), (w.add_sliding_window, 8), (w.add_tokenizer_model, "llama"),
+                   (w.add_token_list, toks), (w.add_token_scores, scores), (w.add_token_types, types),
+                   (w.add_bos_token_id, 2), (w.add_eos_token_id, 1), (w.add_unk_token_id, 3)):
+        add(v)
+    source = {}
+    for name, a in tensors.items():
+        if a.ndim == 2 and a.shape[1] % 32 == 0:
+            raw = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q4_0)
+            w.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+            source[name] = _q4_0(a)
+        else:
+            w.add_tensor(name, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = convert(str(path), str(tmp_path / "m.tflite"), quant="int4-b32", max_context=16, prefill_lengths=(8,),
+                progress=False, report=True)
+    assert all(g["imported"] == g["blocks"] for g in r.grid_blocks.values()) and len(r.grid_blocks) == len(source)
+    info = read_info(r.path)
+    data = (tmp_path / "m.tflite").read_bytes()
+    model = fb.ModelT.InitFromPackedBuf(data, 0)
+    sg = next(model.subgraphs[s.subgraphIndex] for s in model.signatureDefs if s.signatureKey == b"decode")
+    by_name = {t.name.decode().rsplit("_", 1)[0].removeprefix("decode_"): t for t in sg.tensors}
+    checked = 0
+    for t in sg.tensors:
+        if t.type != fb.TensorType.INT4:
+            continue
+        buf = model.buffers[t.buffer]
+        q = unpack_int4(np.frombuffer(data, np.uint8, count=buf.size, offset=buf.offset).reshape(t.shape[0], -1))
+        st = sg.tensors[t.quantization.details.scales]
+        s = np.frombuffer(data, np.float16, count=int(np.prod(st.shape)), offset=model.buffers[st.buffer].offset)
+        deq = dequantize_blockwise(q, s.reshape(st.shape))
+        match = [v for v in source.values()
+                 if v[0].shape == deq.shape and np.array_equal(v[0] != deq, (v[1] == -8) & np.repeat(v[2] < 0, 32, axis=1))]
+        assert match, t.name
+        checked += 1
+    assert checked == len(source) and info.quant == "int4-b32"
