@@ -1,43 +1,69 @@
-"""Convert a synthetic Gemma 2B: converter peak memory, and decode speed against the bandwidth ceiling.
+"""Convert a synthetic full-size Gemma: converter peak memory, decode speed against the bandwidth
+ceiling, and (Gemma 4) how little of the per-layer embedding tables the runtime keeps resident.
 
-    python benchmarks/convert_memory.py [--work-dir DIR] [--quant RECIPE ...]
+    python benchmarks/convert_memory.py [--model gemma-2b|gemma4-e2b] [--work-dir DIR] [--quant RECIPE ...]
         [--bench-prompt 32] [--bench-gen 32] [--bench-runs 3] [--bandwidth-mib 1024]
         [--keep] [--reuse-checkpoint] [--timeline] [--json [PATH]]
 
     # both int4 presets and a recipe (a recipe's own commas stay inside it):
     python benchmarks/convert_memory.py --quant int4-b32 --quant 'int4-b32,embedding=int8'
     python benchmarks/convert_memory.py --quant int8,int4-b32    # plain presets, comma separated
+    python benchmarks/convert_memory.py --model gemma4-e2b --quant 'int4;int8'
 
 ``--quant`` may be given several times; each value is one recipe
 (``gemma_edge.quantize.schemes.parse_recipe``), or several separated by ``;``, or plain
 preset names separated by ``,`` (a value containing ``=`` is never split on ``,``).
-Default int8. Output files are named ``gemma-2b-synthetic-<recipe>.tflite`` with every
-character outside ``[A-Za-z0-9._-]`` replaced by ``_``.
+Default int8. Output files are named ``<model>-synthetic-<recipe>.tflite``
+(``gemma-2b-synthetic-int8.tflite``) with every character outside ``[A-Za-z0-9._-]``
+replaced by ``_``.
 
-1. Writes a synthetic Hugging Face checkpoint with the real Gemma 2B (v1) names and
-   shapes (2.51B parameters, ~5 GB of bf16 in ~2 GB shards plus
-   model.safetensors.index.json, config.json and a tiny SentencePiece tokenizer.model).
-   The safetensors files are written by hand, each tensor generated in row chunks and
-   appended, so this process stays small (its peak RSS is printed).
+Models (``--model``):
+* ``gemma-2b`` (default): Gemma 2B (v1), ``GemmaForCausalLM`` names and shapes, 2.51B
+  parameters, ~5 GB of bf16.
+* ``gemma4-e2b``: Gemma 4 E2B's text decoder as the hub checkpoint holds it
+  (``Gemma4ForConditionalGeneration``: config.json with model_type gemma4 and its
+  text_config, tensors under ``model.language_model.``, plus a few tiny
+  ``model.vision_tower.*`` / ``model.embed_vision.*`` tensors that the converter skips):
+  35 layers, d_model 1536, FFN 6144 (12288 on the 20 KV-sharing layers), 8 query heads,
+  1 KV head, head_dim 256 (512 on global layers), window 512, 4 sliding : 1 global,
+  per-layer embeddings of 256 a layer (a [262144, 35*256] table), vocab 262144, final
+  soft-cap 30, proportional RoPE (0.25, theta 1e6) on global layers; 4.63B parameters,
+  ~9.3 GB of bf16. The norms and layer scalars are drawn around 1 (Gemma 4 multiplies by
+  the stored weight; Gemma 1's are drawn around 0, its stored w of (1 + w)).
+
+1. Writes the synthetic Hugging Face checkpoint (bf16 in ~2 GB shards, a tensor larger
+   than a shard in one of its own, plus model.safetensors.index.json, config.json and a
+   tiny SentencePiece tokenizer.model with the family's turn markers). The safetensors
+   files are written by hand, each tensor generated in row chunks and appended, so this
+   process stays small (its peak RSS is printed).
 2. Converts it with ``gemma_edge.convert.pipeline.convert`` in a child process, so the
    converter's peak RSS is measured alone: ``wait4`` rusage of that child,
    ``getrusage(RUSAGE_CHILDREN)`` and the ``ConvertResult.peak_rss_mb`` the child reports
    (ru_maxrss survives fork + exec, so this process's own peak, ~100 MB, is a floor).
    /proc/<pid>/status is sampled while it runs (VmRSS = RssAnon + RssFile + RssShmem):
-   the per-stage peaks are always printed, ``--timeline`` prints the samples too.
+   the peaks per stage (``convert()``'s ``on_stage`` callback: open checkpoint, build
+   template -- which also covers the source's sha256 and the graph surgery --, the weights
+   by layer, finish = metadata, header and fsync) are always printed, ``--timeline`` prints
+   the samples too. The converter's notes (``notes`` callback: skipped towers) are printed.
 3. Loads the result TensorFlow-free in another child with
    ``gemma_edge.runtime.engine.load`` and checks it (prefill, decode, finite logits,
    median ms/token of raw ``backend.decode`` calls), then runs
    ``Model.benchmark(prompt_tokens, gen_tokens, runs)``, the code behind
    ``gemma-edge bench``: decode tok/s median/min/max and prefill tok/s. The synthetic
    tokenizer has only 300 pieces; ``benchmark`` draws its prompt from ids 150..299 of
-   them, and the decode reads the full 256000-row LM head regardless. The same child
-   counts the bytes one decode step reads (below). The XNNPACK weight cache the load
-   writes (~the file's size, under ~/.cache/gemma-edge/xnnpack) is removed again
-   unless ``--keep``.
+   them, and the decode reads the full LM head regardless. The same child counts the
+   bytes one decode step reads (below), and after the load, after the prefill and decodes,
+   and after the benchmark it records its RSS, the resident bytes of its mappings of the
+   model file and of the weight cache (/proc/self/smaps), and how much of the tables read
+   only by EMBEDDING_LOOKUP (Gemma 4's per-layer embeddings) is resident, page by page
+   (/proc/self/pagemap). The runtime's peak RSS is that process's own VmHWM (the XNNPACK
+   weight cache is packed by a grandchild on the first load, which ``wait4`` includes).
+   The weight cache the load writes (~the file's size, in ``gemma_edge.runtime.
+   weight_cache.cache_dir()``: ~/.cache/gemma-edge/xnnpack or $GEMMA_EDGE_CACHE) is
+   removed again unless ``--keep``.
 4. Measures memory read bandwidth in a separate small child (so no converter or loader
-   RSS figure includes its array): a ``--bandwidth-mib`` int32 array (default 1 GiB,
-   over 3x the 300 MiB L3 this VM reports; filled first so it is resident) is reduced
+   RSS figure includes its array): a ``--bandwidth-mib`` int32 array (default 1 GiB, well
+   over the L3 the VM reports, which is printed; filled first so it is resident) is reduced
    with ``np.max`` split over T threads (numpy releases the GIL inside the reduction),
    best and median of ``--bandwidth-reps`` passes, for 1 thread and for the runtime's
    thread count T. The T-thread best is the bandwidth used for the ceiling. An
@@ -46,20 +72,24 @@ character outside ``[A-Za-z0-9._-]`` replaced by ``_``.
    below T means the threads did not run in parallel (a busy machine), so the
    bandwidth, and the ceiling, are understated.
 5. Prints a summary against the targets: converter peak RSS < 1.5 GB, convert wall time
-   < 5 min, decode tok/s >= 85% of the bandwidth ceiling. The exit status is 1 if any
-   measured target fails. The big files are removed unless ``--keep``
+   < 5 min, decode tok/s >= 85% of the bandwidth ceiling, then one table row per recipe
+   (and, for a model with lookup-only tables, the residency table). The exit status is 1
+   if any measured target fails. The big files are removed unless ``--keep``
    (``--reuse-checkpoint`` keeps the checkpoint).
 
-Bytes read per decoded token (the ceiling is bandwidth / these bytes):
+Bytes read per decoded token (the ceiling is bandwidth / these bytes; benchmarks/model_reads.py):
 * weights: every buffer referenced by a constant tensor of the ``decode`` subgraph,
   each buffer once (the tied embedding is read whole by the LM head and counted once;
-  the EMBEDDING_LOOKUP of one row adds nothing), plus per-channel scales kept in the
+  its EMBEDDING_LOOKUP of one row adds nothing), plus per-channel scales kept in the
   header (4 bytes a row) and the few constants stored inline. Blockwise int4 scales are
-  tensors over buffers of their own, so they are in the buffer sum.
-* KV cache: per layer, K and V of [1, num_kv_heads, S, head_dim] float32. The graph's
-  attention is a rank-4 BATCH_MATMUL over the whole cache, so a global layer reads all
-  S = context length slots every step whatever the position; a sliding layer (Gemma 2/3)
-  reads only its W = sliding_window slots (Gemma 1 2B has none).
+  tensors over buffers of their own, so they are in the buffer sum. A table read only by
+  EMBEDDING_LOOKUP (Gemma 4's ``l<i>_ple_embed``, [262144, 256] each) counts the one row
+  a token reads (P x bytes a weight, with its scales), not the table.
+* KV cache: per layer, K and V of the cache it attends over, [1, num_kv_heads, S,
+  head_dim] float32. The graph's attention is a rank-4 BATCH_MATMUL over the whole cache,
+  so a global layer reads all S = context length slots every step whatever the position;
+  a sliding layer (Gemma 2/3/4) reads only its W = sliding_window slots (Gemma 1 2B has
+  none). Gemma 4's KV-sharing layers read layer 13's or 14's cache and count again.
 Assumptions: XNNPACK repacks the weights into its weight cache and decode reads the
 packed copy; for int8 and int4 the packed bytes are about the file's (the int8 2B's
 cache file is ~2.5 GB), so the file's bytes stand for them. Activations, the logits
@@ -90,7 +120,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -124,6 +156,168 @@ GEMMA_2B = {
     "use_cache": True,
     "vocab_size": 256000,
 }
+
+# Gemma 4 E2B (google/gemma-4-E2B) text_config, with the keys a transformers 5 save writes
+# (/work/notes/gemma4_spec.md section 6). Layers 0..14 compute their own KV caches; 15..34
+# read layer 13's (sliding) or 14's (global) and have no k/v projections or k_norm, and an
+# FFN twice as wide (use_double_wide_mlp).
+E2B_SHARED, E2B_LAYERS = 20, 35
+GEMMA4_E2B_TEXT = {
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "attention_k_eq_v": False,
+    "bos_token_id": 2,
+    "dtype": "bfloat16",
+    "enable_moe_block": False,
+    "eos_token_id": 1,
+    "final_logit_softcapping": 30.0,
+    "global_head_dim": 512,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 1536,
+    "hidden_size_per_layer_input": 256,
+    "initializer_range": 0.02,
+    "intermediate_size": 6144,
+    "layer_types": (["sliding_attention"] * 4 + ["full_attention"]) * 7,
+    "max_position_embeddings": 131072,
+    "model_type": "gemma4_text",
+    "moe_intermediate_size": None,
+    "num_attention_heads": 8,
+    "num_experts": None,
+    "num_global_key_value_heads": None,
+    "num_hidden_layers": E2B_LAYERS,
+    "num_key_value_heads": 1,
+    "num_kv_shared_layers": E2B_SHARED,
+    "pad_token_id": 0,
+    "rms_norm_eps": 1e-06,
+    "rope_parameters": {
+        "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+    },
+    "sliding_window": 512,
+    "tie_word_embeddings": True,
+    "top_k_experts": None,
+    "use_bidirectional_attention": None,
+    "use_cache": True,
+    "use_double_wide_mlp": True,
+    "vocab_size": 262144,
+    "vocab_size_per_layer_input": 262144,
+}
+# Tiny stand-ins for the multimodal towers (the converter skips them and says so).
+GEMMA4_VISION = {"hidden_size": 64, "intermediate_size": 128, "model_type": "gemma4_vision", "num_attention_heads": 2,
+                 "num_hidden_layers": 1, "num_key_value_heads": 2, "head_dim": 32, "patch_size": 16}
+GEMMA4_TOWER_TENSORS = [
+    ("model.vision_tower.patch_embedder.input_proj.weight", (64, 768)),
+    ("model.vision_tower.encoder.layers.0.self_attn.q_proj.linear.weight", (64, 64)),
+    ("model.vision_tower.encoder.layers.0.input_layernorm.weight", (64,)),
+    ("model.embed_vision.embedding_projection.weight", (1536, 64)),
+]
+
+
+def gemma_2b_config(num_layers: int) -> dict:
+    return {**GEMMA_2B, "num_hidden_layers": num_layers}
+
+
+def gemma4_e2b_config(num_layers: int) -> dict:
+    """The hub's multimodal config.json; fewer layers keep the first 15 (which own their caches)
+    and share the rest, the last layer global."""
+    types = GEMMA4_E2B_TEXT["layer_types"][:num_layers]
+    types[-1] = "full_attention"
+    text = {**GEMMA4_E2B_TEXT, "num_hidden_layers": num_layers, "layer_types": types,
+            "num_kv_shared_layers": max(0, num_layers - (E2B_LAYERS - E2B_SHARED))}
+    return {
+        "architectures": ["Gemma4ForConditionalGeneration"],
+        "audio_token_id": 258881, "boa_token_id": 256000, "boi_token_id": 255999, "eoa_token_id": 258883,
+        "eoi_token_id": 258882, "eos_token_id": [1, 106], "image_token_id": 258880, "initializer_range": 0.02,
+        "model_type": "gemma4", "text_config": text, "tie_word_embeddings": True, "video_token_id": 258884,
+        "vision_config": GEMMA4_VISION, "vision_soft_tokens_per_image": 280,
+    }
+
+
+def text_config(hf: dict) -> dict:
+    return hf.get("text_config", hf)
+
+
+def gemma_tensors(hf: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Gemma 1 (``GemmaForCausalLM``) tensor names and shapes, in state-dict order."""
+    cfg = text_config(hf)
+    d, f, h = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q, kv = cfg["num_attention_heads"] * h, cfg["num_key_value_heads"] * h
+    out = [("model.embed_tokens.weight", (cfg["vocab_size"], d))]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "input_layernorm.weight", (d,)),
+            (p + "self_attn.q_proj.weight", (q, d)),
+            (p + "self_attn.k_proj.weight", (kv, d)),
+            (p + "self_attn.v_proj.weight", (kv, d)),
+            (p + "self_attn.o_proj.weight", (d, q)),
+            (p + "post_attention_layernorm.weight", (d,)),
+            (p + "mlp.gate_proj.weight", (f, d)),
+            (p + "mlp.up_proj.weight", (f, d)),
+            (p + "mlp.down_proj.weight", (d, f)),
+        ]
+    out.append(("model.norm.weight", (d,)))
+    return out
+
+
+def gemma4_tensors(hf: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """Gemma 4 (``Gemma4ForConditionalGeneration``) text tensors under ``model.language_model.``,
+    in state-dict order, then the tiny tower stand-ins. KV-sharing layers have no k_proj,
+    v_proj or k_norm; ``layer_scalar`` is a [1] buffer without ``.weight``."""
+    t = text_config(hf)
+    d, n, L, P = t["hidden_size"], t["num_attention_heads"], t["num_hidden_layers"], t["hidden_size_per_layer_input"]
+    kvh, first_shared = t["num_key_value_heads"], L - t["num_kv_shared_layers"]
+    pre = "model.language_model."
+    out = [(pre + "embed_tokens.weight", (t["vocab_size"], d)),
+           (pre + "embed_tokens_per_layer.weight", (t["vocab_size_per_layer_input"], L * P)),
+           (pre + "per_layer_model_projection.weight", (L * P, d)),
+           (pre + "per_layer_projection_norm.weight", (P,))]
+    for i in range(L):
+        h = t["global_head_dim"] if t["layer_types"][i] == "full_attention" else t["head_dim"]
+        shared = i >= first_shared
+        f = t["intermediate_size"] * (2 if shared and t["use_double_wide_mlp"] else 1)
+        p = f"{pre}layers.{i}."
+        out += [(p + "input_layernorm.weight", (d,)), (p + "self_attn.q_proj.weight", (n * h, d))]
+        if not shared:
+            out += [(p + "self_attn.k_proj.weight", (kvh * h, d)), (p + "self_attn.v_proj.weight", (kvh * h, d))]
+        out += [(p + "self_attn.o_proj.weight", (d, n * h)), (p + "self_attn.q_norm.weight", (h,))]
+        if not shared:
+            out.append((p + "self_attn.k_norm.weight", (h,)))
+        out += [
+            (p + "post_attention_layernorm.weight", (d,)),
+            (p + "pre_feedforward_layernorm.weight", (d,)),
+            (p + "mlp.gate_proj.weight", (f, d)),
+            (p + "mlp.up_proj.weight", (f, d)),
+            (p + "mlp.down_proj.weight", (d, f)),
+            (p + "post_feedforward_layernorm.weight", (d,)),
+            (p + "per_layer_input_gate.weight", (P, d)),
+            (p + "per_layer_projection.weight", (d, P)),
+            (p + "post_per_layer_input_norm.weight", (d,)),
+            (p + "layer_scalar", (1,)),
+        ]
+    out.append((pre + "norm.weight", (d,)))
+    return out + GEMMA4_TOWER_TENSORS
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    name: str  # --model, and the stem of the folder and file names
+    label: str
+    layers: int
+    config: Callable[[int], dict]  # config.json for a number of layers
+    tensors: Callable[[dict], list]  # (name, shape) in write order, from config.json
+    norm_center: float  # 1-D weights (norms, layer scalars) are drawn as center + 0.1 N(0, 1)
+    turn_markers: tuple[str, ...]  # user-defined pieces of the tiny tokenizer
+    transformers_version: str
+
+
+MODELS = {m.name: m for m in (
+    Synthetic("gemma-2b", "Gemma 2B", GEMMA_2B["num_hidden_layers"], gemma_2b_config, gemma_tensors, 0.0,
+              ("<start_of_turn>", "<end_of_turn>"), "4.38.0"),
+    Synthetic("gemma4-e2b", "Gemma 4 E2B", E2B_LAYERS, gemma4_e2b_config, gemma4_tensors, 1.0,
+              ("<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"), "5.5.0"),
+)}
 CHECKPOINT_VERSION = 1  # bump when the synthetic layout changes (invalidates --reuse-checkpoint)
 
 
@@ -195,12 +389,12 @@ def parse_quants(values: list[str] | None) -> list[str]:
     return out
 
 
-def output_names(quants: list[str]) -> dict[str, str]:
+def output_names(quants: list[str], model: str = "gemma-2b") -> dict[str, str]:
     """A filesystem-safe, distinct file name per recipe ('int4-b32,embedding=int8' ->
     'gemma-2b-synthetic-int4-b32_embedding_int8.tflite')."""
     names: dict[str, str] = {}
     for q in quants:
-        stem = "gemma-2b-synthetic-" + re.sub(r"[^A-Za-z0-9._-]+", "_", q).strip("_")
+        stem = f"{model}-synthetic-" + re.sub(r"[^A-Za-z0-9._-]+", "_", q).strip("_")
         name, k = stem + ".tflite", 2
         while name in names.values():
             name, k = f"{stem}-{k}.tflite", k + 1
@@ -208,19 +402,19 @@ def output_names(quants: list[str]) -> dict[str, str]:
     return names
 
 
-def estimate_output_bytes(cfg: dict, quant: str) -> int:
-    """Approximate size of the converted file for ``quant``, from the recipe's scheme per weight
-    (raises QuantizationError for a mistyped recipe)."""
+def estimate_output_bytes(hf: dict, quant: str) -> int:
+    """Approximate size of the converted file for ``quant``: the converter's own weights
+    (``contract.weight_shapes`` of the config the converter reads from config.json), each at
+    its scheme's bytes a weight (raises QuantizationError for a mistyped recipe)."""
+    from gemma_edge.convert.hf_checkpoint import config_from_hf
     from gemma_edge.quantize import schemes
+    from gemma_edge.runtime import contract
 
     recipe = schemes.parse_recipe(quant)
-    key_of = getattr(schemes, "kind_of", None) or schemes.role_of  # recipes keyed by kind, or by role
     total = 0.0
-    for name, shape in gemma_tensors(cfg):
-        m = re.search(r"\.(q|k|v|o|gate|up|down)_proj\.", name)
-        canon = "embed" if "embed_tokens" in name else f"l0_{m.group(1)}" if m else None  # None: a norm
-        key = key_of(canon) if canon else None
-        s = schemes.get_scheme(recipe[key] if key else "fp32")
+    for name, shape in contract.weight_shapes(config_from_hf(hf)).items():
+        kind = schemes.kind_of(name)  # None: a norm, kept fp32
+        s = schemes.get_scheme(recipe[kind] if kind else "fp32")
         per_weight = s.bits / 8 + (2 / s.block_size if s.granularity == "block" else 0.0)
         total += math.prod(shape) * per_weight
     return int(total)
@@ -229,27 +423,6 @@ def estimate_output_bytes(cfg: dict, quant: str) -> int:
 # --------------------------------------------------------------------------------------------
 # 1. streamed synthetic checkpoint
 # --------------------------------------------------------------------------------------------
-
-def gemma_tensors(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
-    d, f, h = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    q, kv = cfg["num_attention_heads"] * h, cfg["num_key_value_heads"] * h
-    out = [("model.embed_tokens.weight", (cfg["vocab_size"], d))]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "input_layernorm.weight", (d,)),
-            (p + "self_attn.q_proj.weight", (q, d)),
-            (p + "self_attn.k_proj.weight", (kv, d)),
-            (p + "self_attn.v_proj.weight", (kv, d)),
-            (p + "self_attn.o_proj.weight", (d, q)),
-            (p + "post_attention_layernorm.weight", (d,)),
-            (p + "mlp.gate_proj.weight", (f, d)),
-            (p + "mlp.up_proj.weight", (f, d)),
-            (p + "mlp.down_proj.weight", (d, f)),
-        ]
-    out.append(("model.norm.weight", (d,)))
-    return out
-
 
 def plan_shards(tensors, shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
     shards, cur, size = [], [], 0
@@ -275,9 +448,11 @@ def to_bf16(x: np.ndarray) -> np.ndarray:
 CHUNK_ELEMS = 4 << 20  # float32 elements generated at a time (16 MB)
 
 
-def write_tensor_data(f, rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> None:
-    if len(shape) == 1:
+def write_tensor_data(f, rng: np.random.Generator, shape: tuple[int, ...], center: float = 0.0) -> None:
+    if len(shape) == 1:  # a norm (or Gemma 4's layer scalar): center + 0.1 N(0, 1)
         w = (rng.standard_normal(shape, dtype=np.float32) * np.float32(0.1))
+        if center:
+            w += np.float32(center)
         f.write(memoryview(to_bf16(w)).cast("B"))
         return
     rows, cols = shape[0], math.prod(shape[1:])
@@ -289,7 +464,7 @@ def write_tensor_data(f, rng: np.random.Generator, name: str, shape: tuple[int, 
         f.write(memoryview(to_bf16(w)).cast("B"))
 
 
-def write_safetensors(path: Path, tensors, rng: np.random.Generator, progress=None) -> int:
+def write_safetensors(path: Path, tensors, rng: np.random.Generator, progress=None, center: float = 0.0) -> int:
     header, off = {"__metadata__": {"format": "pt"}}, 0
     for name, shape in tensors:
         n = 2 * math.prod(shape)
@@ -302,14 +477,14 @@ def write_safetensors(path: Path, tensors, rng: np.random.Generator, progress=No
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, shape in tensors:
-            write_tensor_data(f, rng, name, shape)
+            write_tensor_data(f, rng, shape, center)
             if progress:
                 progress(name)
     os.replace(tmp, path)
     return 8 + len(raw) + off
 
 
-def make_tokenizer(seed: int) -> bytes:
+def make_tokenizer(seed: int, user_defined=("<start_of_turn>", "<end_of_turn>")) -> bytes:
     import sentencepiece as spm
 
     rnd = random.Random(seed)
@@ -320,7 +495,7 @@ def make_tokenizer(seed: int) -> bytes:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=buf, vocab_size=300, model_type="bpe",
         byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2)
+        user_defined_symbols=list(user_defined), minloglevel=2)
     return buf.getvalue()
 
 
@@ -328,27 +503,26 @@ def checkpoint_stamp(cfg: dict, seed: int, shard_bytes: int) -> dict:
     return {"version": CHECKPOINT_VERSION, "config": cfg, "seed": seed, "shard_bytes": shard_bytes}
 
 
-def write_checkpoint(ckpt: Path, cfg: dict, seed: int, shard_bytes: int, cold: bool) -> dict:
+def write_checkpoint(ckpt: Path, model: Synthetic, cfg: dict, seed: int, shard_bytes: int, cold: bool) -> dict:
     """Write the sharded checkpoint; returns figures about the writer."""
     if ckpt.exists():
         shutil.rmtree(ckpt)
     ckpt.mkdir(parents=True)
     t0 = time.time()
     rng = np.random.default_rng(seed)
-    shards = plan_shards(gemma_tensors(cfg), shard_bytes)
+    shards = plan_shards(model.tensors(cfg), shard_bytes)
     n = len(shards)
     total_params = sum(math.prod(s) for sh in shards for _, s in sh)
-    weight_map, sizes, written = {}, [], 0
+    weight_map, written = {}, 0
     peak_sample = self_rss_mb()
+
+    def progress(name):
+        nonlocal peak_sample
+        peak_sample = max(peak_sample, self_rss_mb())
+
     for k, tensors in enumerate(shards, 1):
         fname = f"model-{k:05d}-of-{n:05d}.safetensors"
-
-        def progress(name, _k=k):
-            nonlocal peak_sample, written
-            peak_sample = max(peak_sample, self_rss_mb())
-
-        size = write_safetensors(ckpt / fname, tensors, rng, progress)
-        sizes.append(size)
+        size = write_safetensors(ckpt / fname, tensors, rng, progress, model.norm_center)
         written += size
         for name, _ in tensors:
             weight_map[name] = fname
@@ -357,8 +531,9 @@ def write_checkpoint(ckpt: Path, cfg: dict, seed: int, shard_bytes: int, cold: b
     data_bytes = 2 * total_params
     (ckpt / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": data_bytes}, "weight_map": weight_map}, indent=2))
-    (ckpt / "config.json").write_text(json.dumps({**cfg, "transformers_version": "4.38.0"}, indent=2))
-    (ckpt / "tokenizer.model").write_bytes(make_tokenizer(seed))
+    (ckpt / "config.json").write_text(json.dumps({**cfg, "transformers_version": model.transformers_version},
+                                                 indent=2))
+    (ckpt / "tokenizer.model").write_bytes(make_tokenizer(seed, model.turn_markers))
     if cold:
         drop_cache(ckpt)
     (ckpt / ".complete.json").write_text(json.dumps(checkpoint_stamp(cfg, seed, shard_bytes)))
@@ -393,130 +568,77 @@ def checkpoint_is_complete(ckpt: Path, cfg: dict, seed: int, shard_bytes: int) -
 # --------------------------------------------------------------------------------------------
 
 def _mark(stage: str) -> None:
-    print(f"@@STAGE {time.monotonic():.3f} {stage}", flush=True)
+    print(f"@@STAGE {time.monotonic():.6f} {stage}", flush=True)
 
 
 def _result(obj: dict) -> None:
     print("@@RESULT " + json.dumps(obj), flush=True)
 
 
+STAGE_NAMES = {  # convert()'s on_stage names -> what the stage covers
+    "open checkpoint": "open checkpoint (headers, config, tokenizer)",
+    "build template": "build template (TF children), sha256, surgery",
+    "finish": "metadata, header, fsync",
+}
+
+
+def stage_label(name: str) -> str:
+    """One row per layer ('write layer  3') for ``write l3_q``, ``write l3_up``, ...; Gemma 4's
+    per-layer embedding tables, written together from one pass over the packed source
+    table, as one row."""
+    m = re.fullmatch(r"write l(\d+)_(.+)", name)
+    if m:
+        return "write ple_embed tables" if m.group(2) == "ple_embed" else f"write layer {int(m.group(1)):2d}"
+    return STAGE_NAMES.get(name, name)
+
+
 def child_convert(spec: dict) -> None:
     _mark("python start + import gemma_edge")
-    import importlib.util
+    from gemma_edge.convert.pipeline import convert
 
-    import gemma_edge.convert.pipeline as P
-    from gemma_edge.convert import tflite_writer
+    last = [None]
 
-    # Stage markers: wrap the pipeline's steps (in this process only; no file is changed).
-    # Wrap only what exists, and import TensorFlow only if the pipeline itself would.
-    def wrap(obj, attr, stage):
-        orig = getattr(obj, attr, None)
-        if orig is None:
-            return
+    def on_stage(name):
+        label = stage_label(name)
+        if label != last[0]:
+            last[0] = label
+            _mark(label)
 
-        def f(*a, **k):
-            _mark(stage)
-            return orig(*a, **k)
+    notes = []
 
-        setattr(obj, attr, f)
+    def note(line):
+        notes.append(line)
+        print(f"note: {line}", flush=True)
 
-    if importlib.util.find_spec("gemma_edge.convert.template") is not None:
-        from gemma_edge.convert import template  # TF-free: the template is built in grandchildren
-        wrap(template, "build_template", "build template (TF in child processes)")
-    else:  # older pipeline: TensorFlow in this process, as convert() would import it anyway
-        _mark("import tensorflow")
-        from gemma_edge.convert import graph
-        wrap(graph, "build_template", "build template (TF trace + TFLite convert)")
-    wrap(P.Source, "__init__", "open checkpoint (headers, config, tokenizer)")
-    wrap(P.Source, "sha256", "sha256 of the source files")
-    wrap(tflite_writer, "write_model", "surgery + layout")
-    wrap(tflite_writer.os, "fsync", "metadata, header, fsync")
-    read_rows, last = P.Source.read_rows, [None]
-
-    def read_rows_marked(self, canon, r0, r1):
-        m = re.match(r"l(\d+)_", canon)
-        group = f"layer {int(m.group(1)):2d}" if m else canon
-        if group != last[0]:
-            last[0] = group
-            _mark(f"write {group}")
-        return read_rows(self, canon, r0, r1)
-
-    P.Source.read_rows = read_rows_marked
     t0 = time.time()
-    r = P.convert(spec["source"], spec["output"], quant=spec["quant"], max_context=spec["max_context"],
-                  prefill_lengths=tuple(spec["prefill_lengths"]), force=True, progress=spec["progress"])
-    _mark("done")
+    r = convert(spec["source"], spec["output"], quant=spec["quant"], max_context=spec["max_context"],
+                prefill_lengths=tuple(spec["prefill_lengths"]), force=True, progress=spec["progress"],
+                on_stage=on_stage, notes=note)
     _result({"path": r.path, "file_size": r.file_size, "seconds": r.seconds, "wall_in_child": time.time() - t0,
              "peak_rss_mb": r.peak_rss_mb, "quant": r.quant, "context_length": r.context_length,
              "prefill_lengths": list(r.prefill_lengths), "num_layers": r.config.num_layers,
-             "vocab_size": r.config.vocab_size, "tensorflow_in_converter_process": "tensorflow" in sys.modules})
-
-
-def decode_read_bytes(path: str, info) -> dict:
-    """Bytes one decode step reads: the decode subgraph's weights and the KV cache it attends over.
-
-    Weights: every buffer behind a constant tensor of the ``decode`` signature's subgraph,
-    each once (the tied embedding / LM head is one buffer), plus per-channel scales kept
-    in the header and constants stored inline. KV: K and V of every layer, float32
-    [1, num_kv_heads, L, head_dim] with L = S (the whole cache, as the rank-4 BATCH_MATMUL
-    reads it) for global layers and L = min(W, S) for sliding ones (convert/graph.py).
-    """
-    import mmap
-
-    from ai_edge_litert import schema_py_generated as fb
-
-    with open(path, "rb") as f:
-        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        model = fb.Model.GetRootAs(m, 0)
-        sigs = {}
-        for i in range(model.SignatureDefsLength()):
-            sd = model.SignatureDefs(i)
-            sigs[sd.SignatureKey().decode()] = sd.SubgraphIndex()
-        sg = model.Subgraphs(sigs["decode"])
-        io = {sg.Inputs(j) for j in range(sg.InputsLength())} | {sg.Outputs(j) for j in range(sg.OutputsLength())}
-        seen: set[int] = set()
-        external = inline = scales = n_buffers = 0
-        for t in range(sg.TensorsLength()):
-            tensor = sg.Tensors(t)
-            b = tensor.Buffer()
-            if t in io or b <= 0 or b in seen:
-                continue
-            seen.add(b)
-            buf = model.Buffers(b)
-            if buf.Offset() > 1:  # data after the header (offset 1 is the "no data" marker)
-                size = buf.Size()
-                external += size
-                n_buffers += 1
-            else:
-                size = buf.DataLength()
-                inline += size
-            q = tensor.Quantization()
-            if size and q is not None:
-                scales += 4 * q.ScaleLength()  # per-channel float32 scales, read with the weights
-    finally:  # the tables hold no exported views of the map, so it closes cleanly
-        m.close()
-    cfg, S = info.config, info.context_length
-    W = cfg.sliding_window
-    lengths = [min(W, S) if W and cfg.is_sliding(i) else S for i in range(cfg.num_layers)]
-    kv = sum(2 * cfg.num_kv_heads * L * cfg.head_dim * 4 for L in lengths)
-    weights = external + inline + scales
-    return {"weights": weights, "weight_buffers_bytes": external, "weight_buffers": n_buffers,
-            "inline_bytes": inline, "header_scales_bytes": scales, "kv": kv, "total": weights + kv,
-            "file_size": os.path.getsize(path), "context": S, "kv_lengths": sorted(set(lengths)),
-            "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim}
+             "vocab_size": r.config.vocab_size, "notes": notes,
+             "tensorflow_in_converter_process": "tensorflow" in sys.modules})
 
 
 def child_load(spec: dict) -> None:
     _mark("python start + import runtime")
     from gemma_edge.runtime import engine
     from gemma_edge.runtime.backend import run_prefill
+    from gemma_edge.runtime.modelfile import read_info
+
+    from model_reads import decode_reads, snapshot
 
     tf_loaded = "tensorflow" in sys.modules
+    _mark("count bytes read per token")
+    path = spec["path"]
+    reads = decode_reads(path, read_info(path))  # its map of the file is closed again
+    regions = reads.pop("lookup_regions")
     _mark("engine.load (read_info + tokenizer + backend)")
-    model = engine.load(spec["path"], threads=spec.get("threads"))
+    model = engine.load(path, threads=spec.get("threads"))
     info, b = model.info, model.backend
     load_s = model.load_seconds
+    memory = {"load": snapshot(path, regions)}
     _mark("prefill [2, 10, 11]")
     t0 = time.perf_counter()
     run_prefill(b, [2, 10, 11], 0)
@@ -534,13 +656,13 @@ def child_load(spec: dict) -> None:
         times.append(time.perf_counter() - t0)
         finite = finite and bool(np.isfinite(out).all())
         tok = int(np.argmax(out))
+    memory["prefill + decode"] = snapshot(path, regions)
     bench = None
     if spec["bench_runs"] > 0:
         _mark("Model.benchmark")
         bench = model.benchmark(prompt_tokens=spec["bench_prompt"], gen_tokens=spec["bench_gen"],
                                 runs=spec["bench_runs"])
-    _mark("count bytes read per token")
-    reads = decode_read_bytes(spec["path"], info)
+        memory["benchmark"] = snapshot(path, regions)
     _mark("done")
     _result({"backend": type(b).__name__, "threads": getattr(b, "threads", None), "load_s": load_s,
              "prefill_s": prefill_s, "first_decode_ms": 1e3 * first_decode_s,
@@ -549,6 +671,7 @@ def child_load(spec: dict) -> None:
              "logits_shape": list(logits.shape), "logits_finite": finite,
              "logits_argmax": int(np.argmax(logits)), "logits_std": float(np.std(logits)),
              "tokenizer_vocab": model.tokenizer.vocab_size, "bench": bench, "read_bytes": reads,
+             "memory": memory, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
              "weight_cache": getattr(b, "weight_cache", None),
              "tensorflow_imported": tf_loaded or "tensorflow" in sys.modules})
 
@@ -687,7 +810,7 @@ def stage_of(marks, t: float) -> str:
 
 def stage_table(run: dict) -> list[dict]:
     """Per stage: start, duration and the largest sampled VmRSS / RssAnon / RssFile."""
-    marks = sorted(run["marks"])
+    marks = sorted(run["marks"], key=lambda m: m[0])  # stable: a tie keeps arrival order
     rows = []
     for i, (t, name) in enumerate(marks):
         t1 = marks[i + 1][0] if i + 1 < len(marks) else run["t_end"]
@@ -732,7 +855,7 @@ def print_stages(run: dict, merge_layers: bool = True) -> None:
 
 def print_timeline(run: dict, step_mb: float = 64.0, every_s: float = 5.0) -> None:
     """Coarse timeline: a row when the stage changes, RSS moves by step_mb, or every every_s."""
-    marks = sorted(run["marks"])
+    marks = sorted(run["marks"], key=lambda m: m[0])  # stable: a tie keeps arrival order
     print(f"    {'t (s)':>7s} {'VmRSS':>10s} {'RssAnon':>10s} {'RssFile':>10s} {'children':>10s}  stage")
     last = None
     for i, (ts, s) in enumerate(run["samples"]):
@@ -754,6 +877,8 @@ def parse_args(argv=None):
     default_dir = Path(os.environ.get("TMPDIR") or "/tmp") / "gemma-edge-convert-memory"
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--model", choices=sorted(MODELS), default="gemma-2b",
+                    help="the synthetic checkpoint: Gemma 2B (v1, default) or Gemma 4 E2B")
     ap.add_argument("--work-dir", default=str(default_dir), help=f"where the big files go (default {default_dir})")
     ap.add_argument("--quant", action="append", metavar="RECIPE",
                     help="quantization recipe; repeat for several, or separate them with ';' (plain presets "
@@ -778,8 +903,9 @@ def parse_args(argv=None):
     ap.add_argument("--bandwidth-mib", type=int, default=1024,
                     help="array for the bandwidth measurement, MiB (default 1024; 0 skips it)")
     ap.add_argument("--bandwidth-reps", type=int, default=7, help="timed passes per bandwidth figure (default 7)")
-    ap.add_argument("--num-layers", type=int, default=GEMMA_2B["num_hidden_layers"],
-                    help="layers of the synthetic model (18 = Gemma 2B; fewer for a quick try)")
+    ap.add_argument("--num-layers", type=int, default=None,
+                    help="layers of the synthetic model (default the model's: 18 for Gemma 2B, 35 for E2B; "
+                         "fewer for a quick try)")
     ap.add_argument("--shard-gb", type=float, default=2.0, help="shard size in GB (default 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cold", action="store_true",
@@ -790,20 +916,42 @@ def parse_args(argv=None):
 
 
 def remove_weight_cache(path: Path) -> None:
-    """Remove the XNNPACK weight cache the runtime wrote for ``path`` (while ``path`` exists)."""
-    from gemma_edge.runtime.backend import weight_cache_path
+    """Remove the XNNPACK weight caches the runtime wrote for the model file ``path``: in
+    ``weight_cache.cache_dir()``, ``<basename>.<8 hex>.<16 hex>.xnnpack`` with its ``.ok``
+    record, whose record names ``path`` (a cache without a record is one whose 8 hex digits,
+    the place of the model, are those of ``path``). Works after ``path`` is deleted."""
+    import hashlib
 
-    if path.exists():
-        cache = weight_cache_path(str(path))
-        if cache:
-            Path(cache).unlink(missing_ok=True)
+    from gemma_edge.runtime import weight_cache as wc
+
+    real = os.path.realpath(path)
+    place = hashlib.sha256(real.encode()).hexdigest()[:8]
+    pattern = re.compile(re.escape(os.path.basename(real)) + r"\.([0-9a-f]{8})\.[0-9a-f]{16}" + re.escape(wc.SUFFIX))
+    folder = wc.cache_dir()
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = pattern.fullmatch(p.name)
+        if not m:
+            continue
+        record = Path(str(p) + wc.RECORD)
+        try:
+            model = json.loads(record.read_text()).get("model")
+        except (OSError, ValueError, AttributeError):
+            model = None
+        if model == real or (model is None and m.group(1) == place):
+            p.unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     work = Path(args.work_dir)
-    ckpt = work / "gemma-2b-synthetic"
-    cfg = {**GEMMA_2B, "num_hidden_layers": args.num_layers}
+    model = MODELS[args.model]
+    ckpt = work / f"{model.name}-synthetic"
+    cfg = model.config(args.num_layers or model.layers)
     shard_bytes = int(args.shard_gb * 1e9)
     quants = parse_quants(args.quant)
     try:  # a mistyped recipe fails now, not after writing a 5 GB checkpoint
@@ -811,14 +959,14 @@ def main(argv=None) -> int:
     except Exception as e:  # QuantizationError, with the list of presets / schemes
         print(f"error: --quant: {e}", file=sys.stderr)
         return 2
-    names = output_names(quants)
+    names = output_names(quants, model.name)
     work.mkdir(parents=True, exist_ok=True)
     lengths = [int(x) for x in args.prefill_lengths.split(",") if x.strip()]
-    report: dict = {"work_dir": str(work), "target_peak_rss_mb": TARGET_PEAK_MB, "target_wall_s": TARGET_WALL_S,
+    report: dict = {"model": model.name, "work_dir": str(work), "target_peak_rss_mb": TARGET_PEAK_MB, "target_wall_s": TARGET_WALL_S,
                     "target_ceiling_fraction": TARGET_CEILING, "quants": {}}
-    params = sum(math.prod(s) for _, s in gemma_tensors(cfg))
-    print(f"synthetic Gemma 2B: {params / 1e9:.3f}B parameters, {fmt_bytes(2 * params)} of bf16, "
-          f"{cfg['num_hidden_layers']} layers; work dir {work}; recipes: {', '.join(quants)}")
+    params = sum(math.prod(s) for _, s in model.tensors(cfg))
+    print(f"synthetic {model.label}: {params / 1e9:.3f}B parameters, {fmt_bytes(2 * params)} of bf16, "
+          f"{text_config(cfg)['num_hidden_layers']} layers; work dir {work}; recipes: {', '.join(quants)}")
 
     # 1. checkpoint
     if args.reuse_checkpoint and checkpoint_is_complete(ckpt, cfg, args.seed, shard_bytes):
@@ -834,7 +982,7 @@ def main(argv=None) -> int:
                   "Use --work-dir on a bigger disk", file=sys.stderr)
             return 2
         print(f"[1] writing the checkpoint to {ckpt} (streamed, bf16, {args.shard_gb:g} GB shards)")
-        w = write_checkpoint(ckpt, cfg, args.seed, shard_bytes, args.cold)
+        w = write_checkpoint(ckpt, model, cfg, args.seed, shard_bytes, args.cold)
         report["checkpoint"] = {"reused": False, **w}
         print(f"    {w['shards']} shards, {fmt_bytes(w['bytes'])} in {w['seconds']:.0f} s "
               f"({w['bytes'] / w['seconds'] / 1e6:.0f} MB/s); writer peak RSS "
@@ -891,6 +1039,9 @@ def main(argv=None) -> int:
             print(f"    logits {lr['logits_shape']} finite={lr['logits_finite']} argmax={lr['logits_argmax']} "
                   f"std={lr['logits_std']:.3f}; TensorFlow imported: {lr['tensorflow_imported']}; "
                   f"peak RSS {fmt_mb(lrun['wait4_maxrss_mb'])}")
+            print(f"    runtime peak RSS (the loader's own VmHWM) {fmt_mb(lr['peak_rss_mb'])} = "
+                  f"{lr['peak_rss_mb'] * MB / lr['read_bytes']['file_size']:.2f}x the file; wait4 "
+                  f"{fmt_mb(lrun['wait4_maxrss_mb'])} includes the first load's weight-cache builder")
             bench = lr.get("bench")
             if bench:
                 d, p = bench["decode_tps"], bench["prefill_tps"]
@@ -898,12 +1049,14 @@ def main(argv=None) -> int:
                       f"runs={bench['runs']}): decode {d['median']:.2f} tok/s median (min {d['min']:.2f}, max "
                       f"{d['max']:.2f}); prefill {p['median']:.1f} tok/s median; tokenizer {lr['tokenizer_vocab']} pieces")
             rb = lr["read_bytes"]
+            lookup = (f" + {rb['lookup_tables']} lookup-only tables {rb['lookup_read_bytes'] / 1e3:,.1f} kB (one row "
+                      f"each of {rb['lookup_tables_bytes'] / 1e6:,.1f} MB)") if rb["lookup_tables"] else ""
             print(f"    bytes read per decode step: weights {rb['weights'] / 1e6:,.1f} MB ({rb['weight_buffers']} "
                   f"buffers {rb['weight_buffers_bytes'] / 1e6:,.1f} MB + header scales "
-                  f"{rb['header_scales_bytes'] / 1e6:.2f} MB + inline {rb['inline_bytes'] / 1e6:.2f} MB; file "
-                  f"{rb['file_size'] / 1e6:,.1f} MB) + KV {rb['kv'] / 1e6:,.1f} MB ({rb['num_layers']} layers x K,V x "
-                  f"[1, {rb['num_kv_heads']}, {'/'.join(map(str, rb['kv_lengths']))}, {rb['head_dim']}] fp32) "
+                  f"{rb['header_scales_bytes'] / 1e6:.2f} MB + inline {rb['inline_bytes'] / 1e6:.2f} MB{lookup}; file "
+                  f"{rb['file_size'] / 1e6:,.1f} MB) + KV {rb['kv'] / 1e6:,.1f} MB ({rb['kv_desc']}) "
                   f"= {rb['total'] / 1e6:,.1f} MB")
+            print_memory(lr)
             print_stages(lrun, merge_layers=False)
             if args.timeline:
                 print("    timeline:")
@@ -939,6 +1092,7 @@ def main(argv=None) -> int:
                           f"{100 * c['fraction']:.0f}% of it")
 
     print_summary(report, args)
+    print_tables(report)
     if args.json:
         text = json.dumps(report, indent=1, default=float)
         if args.json == "-":
@@ -948,6 +1102,75 @@ def main(argv=None) -> int:
             print(f"JSON written to {args.json}")
     ok = all(q.get("ok") for q in report["quants"].values())
     return 0 if ok else 1
+
+
+def fmt_resident(m: dict) -> str:
+    if m.get("regions_resident") is None:
+        return "-"
+    return (f"{m['regions_resident'] / MB:,.1f} MB of {m['regions_bytes'] / MB:,.0f} MB "
+            f"({100 * m['regions_resident'] / max(m['regions_bytes'], 1):.2f}%)")
+
+
+def print_memory(lr: dict) -> None:
+    """The loader's memory after each step, and what of the model file is resident."""
+    rb, mem = lr["read_bytes"], lr.get("memory") or {}
+    if not mem:
+        return
+    tables = rb["lookup_tables"]
+    print(f"    loader memory (MB; model map / cache map: resident bytes of its mappings of the model file / "
+          f"XNNPACK weight cache, /proc/self/smaps{'; lookup tables: resident bytes of the ' + str(tables) + ' tables read only by EMBEDDING_LOOKUP, /proc/self/pagemap' if tables else ''}):")
+    print(f"      {'after':18s} {'VmRSS':>8s} {'RssAnon':>8s} {'RssFile':>8s} {'model map':>10s} {'cache map':>10s}"
+          + ("  lookup tables resident" if tables else ""))
+    for step, m in mem.items():
+        print(f"      {step:18s} {m['VmRSS'] / MB:8,.0f} {m['RssAnon'] / MB:8,.0f} {m['RssFile'] / MB:8,.0f} "
+              f"{m['model_map_rss'] / MB:10,.0f} {m['cache_map_rss'] / MB:10,.0f}"
+              + (f"  {fmt_resident(m)}" if tables else ""))
+    last = list(mem.values())[-1]
+    print(f"      the model file ({rb['file_size'] / MB:,.0f} MB) is mapped {last['model_maps']} time(s), "
+          f"{last['model_mapped'] / MB:,.0f} MB; resident {last['model_map_rss'] / MB:,.0f} MB of it "
+          f"({100 * last['model_map_rss'] / rb['file_size']:.1f}%)")
+
+
+def print_tables(report: dict) -> None:
+    """The README-style table, and for models with lookup-only tables (Gemma 4's per-layer
+    embeddings) the residency table."""
+    rows, res = [], []
+    for quant, q in report["quants"].items():
+        c, l = q.get("convert") or {}, q.get("load") or {}
+        cr, lr = c.get("result") or {}, l.get("result") or {}
+        if not cr:
+            continue
+        ceil, bench = q.get("ceiling"), lr.get("bench")
+        size = cr["file_size"]
+        peak = lr.get("peak_rss_mb")
+        rows.append(f"| `{quant}` | {size / 1e9:.2f} GB | {c['wall_s']:.0f} s | {fmt_mb(c.get('wait4_maxrss_mb'))} | "
+                    + (f"{bench['decode_tps']['median']:.2f}" if bench else "-") + " | "
+                    + (f"{lr['read_bytes']['total'] / 1e9:.2f} GB" if lr else "-") + " | "
+                    + (f"{ceil['ceiling_tps']:.1f} tok/s | {100 * ceil['fraction']:.0f}%" if ceil else "- | -") + " | "
+                    + (f"{fmt_mb(peak)} ({peak * MB / size:.2f}x file)" if peak else "-") + " |")
+        if lr and lr["read_bytes"]["lookup_tables"]:
+            rb, mem = lr["read_bytes"], lr["memory"]
+            last = list(mem.values())[-1]
+            res.append(f"| `{quant}` | {size / 1e9:.2f} GB | {rb['lookup_tables']} x {rb['lookup_tables_bytes'] / 1e9 / rb['lookup_tables']:.3f} GB "
+                       f"= {rb['lookup_tables_bytes'] / 1e9:.2f} GB | {rb['lookup_read_bytes'] / 1e3:,.1f} kB | "
+                       + " | ".join(fmt_resident(m) for m in mem.values()) + " | "
+                       f"{last['model_map_rss'] / MB:,.0f} MB ({100 * last['model_map_rss'] / size:.1f}% of the file) | "
+                       f"{last['VmRSS'] / MB:,.0f} MB |")
+    if not rows:
+        return
+    print("\n| recipe | file | convert | converter peak RSS | decode tok/s | bytes / token | ceiling | decode / ceiling "
+          "| runtime peak RSS |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+    if res:
+        steps = list(next(q["load"]["result"]["memory"] for q in report["quants"].values()
+                          if ((q.get("load") or {}).get("result") or {}).get("memory")))
+        print("\nper-layer embedding tables (read only by EMBEDDING_LOOKUP): resident in the runtime process "
+              "(/proc/self/pagemap)")
+        print("| recipe | file | tables | read / token | " + " | ".join(f"resident after {s}" for s in steps)
+              + " | model-file mapping RSS | VmRSS |")
+        print("|---|---:|---:|---:|" + "---:|" * len(steps) + "---:|---:|")
+        print("\n".join(res))
 
 
 def print_bandwidth(bw: dict) -> None:
@@ -1034,13 +1257,19 @@ def print_summary(report: dict, args) -> None:
                 (f"[{quant}] load (engine.load)", f"{lr['load_s']:.2f} s ({lr['backend']})", ""),
                 (f"[{quant}] decode median (backend.decode)", f"{lr['decode_ms_median']:.0f} ms/token "
                  f"({lr['threads']} threads)", ""),
-                (f"[{quant}] loader peak RSS", fmt_mb(l.get("wait4_maxrss_mb")), ""),
+                (f"[{quant}] loader peak RSS", fmt_mb(l.get("wait4_maxrss_mb")), "(wait4: with the weight-cache builder)"),
+                (f"[{quant}] runtime peak RSS (loader VmHWM)", f"{fmt_mb(lr['peak_rss_mb'])} = "
+                 f"{lr['peak_rss_mb'] * MB / lr['read_bytes']['file_size']:.2f}x the file", ""),
                 (f"[{quant}] logits finite, no TF", f"{lr['logits_finite']}, {not lr['tensorflow_imported']}",
                  verdict(load_ok)),
             ]
             rb, bench = lr["read_bytes"], lr.get("bench")
             rows.append((f"[{quant}] bytes read per token", f"{rb['total'] / 1e6:,.1f} MB = weights "
                          f"{rb['weights'] / 1e6:,.1f} + KV {rb['kv'] / 1e6:,.1f} (S={rb['context']})", ""))
+            if rb["lookup_tables"] and lr.get("memory"):
+                last = list(lr["memory"].values())[-1]
+                rows.append((f"[{quant}] lookup-only tables resident", fmt_resident(last),
+                             f"(model-file mapping RSS {last['model_map_rss'] / MB:,.0f} MB of {rb['file_size'] / MB:,.0f})"))
             if bench:
                 d = bench["decode_tps"]
                 rows += [(f"[{quant}] decode tok/s (Model.benchmark)", f"{d['median']:.2f} median "

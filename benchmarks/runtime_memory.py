@@ -2,10 +2,19 @@
 
 Each case runs in a fresh child process and prints RSS (anonymous and file-backed, from
 /proc/self/status) after each stage: imports, metadata, tokenizer, backend, a prefill,
-a decode. Cases: no weight cache; weight cache, first load (packs and writes it);
-weight cache, second load (maps it). Median of --runs for load time.
+a decode; and, from /proc/self/smaps, the resident bytes of the process's mappings of the
+model file ("model") and of the weight cache ("cache"). For a file with tables read only
+by EMBEDDING_LOOKUP (Gemma 4's per-layer embeddings, about half of an E2B file) it also
+prints how much of them is resident ("lookup", page by page from /proc/self/pagemap): a
+token reads one row of each, so they should stay almost entirely on disk. Cases: no
+weight cache; weight cache, first load (packs and writes it); weight cache, second load
+(maps it). Median of --runs for load time. The weight cache is built in a temporary folder
+beside the model and removed at the end.
 
-    python benchmarks/runtime_memory.py MODEL.tflite [--runs 3] [--prompt-tokens 600]
+    python benchmarks/runtime_memory.py MODEL.tflite [--runs 3] [--prompt-tokens 600] [--skip-no-cache]
+
+``--skip-no-cache`` leaves out the first case, where every signature packs its own copy of
+the weights (several times the file: too much for a multi-GB model on a small machine).
 """
 
 from __future__ import annotations
@@ -18,8 +27,11 @@ import subprocess
 import sys
 import tempfile
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 CHILD = r"""
 import json, os, re, sys, time
+sys.path.insert(0, sys.argv[4])
 def st():
     s = open('/proc/self/status').read()
     return {k: int(re.search(k + r':\s+(\d+)', s).group(1)) // 1024 for k in ('VmRSS', 'RssAnon', 'RssFile', 'VmHWM')}
@@ -30,23 +42,30 @@ out['imports'] = st()
 from gemma_edge.runtime.modelfile import read_info
 from gemma_edge.runtime.tokenizer import Tokenizer
 from gemma_edge.runtime.backend import make_backend, run_prefill
+from model_reads import decode_reads, snapshot
 info = read_info(path); out['metadata'] = st()
+reads = decode_reads(path, info)  # its map of the file is closed again
+regions = reads['lookup_regions']
+maps = {}
 tok = Tokenizer(info.tokenizer_model); out['tokenizer'] = st()
 t = time.perf_counter()
 b = make_backend(info, weight_cache=weight_cache)
 load = time.perf_counter() - t
-out['backend'] = st()
+out['backend'] = st(); maps['backend'] = snapshot(path, regions)
 n = min(n, info.context_length - 2)
 run_prefill(b, [2] + list(range(1000, 1000 + n - 1)), 0); out[f'prefill {n}'] = st()
-b.decode(5, n); out['decode'] = st()
-print(json.dumps({'load_s': load, 'stages': out}))
+maps[f'prefill {n}'] = snapshot(path, regions)
+b.decode(5, n); out['decode'] = st(); maps['decode'] = snapshot(path, regions)
+print(json.dumps({'load_s': load, 'stages': out, 'maps': maps, 'lookup_tables': reads['lookup_tables']}))
 """
 
 
 def run_case(model: str, weight_cache: bool, n: int, cache_dir: str) -> dict:
     env = {**os.environ, "GEMMA_EDGE_CACHE": cache_dir}
-    p = subprocess.run([sys.executable, "-c", CHILD, model, "1" if weight_cache else "0", str(n)],
-                       capture_output=True, text=True, env=env, check=True)
+    p = subprocess.run([sys.executable, "-c", CHILD, model, "1" if weight_cache else "0", str(n), HERE],
+                       capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise SystemExit(f"the child failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -55,23 +74,38 @@ def main():
     ap.add_argument("model")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=600)
+    ap.add_argument("--skip-no-cache", action="store_true",
+                    help="leave out the case without a weight cache (every signature packs its own weights)")
     args = ap.parse_args()
     size_mb = os.path.getsize(args.model) / 1e6
-    with tempfile.TemporaryDirectory(prefix="gemma-edge-wcache-") as cache:
+    where = os.path.dirname(os.path.abspath(args.model))  # the cache is about the file's size: beside it
+    with tempfile.TemporaryDirectory(prefix="gemma-edge-wcache-", dir=where) as cache:
         cases = {}
-        cases["no weight cache"] = [run_case(args.model, False, args.prompt_tokens, cache) for _ in range(args.runs)]
+        if not args.skip_no_cache:
+            cases["no weight cache"] = [run_case(args.model, False, args.prompt_tokens, cache)
+                                        for _ in range(args.runs)]
         cases["weight cache, first load"] = [run_case(args.model, True, args.prompt_tokens, cache)]
         cases["weight cache, later loads"] = [run_case(args.model, True, args.prompt_tokens, cache)
                                               for _ in range(args.runs)]
     print(f"{args.model}: {size_mb:.0f} MB")
     for name, runs in cases.items():
         last = runs[-1]["stages"]
+        maps = runs[-1]["maps"]
+        lookup = runs[-1]["lookup_tables"]
         peak = last["decode"]["VmHWM"]
         print(f"\n{name}: load {statistics.median(r['load_s'] for r in runs):.2f} s (median of {len(runs)}), "
               f"peak RSS {peak} MB = {peak / size_mb:.2f}x the file")
-        print(f"  {'stage':<14}{'RSS':>7}{'anon':>7}{'file':>7}  MB")
+        print(f"  {'stage':<14}{'RSS':>7}{'anon':>7}{'file':>7}{'model':>7}{'cache':>7}  MB"
+              + (f"   lookup tables resident ({lookup} tables)" if lookup else ""))
         for stage, m in last.items():
-            print(f"  {stage:<14}{m['VmRSS']:>7}{m['RssAnon']:>7}{m['RssFile']:>7}")
+            s = maps.get(stage)
+            row = f"  {stage:<14}{m['VmRSS']:>7}{m['RssAnon']:>7}{m['RssFile']:>7}"
+            if s:
+                row += f"{s['model_map_rss'] >> 20:>7}{s['cache_map_rss'] >> 20:>7}"
+                if lookup and s["regions_resident"] is not None:
+                    row += (f"      {s['regions_resident'] / 2**20:,.1f} of {s['regions_bytes'] / 2**20:,.0f} MB "
+                            f"({100 * s['regions_resident'] / max(s['regions_bytes'], 1):.2f}%)")
+            print(row)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -44,12 +46,14 @@ class WeightSlot:
     buffer: int = -1
     offset: int = 0
     scales: np.ndarray | None = None  # per-channel scales (they live in the header)
+    zero_points: np.ndarray | None = None  # per-channel zero points (0), shared like the scales
     quant_params: list = field(default_factory=list)  # QuantizationParametersT of every signature
     scale_buffer: int = -1  # blockwise: fp16 scales [rows, cols / block] in a buffer of their own
     scale_offset: int = 0
     group: str | None = None  # consecutive slots of one group are written row chunk by row chunk together
     read_cols: int = 0  # columns one row of the group's source holds (sizes its row chunks)
     grid: dict = field(default_factory=dict)  # blocks kept on their 4-bit grid (quantize_blockwise's stats)
+    importance: np.ndarray | None = None  # per input channel, for a calibrated scale search
 
     @property
     def rows_cols(self) -> tuple[int, int]:
@@ -87,6 +91,7 @@ def apply_surgery(template: bytes, slots: list[WeightSlot], metadata: dict[str, 
         s.buffer = len(model.buffers) - 1
         if s.scheme.granularity == "channel":
             s.scales = np.ones(s.shape[0], dtype=np.float32)
+            s.zero_points = _zeros(s.shape[0])
         elif s.scheme.granularity == "block":
             model.buffers.append(fb.BufferT(offset=_PLACEHOLDER_OFFSET, size=s.scale_nbytes))
             s.scale_buffer = len(model.buffers) - 1
@@ -102,9 +107,9 @@ def apply_surgery(template: bytes, slots: list[WeightSlot], metadata: dict[str, 
             t.buffer = s.buffer
             t.type = s.scheme.tflite_type
             if s.scheme.granularity == "channel":
-                qp = fb.QuantizationParametersT()
+                qp = _SharedQuantization()  # every signature's tensor points at one scale vector
                 qp.scale = s.scales
-                qp.zeroPoint = np.zeros(s.shape[0], dtype=np.int64)
+                qp.zeroPoint = s.zero_points
                 qp.quantizedDimension = 0
                 t.quantization = qp
                 s.quant_params.append(qp)
@@ -152,9 +157,46 @@ def apply_surgery(template: bytes, slots: list[WeightSlot], metadata: dict[str, 
     return model, meta_slots
 
 
+class _SharedQuantization(fb.QuantizationParametersT):
+    """Per-channel parameters whose scale and zero-point vectors are written once per file and
+    pointed at by every signature's tensor (a flatbuffer may share a vector). Written per tensor,
+    the 270M int8 file's header held its 262144-row embedding's scales six times: 29 MB of
+    header that LiteRT parses and the loader hashes, instead of 6."""
+
+    def Pack(self, builder):
+        vectors = _packing.vectors  # set by pack(): one builder's shared vectors
+        created = []
+        for name in ("scale", "zeroPoint"):
+            arr = getattr(self, name)
+            key = (name, id(arr))
+            if key not in vectors:
+                vectors[key] = (builder.CreateNumpyVector(arr), arr)  # arr kept alive: its id stays unique
+            created.append(vectors[key][0])
+        scale, zero_point = created
+        fb.QuantizationParametersStart(builder)
+        fb.QuantizationParametersAddScale(builder, scale)
+        fb.QuantizationParametersAddZeroPoint(builder, zero_point)
+        fb.QuantizationParametersAddDetailsType(builder, self.detailsType)
+        fb.QuantizationParametersAddQuantizedDimension(builder, self.quantizedDimension)
+        return fb.QuantizationParametersEnd(builder)
+
+
+_packing = threading.local()
+
+
+@functools.lru_cache(maxsize=None)
+def _zeros(n: int) -> np.ndarray:
+    """The all-zero zero-point vector of n channels: one object per length, so one vector in the file."""
+    return np.zeros(n, dtype=np.int64)
+
+
 def pack(model) -> bytes:
     b = flatbuffers.Builder(1 << 20)
-    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    _packing.vectors = {}
+    try:
+        b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    finally:
+        _packing.vectors = None
     return bytes(b.Output())
 
 
@@ -260,7 +302,7 @@ def _write_rows(fd: int, s: WeightSlot, read_rows: RowReader, r0: int, r1: int, 
     cols = s.rows_cols[1]
     w = read_rows(s.name, r0, r1).reshape(r1 - r0, cols)
     try:
-        data, scales = quantize_rows(w, s.scheme, None if errors is None else s.grid)
+        data, scales = quantize_rows(w, s.scheme, None if errors is None else s.grid, s.importance)
     except NonFiniteError as e:
         raise NonFiniteWeights(s.name, r0, r1, str(e)) from None
     if errors is not None:
