@@ -87,7 +87,7 @@ def _non_finite_names(src: Source):
 def convert(source: str, output: str, quant: str = "int8", max_context: int | None = None,
             prefill_lengths=DEFAULT_PREFILL, force: bool = False, progress: bool = True,
             score_length: int | None = DEFAULT_SCORE, report: bool = False,
-            lora: str | None = None, on_stage=None, notes=None) -> ConvertResult:
+            lora: str | None = None, on_stage=None, notes=None, calibration=None) -> ConvertResult:
     """Convert ``source`` (HF checkpoint dir or .gguf) to ``output`` (.tflite).
 
     ``score_length`` T adds a ``score_<T>`` signature (logits of every position of a chunk)
@@ -98,7 +98,9 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     ``on_stage(name)`` is called as each stage starts: ``open checkpoint``, ``build template``,
     ``write <weight>`` (every canonical weight, in file order), ``finish`` and ``done``.
     ``notes(line)`` receives one-line remarks for the user (a multimodal checkpoint's towers
-    skipped); by default they are warnings.
+    skipped); by default they are warnings. ``calibration`` (a ``quantize.calibrate.Plan``)
+    changes values before they are quantized: scales migrated between norms and weights, and
+    importance-weighted scale searches; the file's layout and kernels stay the same.
     """
     t0 = time.time()
     stage = on_stage or (lambda name: None)
@@ -133,6 +135,8 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         for s in slots:  # the per-layer tables are one packed source table: written from one pass over it
             if src.map[s.name][1] == PLE_COLUMNS:
                 s.group, s.read_cols = "ple_embed", cfg.ple_dim * cfg.num_layers
+            if calibration is not None and not s.scheme.is_float:
+                s.importance = calibration.importance.get(s.name)
         for s in slots:
             if s.scheme.block_size and s.shape[-1] % s.scheme.block_size:
                 raise QuantizationError(
@@ -155,13 +159,14 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
             gemma_edge_version=__version__)
         bar = None
         errors = {} if report else None
-        last = [None]
+        seen = set()
 
         def read_rows(canon, r0, r1):
-            if canon != last[0]:
-                last[0] = canon
+            if canon not in seen:  # once per weight (grouped weights are read chunk by chunk in turn)
+                seen.add(canon)
                 stage(f"write {canon}")
-            return src.read_rows(canon, r0, r1)
+            w = src.read_rows(canon, r0, r1)
+            return w if calibration is None else calibration.apply(canon, w, r0, r1)
 
         try:
             with atomic_output(out, force, inputs=src.files()) as tmp, _non_finite_names(src):
