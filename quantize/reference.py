@@ -14,13 +14,38 @@ import numpy as np
 from .schemes import Scheme
 
 
-def quantize_per_channel(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """w: [rows, cols] float32 -> (q int8 [rows, cols], scales float32 [rows])."""
+# Scale factors a calibrated search tries, relative to max|w| / qmax (importance given)
+SEARCH_FACTORS = np.linspace(0.70, 1.10, 17, dtype=np.float32)
+
+
+def _search(wb: np.ndarray, base: np.ndarray, importance: np.ndarray, qmin: int, qmax: int, round_scale) -> np.ndarray:
+    """The scale per group (wb [..., group], base [...]) among ``SEARCH_FACTORS * base`` with the
+    least importance-weighted squared rounding error sum_j imp_j (w_j - s q_j)^2 (imatrix)."""
+    best, best_err = base, None
+    for f in SEARCH_FACTORS:
+        s = round_scale(base * f)
+        sf = s.astype(np.float32)[..., None]
+        q = np.clip(np.rint(wb / sf), qmin, qmax)
+        err = np.sum(importance * (wb - q * sf) ** 2, axis=-1)
+        if best_err is None:
+            best, best_err = s, err
+        else:
+            better = err < best_err
+            best = np.where(better, s, best)
+            best_err = np.where(better, err, best_err)
+    return best
+
+
+def quantize_per_channel(w: np.ndarray, bits: int, importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """w: [rows, cols] float32 -> (q int8 [rows, cols], scales float32 [rows]). With
+    ``importance`` [cols] (calibration), each row's scale is searched (``_search``)."""
     qmax = 2 ** (bits - 1) - 1
     w = np.asarray(w, dtype=np.float32)
     amax = np.max(np.abs(w), axis=1)  # [rows]
     _check_finite(amax)
     scales = np.where(amax > 0, amax / np.float32(qmax), np.float32(1.0)).astype(np.float32)
+    if importance is not None:
+        scales = _search(w, scales, np.asarray(importance, np.float32), -qmax, qmax, lambda x: x.astype(np.float32))
     q = np.rint(w / scales[:, None])
     np.clip(q, -qmax, qmax, out=q)
     return q.astype(np.int8), scales
@@ -68,7 +93,8 @@ GRID_TOLERANCE = 0.06  # |w / d - k| on a 4-bit grid: bf16 rounding of d * k and
 # blocks pass with odds ~0.12 ** 31
 
 
-def quantize_blockwise(w: np.ndarray, bits: int, block: int, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_blockwise(w: np.ndarray, bits: int, block: int, stats: dict | None = None,
+                       importance: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """w: [rows, cols], cols a multiple of ``block`` -> (q int8 [rows, cols], fp16 scales [rows, cols/block]).
 
     scale = max|block| / qmax (ai-edge-quantizer's rule, byte-identical), stored as fp16
@@ -80,7 +106,8 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int, stats: dict | None 
 
     Blocks of 32 that already lie on a 4-bit grid (GGUF Q4_0 weights, QAT checkpoints) keep
     it: see ``_grid_blocks``. ``stats``, if given, counts ``blocks``, ``imported`` (kept on
-    their grid) and ``clipped`` (kept, but for one value: see ``_grid_blocks``).
+    their grid) and ``clipped`` (kept, but for one value: see ``_grid_blocks``). With
+    ``importance`` [cols] (calibration), the other blocks' scales are searched (``_search``).
     """
     w = np.asarray(w, dtype=np.float32)
     rows, cols = w.shape
@@ -92,6 +119,10 @@ def quantize_blockwise(w: np.ndarray, bits: int, block: int, stats: dict | None 
     _check_finite(amax)
     s = np.where(amax > 0, np.minimum(amax, FP16_SAFE_MAX * qmax) / np.float32(qmax), np.float32(1.0))
     scales = round_scale_fp16(np.maximum(s, FP16_MIN_SUBNORMAL).astype(np.float32))
+    if importance is not None:
+        imp = np.asarray(importance, np.float32).reshape(cols // block, block)
+        scales = _search(wb, scales.astype(np.float32), imp, -qmax - 1, qmax,
+                         lambda x: round_scale_fp16(np.maximum(x, FP16_MIN_SUBNORMAL).astype(np.float32)))
     q = np.rint(wb / scales.astype(np.float32)[:, :, None])
     np.clip(q, -qmax - 1, qmax, out=q)
     if bits == 4 and block == 32:
@@ -148,21 +179,23 @@ def _check_finite(amax: np.ndarray) -> None:
         raise NonFiniteError(f"{int(np.size(amax) - np.isfinite(amax).sum())} row(s) or block(s) hold NaN or infinity")
 
 
-def quantize_rows(w: np.ndarray, scheme: Scheme, stats: dict | None = None) -> tuple[bytes | np.ndarray, np.ndarray | None]:
+def quantize_rows(w: np.ndarray, scheme: Scheme, stats: dict | None = None,
+                  importance: np.ndarray | None = None) -> tuple[bytes | np.ndarray, np.ndarray | None]:
     """Quantize a [rows, cols] chunk as ``scheme`` stores it: (row-major bytes, per-row scales).
-    Raises NonFiniteError for NaN or infinite weights. ``stats``: see ``quantize_blockwise``."""
+    Raises NonFiniteError for NaN or infinite weights. ``stats``: see ``quantize_blockwise``;
+    ``importance``: per input channel, for a calibrated scale search."""
     if scheme.is_float:
         w = np.ascontiguousarray(w, dtype=np.float32)
         if not np.isfinite(w).all():  # float weights are copied as they are: this is their only check
             raise NonFiniteError("the values hold NaN or infinity")
         return w, None
     if scheme.granularity == "channel" and scheme.bits == 8:
-        return quantize_per_channel(w, 8)
+        return quantize_per_channel(w, 8, importance)
     if scheme.granularity == "channel" and scheme.bits == 4:
-        q, scales = quantize_per_channel(w, 4)
+        q, scales = quantize_per_channel(w, 4, importance)
         return pack_int4(q), scales
     if scheme.granularity == "block" and scheme.bits == 4:
-        q, scales = quantize_blockwise(w, 4, scheme.block_size, stats)
+        q, scales = quantize_blockwise(w, 4, scheme.block_size, stats, importance)
         return pack_int4(q), scales
     raise NotImplementedError(f"scheme {scheme.name}")
 
