@@ -54,24 +54,6 @@ def tiny_config(variant: str = "e2b", **overrides):
     return Gemma4TextConfig(**{**kw, **VARIANTS[variant], **overrides})
 
 
-@pytest.fixture(scope="session")
-def g4_tokenizer(tmp_path_factory) -> str:
-    """A tiny BPE SentencePiece model with Gemma 4's turn, channel and think markers as controls."""
-    import sentencepiece as spm
-
-    from conftest import _corpus
-
-    d = tmp_path_factory.mktemp("sp4")
-    (d / "corpus.txt").write_text("\n".join(_corpus()), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"), model_prefix=str(d / "tok"), vocab_size=SP_VOCAB, model_type="bpe",
-        byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        control_symbols=["<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|think|>"], character_coverage=0.9995,
-        add_dummy_prefix=False, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        split_digits=True, minloglevel=2)
-    return str(d / "tok.model")
-
-
 def chat_samples(sp_model_path: str, n: int, seed: int) -> list[list[int]]:
     """Chat turns in Gemma 4's format whose replies think first: <bos><|turn>user\\n..<turn|>\\n
     <|turn>model\\n<|channel>thought\\n..<channel|>..<turn|>"""

@@ -1,0 +1,246 @@
+"""Activation statistics for calibrated quantization, gathered layer by layer in bounded memory.
+
+``collect(source, ids)`` runs the model in float32 numpy over calibration sequences, one layer
+at a time: the hidden states of every calibration token ([N, D]) are all it keeps between
+layers, and a layer's weights are read from the checkpoint (``Source.read_rows``, the same
+canonical weights the writer quantizes), used and dropped. For every linear layer's input it
+records, per input channel, the mean of x^2 (llama.cpp's importance matrix) and the max |x|
+(SmoothQuant's range). The forward is the one of ``convert/graph.py`` written again in numpy
+(Gemma 1-4: norms, q/k norms, GQA, sliding windows, proportional RoPE, soft-caps, KV sharing,
+per-layer embeddings, layer scales); ``tests/test_calibrate.py`` checks its logits against
+transformers.
+
+Peak memory: one layer's float32 weights plus the activations of the calibration tokens, e.g.
+Gemma 2B (a 2048 x 16384 FFN) with 512 tokens: ~0.5 GB of weights; the tables (embedding,
+per-layer embeddings) are read only at the rows of the calibration tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..runtime import contract as C
+from ..runtime.config import GemmaConfig
+
+
+@dataclass
+class Stats:
+    """Per input channel of one linear layer: sum of x^2, max |x|, and the tokens seen."""
+
+    sum_sq: np.ndarray
+    max_abs: np.ndarray
+    count: int = 0
+
+    def add(self, x: np.ndarray) -> None:  # x [tokens, in]
+        x = np.asarray(x, np.float32)
+        self.sum_sq += np.einsum("ti,ti->i", x, x, dtype=np.float64)
+        np.maximum(self.max_abs, np.abs(x).max(axis=0), out=self.max_abs)
+        self.count += len(x)
+
+    @property
+    def mean_sq(self) -> np.ndarray:
+        return self.sum_sq / max(self.count, 1)
+
+
+@dataclass
+class Calibration:
+    """Statistics of the input of every linear weight, by canonical weight name."""
+
+    stats: dict[str, Stats] = field(default_factory=dict)
+    tokens: int = 0
+
+    def record(self, names, x: np.ndarray) -> None:
+        """``x`` [tokens, in] feeds each weight of ``names`` (q, k and v share their input)."""
+        for name in names:
+            s = self.stats.get(name)
+            if s is None:
+                s = self.stats[name] = Stats(np.zeros(x.shape[-1], np.float64), np.zeros(x.shape[-1], np.float32))
+            s.add(x)
+
+
+def _rms(x: np.ndarray, scale, eps: float) -> np.ndarray:
+    y = x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+    return y if scale is None else y * scale
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.float32(math.sqrt(2 / math.pi)) * (x + np.float32(0.044715) * x ** 3)))
+
+
+def _inv_freq(cfg: GemmaConfig, layer: int) -> np.ndarray:
+    h = cfg.head_dim_for(layer)
+    exponent = np.arange(0, h, 2, dtype=np.int64).astype(np.float32) / np.float32(h)
+    inv = (1.0 / (np.float32(cfg.rope_base_for(layer)) ** exponent) / np.float32(cfg.rope_scale_for(layer)))
+    inv = inv.astype(np.float32)
+    inv[int(cfg.rope_fraction_for(layer) * h // 2):] = 0.0
+    return inv
+
+
+def _rope(x: np.ndarray, pos: np.ndarray, inv: np.ndarray) -> np.ndarray:
+    """x [T, n, H], half-split pairs (j, j + H/2)."""
+    ang = pos[:, None].astype(np.float32) * inv[None, :]  # [T, H/2]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    x1, x2 = np.split(x, 2, axis=-1)
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class _Weights:
+    """Canonical weights read whole (small) or row-chunked into a product (large), from a
+    reader ``read(name, r0, r1) -> float32 [rows, cols]``."""
+
+    def __init__(self, shapes: dict, read):
+        self.shapes, self.read = shapes, read
+
+    def full(self, name: str) -> np.ndarray:
+        shape = self.shapes[name]
+        rows = shape[0] if len(shape) > 1 else 1
+        return self.read(name, 0, rows).reshape(shape)
+
+    def linear(self, x: np.ndarray, name: str, chunk_bytes: int = 64 << 20) -> np.ndarray:
+        """x [T, in] @ W[out, in]^T, W read in row chunks: memory one chunk, whatever W's size."""
+        out_dim, in_dim = self.shapes[name]
+        step = max(1, chunk_bytes // (4 * in_dim))
+        parts = [x @ self.read(name, r0, min(out_dim, r0 + step)).T for r0 in range(0, out_dim, step)]
+        return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """Rows ``ids`` of a table (the embedding), read one at a time: the table never is whole."""
+        return np.stack([self.read(name, int(i), int(i) + 1)[0] for i in ids])
+
+
+def forward(cfg: GemmaConfig, read, sequences: list[list[int]], calib: Calibration | None = None,
+            logits: bool = False) -> list[np.ndarray] | None:
+    """Run ``sequences`` (token ids, each starting with <bos>) through the model, layer by layer.
+    ``read(name, r0, r1)`` gives rows of canonical weights (``Source.read_rows``). Records the
+    input statistics of every linear weight into ``calib``; returns each sequence's logits
+    [len, V] when ``logits`` (the oracle test; the LM head reads the whole embedding)."""
+    W = _Weights(C.weight_shapes(cfg), read)
+    eps, N, L = cfg.rms_norm_eps, cfg.num_heads, cfg.num_layers
+    lengths = [len(s) for s in sequences]
+    ids = np.concatenate([np.asarray(s, np.int64) for s in sequences])
+    pos = np.concatenate([np.arange(n) for n in lengths])
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    x = W.rows(C.EMBED, uniq)[inverse] * np.float32(cfg.embed_scale)  # [tokens, D]
+    if calib is not None:
+        calib.tokens += len(ids)
+    ple = None
+    if cfg.ple_dim:
+        P = cfg.ple_dim
+        if calib is not None:
+            calib.record([C.PLE_PROJ], x)
+        proj = W.linear(x, C.PLE_PROJ) * np.float32(cfg.hidden_size ** -0.5)
+        proj = _rms(proj.reshape(len(ids), L, P), W.full(C.PLE_PROJ_NORM), eps)  # [tokens, L, P]
+        table = np.stack([W.rows(C.weight_name(i, "ple_embed"), uniq)[inverse] for i in range(L)], axis=1)
+        ple = (proj + table * np.float32(P ** 0.5)) * np.float32(2 ** -0.5)
+    bounds = np.cumsum([0] + lengths)
+    shared_kv: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    for i in range(L):
+        def name(kind):
+            return C.weight_name(i, kind)
+
+        def record(kinds, a):
+            if calib is not None:
+                calib.record([name(k) for k in kinds if name(k) in W.shapes], a)
+
+        H, K = cfg.head_dim_for(i), cfg.kv_heads_for(i)
+        G = N // K
+        inv = _inv_freq(cfg, i)
+        h = _rms(x, W.full(name("attn_norm")), eps)
+        record(("q", "k", "v"), h)
+        q = W.linear(h, name("q")).reshape(-1, N, H)
+        if cfg.has_qk_norm:
+            q = _rms(q, W.full(name("q_norm")), eps)
+        q = _rope(q, pos, inv) * np.float32(cfg.query_scale)
+        src = cfg.kv_source(i)
+        if src == i:
+            k = W.linear(h, name("k")).reshape(-1, K, H)
+            v = W.linear(h, name("v")).reshape(-1, K, H) if cfg.has_v_proj(i) else k
+            if cfg.has_qk_norm:
+                k = _rms(k, W.full(name("k_norm")), eps)
+            if cfg.v_norm:
+                v = _rms(v, None, eps)
+            k = _rope(k, pos, inv)
+            shared_kv[i] = [(k[a:b], v[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        o = np.empty((len(ids), N * H), np.float32)
+        for s, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            ks, vs = shared_kv[src][s]  # [T, K, H]
+            T = b - a
+            qs = q[a:b].reshape(T, K, G, H)
+            scores = np.einsum("tkgh,skh->kgts", qs, ks)  # [K, G, T, T]
+            if cfg.attn_softcap:
+                scores = np.tanh(scores / cfg.attn_softcap) * cfg.attn_softcap
+            qi, kj = np.arange(T)[:, None], np.arange(T)[None, :]
+            visible = kj <= qi
+            if cfg.is_sliding(i) and cfg.sliding_window:
+                visible &= qi - kj < cfg.sliding_window
+            scores = np.where(visible, scores, -np.inf)
+            scores = np.exp(scores - scores.max(-1, keepdims=True))
+            scores /= scores.sum(-1, keepdims=True)
+            o[a:b] = np.einsum("kgts,skh->tkgh", scores, vs).reshape(T, N * H)
+        record(("o",), o)
+        o = W.linear(o, name("o"))
+        if cfg.has_post_norms:
+            o = _rms(o, W.full(name("post_attn_norm")), eps)
+        x = x + o
+        h = _rms(x, W.full(name("ffn_norm")), eps)
+        record(("gate", "up"), h)
+        m = _gelu(W.linear(h, name("gate"))) * W.linear(h, name("up"))
+        record(("down",), m)
+        m = W.linear(m, name("down"))
+        if cfg.has_post_norms:
+            m = _rms(m, W.full(name("post_ffn_norm")), eps)
+        x = x + m
+        if ple is not None:
+            record(("ple_gate",), x)
+            g = _gelu(W.linear(x, name("ple_gate"))) * ple[:, i, :]
+            record(("ple_out",), g)
+            x = x + _rms(W.linear(g, name("ple_out")), W.full(name("ple_norm")), eps)
+        if cfg.layer_scale:
+            x = x * W.full(name("layer_scale"))
+        for j in [j for j in shared_kv if all(cfg.kv_source(t) != j for t in range(i + 1, L))]:
+            del shared_kv[j]  # no later layer reads this cache
+    h = _rms(x, W.full(C.FINAL_NORM), eps)
+    if calib is not None:
+        calib.record([C.EMBED], h)  # the tied embedding is also the LM head, fed by the final norm
+    if not logits:
+        return None
+    z = W.linear(h, C.EMBED)
+    if cfg.final_softcap:
+        z = np.tanh(z / cfg.final_softcap) * cfg.final_softcap
+    return [z[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+# ---- what calibration changes: values, never the file's layout or kernels ---------------------------
+
+@dataclass
+class Plan:
+    """How calibrated values differ from the checkpoint's, by canonical weight name:
+
+    * ``col_scale``: a weight's input channels (columns) multiplied by s (SmoothQuant / AWQ
+      migration), and the norm that feeds them by 1 / s (a norm weight's elements are its columns);
+    * ``row_scale``: a weight's output rows multiplied by r (``up``'s rows by 1 / s when ``down``'s
+      columns carry s), so that the model computes the same function in float;
+    * ``importance``: per input channel weights of the squared rounding error that the scale
+      search of ``quantize_blockwise`` / ``quantize_per_channel`` minimizes (llama.cpp's imatrix).
+    """
+
+    col_scale: dict = field(default_factory=dict)
+    row_scale: dict = field(default_factory=dict)
+    importance: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+    def apply(self, name: str, w: np.ndarray, r0: int, r1: int) -> np.ndarray:
+        """Rows [r0, r1) of weight ``name`` ([rows, cols]; a norm's one row) as the calibrated file
+        stores them, before quantizing."""
+        s, r = self.col_scale.get(name), self.row_scale.get(name)
+        if s is None and r is None:
+            return w
+        w = np.array(w, dtype=np.float32)
+        if s is not None:
+            w *= s[None, :]
+        if r is not None:
+            w *= r[r0:r1, None]
+        return w
