@@ -24,6 +24,24 @@ from ..runtime.process import child_dies_with_parent
 
 WORKDIR_PREFIX = "gemma-edge-template-"  # + the converting process's id
 _DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded", "ENOSPC", "EFBIG")
+# TensorFlow's converter first saves the functions as a SavedModel in the temporary folder; when
+# that write fails it says nothing and falls back to a path that takes one function only (and
+# drops the signature), so a full folder shows as an unrelated ValueError or a model without
+# signatures. Less room than this there (free space or ulimit -f) is taken as the cause.
+_TMP_NEED = 32 << 20
+
+
+def _temp_room() -> int | None:
+    """Bytes a file in the temporary folder can still take: its free space, capped by ulimit -f."""
+    import resource
+
+    try:
+        st = os.statvfs(tempfile.gettempdir())
+    except OSError:
+        return None
+    room = st.f_bavail * st.f_frsize
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return room if limit == resource.RLIM_INFINITY else min(room, limit)
 
 
 def _conversion_error(what: str, detail: str, returncode: int | None) -> GemmaEdgeError:
@@ -31,7 +49,8 @@ def _conversion_error(what: str, detail: str, returncode: int | None) -> GemmaEd
     missing TensorFlow."""
     tail = "\n".join(detail.strip().splitlines()[-5:])
     tmp = tempfile.gettempdir()
-    if any(s in detail for s in _DISK_FULL) or returncode == -25:  # SIGXFSZ: the file size limit
+    room = _temp_room()
+    if any(s in detail for s in _DISK_FULL) or returncode == -25 or (room is not None and room < _TMP_NEED):
         return GemmaEdgeError(f"TensorFlow could not write {what}: the temporary folder {tmp} is full or a file "
                               "size limit (ulimit -f) was reached. Free space there, or set TMPDIR to a folder "
                               "with room")
@@ -101,6 +120,9 @@ def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], s
                 raise _conversion_error(f"the {sig} signature", proc.stderr, proc.returncode)
             with open(out, "rb") as f:
                 m = fb.ModelT.InitFromPackedBuf(f.read(), 0)
+            if not m.signatureDefs:  # TensorFlow could not save its SavedModel (see _TMP_NEED)
+                raise _conversion_error(f"the {sig} signature", proc.stderr + "\nthe converted model has no "
+                                        "signature", proc.returncode)
             # a converter given one function names its signature "serving_default"
             m.signatureDefs[0].signatureKey = sig.encode()
             m.subgraphs[m.signatureDefs[0].subgraphIndex].name = sig.encode()
