@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from . import contract, native_log
+from . import contract, cpu_features, native_log
 from . import weight_cache as weight_cache_mod
 from .errors import GemmaEdgeError, ModelFileError
 from .modelfile import ModelInfo
@@ -173,7 +173,24 @@ class InterpreterBackend:
         return self._run(contract.score_name(tokens.shape[1]), tokens, pos)[contract.LOGITS].reshape(tokens.shape[1], -1)
 
 
+def _cpu_kind(kind: str) -> str:
+    """The backend kind this CPU can run (``cpu_features.plan``). Every CompiledModel loads
+    LiteRT's GPU accelerator library, which stops the process with SIGILL on a CPU without
+    what it was built for (a Raspberry Pi 4's Cortex-A72: no LSE atomics, no dot product),
+    and gemma-edge silences the one line LiteRT prints first. So "auto" becomes the
+    Interpreter there, with a note, and "compiled" is refused with the reason."""
+    plan = cpu_features.plan().check()  # UnsupportedCpuError when no LiteRT path runs here
+    if plan.kind == "auto" or kind == "interpreter":
+        return kind
+    if kind == "compiled":
+        raise GemmaEdgeError(f"the compiled backend cannot run here: {plan.reason}, and would stop the "
+                             "process with SIGILL; use backend 'auto' or 'interpreter'")
+    weight_cache_mod.note(plan.note)
+    return plan.kind
+
+
 def make_backend(info: ModelInfo, threads: int | None = None, kind: str = "auto", weight_cache: bool = True):
+    kind = _cpu_kind(kind)
     if kind in ("auto", "compiled"):
         try:
             import ai_edge_litert.compiled_model  # noqa: F401  (is CompiledModel available?)
