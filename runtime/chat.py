@@ -328,22 +328,26 @@ def _budgeted_range():
 
 
 def render_jinja(source: str, messages: list[dict], add_generation_prompt: bool = True,
-                 bos_token: str = "<bos>", eos_token: str = "<eos>", thinking: bool = False) -> str:
+                 bos_token: str = "<bos>", eos_token: str = "<eos>", thinking: bool = False,
+                 tools: list[dict] | None = None) -> str:
     """Render a checkpoint's jinja ``source`` in the sandbox; the text without a leading ``bos_token``
-    (the tokenizer adds <bos>, as with ``render``). Raises ChatTemplateError for any failure."""
+    (the tokenizer adds <bos>, as with ``render``). ``tools`` (OpenAI's tool list) is passed to the
+    template as ``tools``, as transformers' apply_chat_template does (``runtime/tools.py``).
+    Raises ChatTemplateError for any failure."""
     if not jinja_available():
         raise ChatTemplateError("jinja2 is not installed (pip install jinja2) to render the model's chat template")
     template = _compile(source)
     if isinstance(template, str):
         raise ChatTemplateError(template)
     msgs = [dict(m) for m in messages]
-    limit = 16 * sum(len(str(m.get("content", ""))) for m in msgs) + 65536
+    limit = 16 * sum(len(str(m.get("content", ""))) + len(str(m.get("tool_calls", ""))) for m in msgs) + 65536
+    limit += 16 * len(json.dumps(tools)) if tools else 0
     parts, size = [], 0
     _render.deadline = time.monotonic() + TIME_BUDGET
     try:
         for chunk in template.generate(messages=msgs, add_generation_prompt=add_generation_prompt,
                                        bos_token=bos_token, eos_token=eos_token, enable_thinking=thinking,
-                                       range=_budgeted_range()):
+                                       tools=tools, range=_budgeted_range()):
             size += len(chunk)
             if size > limit:
                 raise ChatTemplateError(f"the chat template's output passed {limit:,} characters for "

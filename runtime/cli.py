@@ -49,6 +49,46 @@ def _sampling_options(fn):
     return fn
 
 
+def _constraint_options(fn):
+    for opt in reversed([
+        click.option("--json-schema", "json_schema_file", type=click.Path(), default=None,
+                     help="Generate JSON that follows this JSON Schema file (constrained decoding)."),
+        click.option("--grammar", "grammar_file", type=click.Path(), default=None,
+                     help="Generate text that follows this grammar file (Lark, or GBNF: root ::= ...)."),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _constraint_kwargs(kw) -> dict:
+    """--json-schema / --grammar files -> stream_generate's json_schema / grammar, checked before the
+    model loads (a bad schema fails in milliseconds)."""
+    schema_file, grammar_file = kw.pop("json_schema_file"), kw.pop("grammar_file")
+    if schema_file and grammar_file:
+        raise GemmaEdgeError("give --json-schema or --grammar, not both")
+    path = schema_file or grammar_file
+    if not path:
+        return {}
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        raise GemmaEdgeError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise GemmaEdgeError(f"{path} is not valid UTF-8 (byte {e.start})") from None
+    from . import constrained
+
+    if schema_file:
+        try:
+            schema = json.loads(text)
+        except ValueError as e:
+            raise GemmaEdgeError(f"{path} is not valid JSON ({e}); --json-schema takes a JSON Schema file") from None
+        constrained.json_schema_grammar(schema)  # malformed: fails here, before loading the model
+        return {"json_schema": schema}
+    constrained.lark_grammar(text)
+    return {"grammar": text}
+
+
 def _sampling_kwargs(kw) -> dict:
     from .sampling import validate_sampling
 
@@ -90,13 +130,16 @@ def main():
               help="Print the model's thoughts (Gemma 4's thought channel) to stderr; by default they are hidden.")
 @click.option("-v", "--verbose", is_flag=True, help="Statistics on stderr.")
 @_sampling_options
+@_constraint_options
 @_handle_errors
 def run(model, prompt, chat, system, think, show_thinking, verbose, **kw):
     """Stream a continuation of PROMPT from MODEL; only generated text goes to stdout.
 
     With --chat, PROMPT is one user turn in the model's chat format; a model that thinks
-    before it answers (Gemma 4) keeps its thoughts apart from the answer (--show-thinking)."""
-    sampling = _sampling_kwargs(kw)
+    before it answers (Gemma 4) keeps its thoughts apart from the answer (--show-thinking).
+    With --json-schema FILE (or --grammar FILE) the output is generated under the schema (or
+    grammar): JSON that validates, ending as soon as it is complete."""
+    sampling = {**_sampling_kwargs(kw), **_constraint_kwargs(kw)}
     if prompt == "-":
         data = sys.stdin.buffer.read()
         try:
@@ -143,10 +186,12 @@ def run(model, prompt, chat, system, think, show_thinking, verbose, **kw):
 @click.option("--think", is_flag=True, help="Ask a model that can think (Gemma 4) to think first.")
 @click.option("--show-thinking", is_flag=True, help="Print the model's thoughts to stderr; by default hidden.")
 @_sampling_options
+@_constraint_options
 @_handle_errors
 def chat_cmd(model, system, think, show_thinking, **kw):
-    """Interactive multi-turn chat. Ctrl-C stops an answer, Ctrl-D exits."""
-    sampling = _sampling_kwargs(kw)
+    """Interactive multi-turn chat. Ctrl-C stops an answer, Ctrl-D exits. With --json-schema or
+    --grammar every answer follows the schema or grammar."""
+    sampling = {**_sampling_kwargs(kw), **_constraint_kwargs(kw)}
     from .engine import load
 
     m = load(model, threads=kw["threads"])
@@ -357,6 +402,10 @@ def serve(model, host, port, api_key, max_queue, model_name, strict_model, max_b
       openai.OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="secret")
     or: curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
           -d '{"messages": [{"role": "user", "content": "Hi"}], "temperature": 0}'
+
+    Structured output (response_format json_schema / json_object, or a "grammar") and tool
+    calls (tools, tool_choice, role "tool" messages) are generated under a grammar, so the JSON
+    always parses; a schema or tool that cannot be compiled is a 400.
 
     One request generates at a time; up to --max-queue more wait their turn, in order.
     Ctrl-C stops the server.

@@ -153,36 +153,60 @@ class Model:
     def stream_generate(self, prompt, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                         top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                         seed: int | None = None, stop: Sequence[str] | None = None,
-                        stop_tokens: bool = True) -> Iterator[GenerationResponse]:
-        """Yield one GenerationResponse per generated token; the last has ``finish_reason``."""
+                        stop_tokens: bool = True, json_schema=None, grammar=None) -> Iterator[GenerationResponse]:
+        """Yield one GenerationResponse per generated token; the last has ``finish_reason``.
+
+        ``json_schema`` (a dict or JSON text) or ``grammar`` (a Lark or GBNF grammar's text, or a
+        ``constrained.Grammar``) constrains the output: each token is drawn only from those that
+        keep it inside the schema or grammar (``runtime/constrained.py``), after the repetition
+        penalty and before every sampler. Generation then ends ("stop") as soon as the output is
+        complete; a bad or unsatisfiable schema raises ``constrained.GrammarError`` at once."""
         with self._exclusive():
             yield from self._stream(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
-                                    seed, stop, stop_tokens)
+                                    seed, stop, stop_tokens, json_schema, grammar)
 
     def _stream(self, prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop,
-                stop_tokens) -> Iterator[GenerationResponse]:
+                stop_tokens, json_schema=None, grammar=None) -> Iterator[GenerationResponse]:
         validate_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                           repetition_penalty=repetition_penalty, seed=seed)
         if int(max_tokens) < 1:
             raise GenerationError(f"max_tokens must be at least 1, got {max_tokens}")
+        constraint = None
+        if json_schema is not None or grammar is not None:
+            from . import constrained  # llguidance: only when asked for
+
+            constraint = constrained.compile(self.tokenizer, json_schema=json_schema, grammar=grammar)
         ids = self.encode(prompt)
         self._check_fits(ids)
         sample = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+        matcher = constraint.matcher(self.stop_token_ids if stop_tokens else ()) if constraint else None
         detok = StreamingDetokenizer(self.tokenizer)
         stops = StopStringMatcher(list(stop)) if stop else None
         channel = _Channel(*self._channel)
         history = list(ids)
 
+        try:
+            yield from self._loop(ids, max_tokens, repetition_penalty, sample, detok, stops, channel, history,
+                                  stop_tokens, matcher)
+        finally:
+            if matcher is not None:
+                matcher.close()
+
+    def _loop(self, ids, max_tokens, repetition_penalty, sample, detok, stops, channel, history, stop_tokens,
+              matcher) -> Iterator[GenerationResponse]:
         t0 = time.perf_counter()
         prefilled = self._prefill(ids)
         token = ids[-1]
         generated = 0
         t_first = t_gen = None
         while True:
+            if matcher is not None:
+                matcher.start()  # the next token's mask, computed while the model decodes
             logits = self._decode(token)
             if repetition_penalty != 1.0:
                 logits = apply_repetition_penalty(logits, history[-REPETITION_WINDOW:], repetition_penalty)
-            token = sample(logits)
+            token = sample(logits) if matcher is None else matcher.sample(sample, logits)
+            complete = matcher is not None and matcher.consume(token)
             now = time.perf_counter()
             if t_first is None:
                 t_first = t_gen = now
@@ -201,6 +225,8 @@ class Model:
                 text, hit = stops.feed(text)
                 if hit:
                     finish = "stop"
+            if finish is None and complete:
+                finish = "stop"  # the schema or grammar is complete: nothing more may follow
             if finish is None and (generated >= max_tokens or len(self._cached) >= self.context_length):
                 finish = "length"
             if finish is not None:
@@ -516,6 +542,10 @@ class Conversation:
             # a prompt that could be extended but does not fit drops at least one turn
             extra = 1 if prompt is not None and dropped < len(self.messages) // 2 else 0
             prompt, dropped = self._fit(user, room, dropped + extra)
+        if self.thinking and (kwargs.get("json_schema") is not None or kwargs.get("grammar") is not None):
+            from .constrained import allow_thought
+
+            kwargs = allow_thought(self.model, kwargs)  # the thoughts come first, then the constrained answer
         reply_tokens, parts, failed = [], [], False
         try:
             for r in self.model.stream_generate(prompt, **kwargs):

@@ -17,9 +17,19 @@ Request fields, mapped to ``Model.stream_generate``:
     top_k, min_p,               extensions (as in llama.cpp and vLLM), default off
       repetition_penalty
     stream, stream_options      {"include_usage": true} adds a last chunk with usage
+    response_format             {"type": "text"}, {"type": "json_object"} (any JSON object) or
+                                {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}:
+                                the output is generated under the schema (runtime/constrained.py)
+    grammar                     extension: a Lark or GBNF grammar the output must follow
+    tools, tool_choice,         chat only: OpenAI's function tools; ``role: tool`` messages and
+      parallel_tool_calls       assistant messages with ``tool_calls`` carry calls and results
+                                (runtime/tools.py); calls come back as ``message.tool_calls`` or
+                                ``delta.tool_calls`` with finish reason "tool_calls"
 
-``n`` other than 1, logprobs, tools, non-zero frequency/presence penalties and
-non-text message parts are refused with 400 rather than ignored.
+A schema, grammar or tool that cannot be compiled, or that no output can satisfy, is a 400
+before the request queues. ``n`` other than 1, logprobs, legacy ``functions``, non-zero
+frequency/presence penalties and non-text message parts are refused with 400 rather than
+ignored.
 
 Chat messages are user text: a control-token string inside one (``<start_of_turn>``,
 ``<end_of_turn>``, ...) is encoded as the characters it is, never as the control token, so a
@@ -121,15 +131,15 @@ def _refuse_unsupported(body: dict, completions: bool) -> None:
                        param=name)
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
         raise _bad("logprobs are not supported", param="logprobs")
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise _bad(f"{name} are not supported: Gemma here has no tool-calling template", param=name)
+    if body.get("functions") or body.get("function_call") is not None:
+        raise _bad("functions / function_call (OpenAI's legacy API) are not supported; use tools and tool_choice",
+                   param="functions")
     if body.get("logit_bias"):
         raise _bad("logit_bias is not supported", param="logit_bias")
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise _bad('response_format: only {"type": "text"} is supported', param="response_format")
     if completions:
+        for name in ("tools", "tool_choice"):
+            if body.get(name) is not None:
+                raise _bad(f"{name} are for /v1/chat/completions", param=name)
         if body.get("echo"):
             raise _bad("echo is not supported", param="echo")
         if body.get("best_of") not in (None, 1):
@@ -162,6 +172,55 @@ def _generation_kwargs(body: dict, completions: bool) -> dict:
     kwargs["max_tokens"] = max_tokens
     kwargs["stop"] = _stop_strings(body)
     return kwargs
+
+
+def _response_format(body: dict):
+    """``response_format`` -> a JSON schema to generate under (None for text)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise _bad('response_format.json_schema must be an object {"name", "schema", "strict"}',
+                       param="response_format")
+        name = spec.get("name")
+        if name is not None and not isinstance(name, str):
+            raise _bad("response_format.json_schema.name must be a string", param="response_format")
+        if not isinstance(spec.get("strict", False), bool):
+            raise _bad("response_format.json_schema.strict must be true or false", param="response_format")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, (dict, bool)):
+            raise _bad(f"response_format.json_schema.schema must be a JSON schema object, got "
+                       f"{json.dumps(schema)[:60]}", param="response_format")
+        return schema
+    raise _bad('response_format must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+               f'"json_schema": {{...}}}}, got {json.dumps(fmt)[:80]}', param="response_format")
+
+
+def _constraint(body: dict):
+    """(json_schema, grammar) the output must follow: response_format, or the ``grammar`` extension."""
+    schema = _response_format(body)
+    grammar = body.get("grammar")
+    if grammar is not None and (not isinstance(grammar, str) or not grammar.strip()):
+        raise _bad("grammar must be a Lark or GBNF grammar's text", param="grammar")
+    if grammar is not None and schema is not None:
+        raise _bad("give response_format json_schema / json_object or grammar, not both", param="grammar")
+    return schema, grammar
+
+
+def _tool_request(body: dict) -> bool:
+    """Does this chat need the tool format: tools, a tool choice, or calls and results in its history?"""
+    if body.get("tools") or body.get("tool_choice") is not None:
+        return True
+    msgs = body.get("messages")
+    return isinstance(msgs, list) and any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+                                          for m in msgs)
 
 
 def _message_text(content, i: int) -> str:
@@ -225,6 +284,7 @@ class Job:
     stream: bool
     include_usage: bool
     model_name: str = ""  # the served model's name, reported in every response
+    reply: object = None  # tools.ReplyParser of a chat with tools: splits the reply into text and calls
     id: str = field(default_factory=lambda: secrets.token_hex(12))
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -277,19 +337,36 @@ def parse_job(body: dict, chat: bool, model, served: str, strict_model: bool = F
     if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
         raise _bad('stream_options must be {"include_usage": true|false}', param="stream_options")
     param = "messages" if chat else "prompt"
+    schema, grammar = _constraint(body)
+    reply, thinking = None, False
     try:
-        if chat:
-            messages = chat_messages(body)
+        if chat and _tool_request(body):
+            from . import tools  # llguidance: only for requests that need it
+
             thinking = _thinking(body)
-            _check_size(model, sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages), param)
-            ids = model.encode_chat(messages, thinking=thinking)
+            msgs = body.get("messages")
+            if isinstance(msgs, list):
+                _check_size(model, sum(len(json.dumps(m, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+                                       for m in msgs), param)
+            plan = tools.prepare(model, msgs, body.get("tools"), body.get("tool_choice"),
+                                 body.get("parallel_tool_calls", True), thinking, json_schema=schema, grammar=grammar)
+            ids, reply = plan.ids, plan.parser()
+            kwargs.update(plan.kwargs)
         else:
-            prompt = completion_prompt(body)
-            if isinstance(prompt, str):
-                _check_size(model, len(prompt.encode("utf-8", "surrogatepass")), param)
-            ids = model.encode(prompt)
+            if chat:
+                messages = chat_messages(body)
+                thinking = _thinking(body)
+                _check_size(model, sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages), param)
+                ids = model.encode_chat(messages, thinking=thinking)
+            else:
+                prompt = completion_prompt(body)
+                if isinstance(prompt, str):
+                    _check_size(model, len(prompt.encode("utf-8", "surrogatepass")), param)
+                ids = model.encode(prompt)
+            if schema is not None or grammar is not None:
+                kwargs["grammar"] = _checked_grammar(model, schema, grammar, thinking)
     except GemmaEdgeError as e:
-        raise _bad(str(e), param=param) from None
+        raise _bad(str(e), param=getattr(e, "param", None) or _constraint_param(e, body, param)) from None
     context = model.context_length
     if len(ids) > context:
         raise _bad(f"the prompt has {len(ids)} tokens but the model's context is {context}; shorten the "
@@ -298,7 +375,28 @@ def parse_job(body: dict, chat: bool, model, served: str, strict_model: bool = F
     if kwargs["max_tokens"] is None:
         kwargs["max_tokens"] = context  # generation ends with "length" when the context is full
     return Job(chat=chat, ids=ids, kwargs=kwargs, stream=stream,
-               include_usage=stream and bool(options.get("include_usage")), model_name=served)
+               include_usage=stream and bool(options.get("include_usage")), model_name=served, reply=reply)
+
+
+def _checked_grammar(model, schema, grammar, thinking: bool):
+    """The output's grammar, checked against the model's vocabulary (a GrammarError is a 400 before
+    the request queues); after an optional thinking channel when the model was asked to think."""
+    from . import constrained
+
+    g = constrained.make_grammar(schema, grammar)
+    if thinking:
+        g = constrained.with_thought(g, *constrained.thought_markers(model))
+    constrained.check(g, model.tokenizer)
+    return g
+
+
+def _constraint_param(e: Exception, body: dict, default: str) -> str:
+    """The field a GrammarError is about."""
+    from .constrained import ConstrainedDecodingUnavailable, GrammarError
+
+    if isinstance(e, (GrammarError, ConstrainedDecodingUnavailable)):
+        return "grammar" if body.get("grammar") is not None else "response_format"
+    return default
 
 
 # ---- jobs -> response bodies ---------------------------------------------------------------
@@ -314,11 +412,21 @@ def usage(job: Job, completion_tokens: int) -> dict:
             "total_tokens": len(job.ids) + completion_tokens}
 
 
+def finish_reason(job: Job, reason: str | None) -> str | None:
+    """OpenAI's finish reason: "tool_calls" when a reply with tools ended after its calls."""
+    return job.reply.finish_reason(reason) if job.reply is not None else reason
+
+
 def response(job: Job, text: str, finish_reason: str, completion_tokens: int, reasoning: str = "") -> dict:
     """The whole answer of a request that did not stream; a thinking model's thoughts (Gemma 4's
-    thought channel) as ``reasoning_content``, apart from the answer."""
+    thought channel) as ``reasoning_content``, apart from the answer; a reply's tool calls as
+    ``tool_calls`` (``text`` is then only the text around them)."""
     if job.chat:
         message = {"role": "assistant", "content": text}
+        if job.reply is not None and job.reply.calls:
+            message["content"] = text or None
+            message["tool_calls"] = [c.openai() for c in job.reply.calls]
+            finish_reason = job.reply.finish_reason(finish_reason)
         if reasoning:
             message["reasoning_content"] = reasoning
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
@@ -328,9 +436,11 @@ def response(job: Job, text: str, finish_reason: str, completion_tokens: int, re
 
 
 def chunk(job: Job, text: str | None = None, finish_reason: str | None = None,
-          role: bool = False, usage: dict | None = None, reasoning: str | None = None) -> dict:
+          role: bool = False, usage: dict | None = None, reasoning: str | None = None,
+          tool_calls: list | None = None) -> dict:
     """One server-sent event of a stream: the role, a piece of text (or of the thoughts, as
-    ``delta.reasoning_content``), the finish reason, or usage."""
+    ``delta.reasoning_content``), tool calls (``delta.tool_calls``: [(index, tools.ToolCall)], each
+    sent whole when the model has finished it), the finish reason, or usage."""
     out = _envelope(job, chunk=True)
     if usage is not None:
         out["choices"] = []
@@ -338,6 +448,8 @@ def chunk(job: Job, text: str | None = None, finish_reason: str | None = None,
         delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
         if reasoning:
             delta["reasoning_content"] = reasoning
+        if tool_calls:
+            delta["tool_calls"] = [c.openai(index) for index, c in tool_calls]
         out["choices"] = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
     else:
         out["choices"] = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]

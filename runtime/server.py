@@ -339,6 +339,8 @@ class _Handler(BaseHTTPRequestHandler):
                 text, reasoning = _collect(job, r)
                 if text or reasoning:
                     self._event(api.chunk(job, text=text, reasoning=reasoning))
+                if job.reply is not None and job.reply.fresh:  # tool calls, each when complete
+                    self._event(api.chunk(job, tool_calls=job.reply.fresh))
         except GemmaEdgeError as e:  # headers are sent: the error travels as an event
             self._event(_bad(str(e)).body())
         except ClientGone:
@@ -347,7 +349,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._log(traceback.format_exc().rstrip())
             self._event(RequestError(500, f"internal error: {type(e).__name__}: {e}").body())
         if last is not None and last.finish_reason is not None:
-            self._event(api.chunk(job, finish_reason=last.finish_reason))
+            self._event(api.chunk(job, finish_reason=api.finish_reason(job, last.finish_reason)))
             if job.include_usage:
                 self._event(api.chunk(job, usage=api.usage(job, last.generation_tokens)))
             self._note = f" {len(job.ids)}+{last.generation_tokens} tokens, streamed"
@@ -518,9 +520,11 @@ def _printable(text: str) -> str:
 
 
 def _collect(job: api.Job, r, parts: list | None = None, thoughts: list | None = None) -> tuple[str, str]:
-    """(text, reasoning) of one step: a chat keeps the thinking channel apart; a raw completion
-    is the whole continuation."""
+    """(text, reasoning) of one step: a chat keeps the thinking channel apart (and a chat with tools
+    its calls: ``job.reply``); a raw completion is the whole continuation."""
     text, reasoning = (r.text, r.reasoning) if job.chat else (r.text + r.reasoning, "")
+    if job.reply is not None:
+        text = job.reply.feed(r)[0]
     if parts is not None:
         parts.append(text)
         thoughts.append(reasoning)
