@@ -61,10 +61,15 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
 @click.option("--lora", "lora", type=click.Path(), default=None, metavar="ADAPTER_DIR",
               help="A peft LoRA adapter (the directory save_pretrained wrote: adapter_config.json, "
                    "adapter_model.safetensors) to merge into the weights as they are converted.")
+@click.option("--calibrate", "calibrate", is_flag=False, flag_value="-", default=None, metavar="[FILE]",
+              help="Calibrated quantization: measure each linear input's range and importance on FILE (UTF-8 "
+                   "text), or, with no FILE, on text the model writes itself; migrate the ranges into the weights "
+                   "(SmoothQuant) and search block scales for the least important error (imatrix). Same file "
+                   "layout and speed; costs a minute or two more.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def main(source, output, quant, max_context, prefill_lengths, score_length, report, eval_text, eval_tokens,
-         lora, force, quiet):
+         lora, calibrate, force, quiet):
     """Convert a Gemma checkpoint SOURCE to one self-describing LiteRT .tflite file.
 
     SOURCE is a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model;
@@ -98,7 +103,7 @@ def main(source, output, quant, max_context, prefill_lengths, score_length, repo
     try:
         r = convert(source, output, quant=quant, max_context=max_context,
                     prefill_lengths=prefill_lengths, force=force, progress=not quiet,
-                    score_length=score_length, report=report, lora=lora,
+                    score_length=score_length, report=report, lora=lora, calibrate=calibrate,
                     notes=lambda line: click.echo(f"gemma-convert: {line}", err=True))
     except GemmaEdgeError as e:
         click.echo(f"gemma-convert: error: {e}", err=True)

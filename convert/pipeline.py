@@ -72,6 +72,32 @@ def _quantization(name: str, recipe: dict[str, str], tensors: dict[str, str]) ->
     return modelfile.Quantization(name=name, description=description, recipe=dict(recipe), tensors=tensors, scheme=row)
 
 
+def _calibration(src: Source, calibrate: str, out, recipe: dict, context: int, progress: bool, lora):
+    """The calibration plan for ``src``: statistics gathered layer by layer (quantize/calibrate.py)
+    on a text file's tokens, or on sequences the model writes itself from a temporary conversion
+    of its weights (fp32 up to 1B parameters, int8 above: bounded disk and time)."""
+    import tempfile
+
+    from ..quantize import calibrate as K
+
+    if calibrate != "-":
+        try:
+            text = open(calibrate, encoding="utf-8").read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise GemmaEdgeError(f"{calibrate}: cannot be read as UTF-8 text ({e}); give a text file to calibrate on, "
+                                 "or --calibrate without a file to let the model write its own") from None
+        seqs = K.text_sequences(src.tokenizer, text)
+    else:
+        quant = "fp32" if src.config.num_params <= 1_000_000_000 else "int8"
+        with tempfile.TemporaryDirectory(prefix="gemma-edge-calibrate-", dir=os.path.dirname(os.path.abspath(out))) as d:
+            tmp = convert(str(src.path), os.path.join(d, "m.tflite"), quant=quant, max_context=min(context, 512),
+                          prefill_lengths=(8, 32, 128), progress=progress, score_length=None, lora=lora)
+            seqs = K.generated_sequences(tmp.path)
+    calib = K.Calibration()
+    K.forward(src.config, src.read_rows, seqs, calib)
+    return K.make_plan(src.config, calib, src.read_rows)
+
+
 @contextlib.contextmanager
 def _non_finite_names(src: Source):
     """A NaN or an infinity in the weights is an error naming the checkpoint's own tensor."""
@@ -87,7 +113,8 @@ def _non_finite_names(src: Source):
 def convert(source: str, output: str, quant: str = "int8", max_context: int | None = None,
             prefill_lengths=DEFAULT_PREFILL, force: bool = False, progress: bool = True,
             score_length: int | None = DEFAULT_SCORE, report: bool = False,
-            lora: str | None = None, on_stage=None, notes=None, calibration=None) -> ConvertResult:
+            lora: str | None = None, on_stage=None, notes=None, calibration=None,
+            calibrate: str | None = None) -> ConvertResult:
     """Convert ``source`` (HF checkpoint dir or .gguf) to ``output`` (.tflite).
 
     ``score_length`` T adds a ``score_<T>`` signature (logits of every position of a chunk)
@@ -101,6 +128,9 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     skipped); by default they are warnings. ``calibration`` (a ``quantize.calibrate.Plan``)
     changes values before they are quantized: scales migrated between norms and weights, and
     importance-weighted scale searches; the file's layout and kernels stay the same.
+    ``calibrate`` builds that plan: a UTF-8 text file to calibrate on, or ``"-"`` for sequences
+    the model writes itself (from a temporary conversion of the same weights); see
+    ``quantize/calibrate.py``.
     """
     t0 = time.time()
     stage = on_stage or (lambda name: None)
@@ -125,6 +155,11 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         score = [min(int(score_length), context)] if score_length else []
         shapes = contract.weight_shapes(cfg)
         src.check_shapes(shapes)
+        if calibrate is not None and calibration is None:
+            stage("calibrate")
+            calibration = _calibration(src, calibrate, out, recipe, context, progress, lora)
+            for line in calibration.notes:
+                (notes or (lambda m: warnings.warn(m, stacklevel=3)))(line)
         present = {kind_of(n) for n in shapes} - {None}
         quant = recipe_name(quant, present)
         recipe = {k: v for k, v in recipe.items() if k in present}

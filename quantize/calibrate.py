@@ -54,11 +54,14 @@ class Calibration:
 
     def record(self, names, x: np.ndarray) -> None:
         """``x`` [tokens, in] feeds each weight of ``names`` (q, k and v share their input)."""
+        names = list(names)
+        s = next((self.stats[n] for n in names if n in self.stats), None)
+        if s is None:
+            n = x.shape[-1]
+            s = Stats(np.zeros(n, np.float64), np.zeros(n, np.float32))
+        s.add(x)
         for name in names:
-            s = self.stats.get(name)
-            if s is None:
-                s = self.stats[name] = Stats(np.zeros(x.shape[-1], np.float64), np.zeros(x.shape[-1], np.float32))
-            s.add(x)
+            self.stats[name] = s  # weights that share an input share its statistics
 
 
 def _rms(x: np.ndarray, scale, eps: float) -> np.ndarray:
@@ -244,3 +247,91 @@ class Plan:
         if r is not None:
             w *= r[r0:r1, None]
         return w
+
+
+# ---- the calibrated recipe, as measured on the real 270M (README, the closing note of issue 13) ----
+
+SMOOTH_ALPHA = 0.5  # migration strength: s_j = max|x_j|^a / max|W_:j|^(1-a)
+
+
+def make_plan(cfg: GemmaConfig, calib: Calibration, read, alpha: float = SMOOTH_ALPHA) -> Plan:
+    """SmoothQuant-style migration of every linear input's per-channel range into the weights,
+    folded where the model computes the same function in float: q/k/v into the attention norm,
+    gate/up into the FFN norm, down into up's rows, o into v's rows (not for Gemma 4, whose V is
+    normalized; not for k_eq_v layers); then the importance (mean x^2 of the migrated inputs) of
+    every quantized weight for the scale search. The tied embedding / LM head is not migrated
+    (its rows are also the lookup table). ``read`` gives canonical weight rows (for max |W|)."""
+    plan = Plan()
+    shapes = C.weight_shapes(cfg)
+
+    def col_max(names) -> np.ndarray:
+        out = None
+        for n in names:
+            rows = shapes[n][0]
+            m = np.zeros(shapes[n][1], np.float32)
+            step = max(1, (64 << 20) // (4 * shapes[n][1]))
+            for r0 in range(0, rows, step):
+                np.maximum(m, np.abs(read(n, r0, min(rows, r0 + step))).max(axis=0), out=m)
+            out = m if out is None else np.maximum(out, m)
+        return out
+
+    def factor(consumers) -> np.ndarray:
+        x = calib.stats[consumers[0]].max_abs.astype(np.float64)
+        w = col_max(consumers).astype(np.float64)
+        s = np.maximum(x, 1e-5) ** alpha / np.maximum(w, 1e-5) ** (1 - alpha)
+        return (s / np.exp(np.mean(np.log(s)))).astype(np.float32)  # geometric mean 1: ranges stay put
+
+    for i in range(cfg.num_layers):
+        def n(kind):
+            return C.weight_name(i, kind)
+
+        own = cfg.kv_source(i) == i
+        qkv = [n("q")] + ([n("k")] + ([n("v")] if cfg.has_v_proj(i) else []) if own else [])
+        s = factor(qkv)
+        for c in qkv:
+            plan.col_scale[c] = s
+        plan.col_scale[n("attn_norm")] = 1 / s
+        s = factor([n("gate"), n("up")])
+        plan.col_scale[n("gate")] = plan.col_scale[n("up")] = s
+        plan.col_scale[n("ffn_norm")] = 1 / s
+        s = factor([n("down")])
+        plan.col_scale[n("down")] = s
+        plan.row_scale[n("up")] = 1 / s
+        if own and cfg.has_v_proj(i) and not cfg.v_norm and \
+                not any(cfg.kv_source(j) == i for j in range(i + 1, cfg.num_layers)):
+            # o's inputs are [heads x H]: one factor per head-dim channel of each KV head, shared by
+            # the query heads that read it (the V rows are per KV head)
+            N, K, H = cfg.num_heads, cfg.kv_heads_for(i), cfg.head_dim_for(i)
+            s = factor([n("o")]).reshape(K, N // K, H).max(axis=1)  # [K, H]
+            s = s / np.exp(np.mean(np.log(s)))
+            plan.col_scale[n("o")] = np.repeat(s, N // K, axis=0).reshape(-1).astype(np.float32)
+            plan.row_scale[n("v")] = (1 / s).reshape(-1).astype(np.float32)
+    for name, st in calib.stats.items():
+        s = plan.col_scale.get(name)
+        plan.importance[name] = (st.mean_sq / (s.astype(np.float64) ** 2 if s is not None else 1.0)).astype(np.float32)
+    plan.notes.append(f"calibrated on {calib.tokens} tokens: ranges migrated into weights (alpha {alpha}) at every "
+                      "linear input but the LM head, scales searched for the least importance-weighted error")
+    return plan
+
+
+def text_sequences(tokenizer, text: str, length: int = 128, count: int = 16) -> list[list[int]]:
+    """Calibration sequences of ``length`` tokens (<bos> first) cut from ``text``."""
+    ids = tokenizer.encode(text, add_bos=False)
+    seqs = [[tokenizer.bos_id] + ids[k:k + length - 1] for k in range(0, len(ids), length - 1)]
+    seqs = [s for s in seqs if len(s) > 16][:count]
+    if not seqs:
+        from ..runtime.errors import GemmaEdgeError
+
+        raise GemmaEdgeError(f"the calibration text has {len(ids)} tokens; give at least a few hundred")
+    return seqs
+
+
+def generated_sequences(model_path: str, length: int = 128, count: int = 16, seed: int = 0) -> list[list[int]]:
+    """Calibration sequences the model writes itself, unprompted (temperature 1, no top-k/p), from
+    a converted file of its weights: no data set needed, and no evaluation text leaks in."""
+    from ..runtime.engine import load
+
+    m = load(model_path)
+    bos = m.bos_id
+    return [[bos] + m.generate([bos], max_tokens=length - 1, temperature=1.0, top_k=0, top_p=1.0,
+                                seed=seed + k, stop_tokens=False).tokens for k in range(count)]

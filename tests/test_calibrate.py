@@ -39,3 +39,52 @@ def test_numpy_forward_matches_transformers_on_gemma4(tmp_path_factory, g4_token
         (got,) = forward(src.config, src.read_rows, [case.seq], cal, logits=True)
         assert np.max(np.abs(got - case.ref)) < 1e-4 * np.max(np.abs(case.ref)), variant
         assert "ple_proj" in cal.stats and "l5_ple_out" in cal.stats and "l5_k" not in cal.stats  # l5 shares a cache
+
+
+@pytest.mark.parametrize("family", [1, 3])
+def test_calibration_plan_keeps_the_function_in_float(family, tmp_path, sp_model_path):
+    """The migrations move ranges between norms and weights and between up/v rows and down/o
+    columns: an fp32 file written with the plan computes what transformers computes."""
+    from gemma_edge.convert.checkpoint import Source
+    from gemma_edge.convert.pipeline import convert
+    from gemma_edge.quantize.calibrate import Calibration, forward, make_plan, text_sequences
+    from test_oracle import PREFILL, _run_file
+
+    model = make_hf_checkpoint(family, tmp_path / "ckpt", sp_model_path, seed=family, std=0.1)
+    src = Source(str(tmp_path / "ckpt"))
+    calib = Calibration()
+    forward(src.config, src.read_rows, text_sequences(src.tokenizer, "the model and the cache " * 200), calib)
+    plan = make_plan(src.config, calib, src.read_rows)
+    assert plan.col_scale["l0_q"] is plan.col_scale["l0_k"] and np.allclose(plan.col_scale["l0_attn_norm"] * plan.col_scale["l0_q"], 1)
+    assert not np.allclose(plan.col_scale["l0_q"], 1) and "l0_o" in plan.col_scale and "l0_v" in plan.row_scale
+    out = tmp_path / "calibrated.tflite"
+    convert(str(tmp_path / "ckpt"), str(out), quant="fp32", max_context=64, prefill_lengths=PREFILL, progress=False,
+            calibration=plan)
+    seq = [2] + corpus_ids(sp_model_path, 55, seed=9)
+    got, want = _run_file(out, seq), hf_logits(model, seq)[39:55]
+    assert np.max(np.abs(got - want)) < 1e-4 * np.max(np.abs(want))
+
+
+def test_calibrate_option_from_a_file_and_from_the_model_itself(tmp_path, sp_model_path):
+    """gemma-convert --calibrate FILE / --calibrate: the int4 file keeps the layout of an
+    uncalibrated one (same tensors, types and sizes) and says what it did."""
+    import subprocess
+    import sys
+
+    from gemma_edge.runtime.modelfile import read_info
+
+    make_hf_checkpoint(3, tmp_path / "ckpt", sp_model_path, seed=3, std=0.1, train_steps=30)
+    text = tmp_path / "calib.txt"
+    text.write_text("the model token gemma edge phone laptop raspberry cache layer weight quantize " * 60)
+    outs = {}
+    for name, extra in (("plain", []), ("file", ["--calibrate", str(text)]), ("self", ["--calibrate"])):
+        outs[name] = tmp_path / f"{name}.tflite"
+        r = subprocess.run([sys.executable, "-m", "gemma_edge.convert.cli", str(tmp_path / "ckpt"), "-o",
+                            str(outs[name]), "--quant", "int4-b32", "--max-context", "64", "-q", *extra],
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr
+        assert ("calibrated on" in r.stderr) == bool(extra), r.stderr
+    sizes = {n: p.stat().st_size for n, p in outs.items()}
+    assert len(set(sizes.values())) == 1, sizes  # values change, not the layout
+    assert read_info(str(outs["self"])).quant == read_info(str(outs["plain"])).quant
+    assert outs["file"].read_bytes() != outs["plain"].read_bytes()
