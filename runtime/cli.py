@@ -118,6 +118,13 @@ def main():
     """
     native_log.silence_process()
     terminate_as_interrupt()
+    import warnings
+
+    def _note(message, category, filename, lineno, file=None, line=None):
+        # one line a user can read (e.g. a chat template refused), not Python's two-line warning
+        click.echo(f"gemma-edge: note: {message} ({category.__name__})", err=True)
+
+    warnings.showwarning = _note
 
 
 @main.command()

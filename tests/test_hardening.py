@@ -1476,6 +1476,7 @@ def test_template_bomb_falls_back_to_the_builtin_format(model_bytes, tmp_path, p
     assert proc.stdout == plain_chat[0]
     assert "Traceback" not in proc.stderr and proc.stderr.count("ChatTemplateWarning") == 1, proc.stderr
     assert "refused" in proc.stderr and "using the built-in Gemma chat format" in proc.stderr
+    assert proc.stderr.count("gemma-edge: note:") == 1 and "warnings.warn" not in proc.stderr, proc.stderr
     assert peak < plain_chat[1] + 100 * 1024, (peak, plain_chat[1])  # KB: a few MB of strings at most
 
 
