@@ -34,6 +34,12 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
     return out
 
 
+def _score_lengths(ctx, param, value: str) -> tuple[int, ...]:
+    if value.strip() == "0":
+        return ()
+    return _lengths(ctx, param, value)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", "-V", prog_name="gemma-convert", message="%(prog)s %(version)s")
 @click.argument("source", type=click.Path())
@@ -46,9 +52,11 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
               help="Context length S of the KV cache (default 2048, or the model's maximum if smaller).")
 @click.option("--prefill-lengths", default="8,32,128,512", show_default=True, callback=_lengths,
               help="Prefill chunk lengths, one prefill_<T> signature each; keep a small one.")
-@click.option("--score-length", type=click.IntRange(min=0), default=32, show_default=True,
-              help="Tokens per call of the score_<T> signature that `gemma-edge eval` uses "
-                   "(logits for every position); 0 leaves it out.")
+@click.option("--score-lengths", "--score-length", "score_length", default="8,32", show_default=True,
+              callback=_score_lengths,
+              help="Tokens per call of the score_<T> signatures (logits for every position): `gemma-edge eval` "
+                   "uses the longest, speculative decoding (--draft) the shortest that holds its drafted "
+                   "tokens; 0 leaves them out.")
 @click.option("--report", is_flag=True,
               help="After writing, print what quantization cost: the relative RMS error of the weights "
                    "per tensor role (and the worst tensor), and with --eval-text the perplexity of the "

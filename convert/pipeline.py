@@ -28,7 +28,19 @@ from .names import PLE_COLUMNS
 
 DEFAULT_CONTEXT = 2048
 DEFAULT_PREFILL = (8, 32, 128, 512)
-DEFAULT_SCORE = 32  # score_<T>: perplexity scores T tokens a call instead of one
+# score_<T> signatures (logits of every position of a chunk): perplexity scores 32 tokens a call
+# instead of one, and speculative decoding verifies k drafted tokens in one call of the smallest
+# T >= k + 1 (runtime/speculative.py; a short T costs little more than a decode step).
+DEFAULT_SCORE = (8, 32)
+
+
+def score_lengths(value, context: int) -> list[int]:
+    """``score_length`` as given (one T, several, or 0 / None for none) -> the sorted lengths,
+    each at most the context."""
+    if not value:
+        return []
+    values = [value] if isinstance(value, int) else list(value)
+    return sorted({min(int(t), context) for t in values if int(t) > 0})
 
 
 @dataclass(frozen=True)
@@ -41,10 +53,11 @@ class ConvertResult:
     quant: str
     context_length: int
     prefill_lengths: tuple[int, ...]
-    score_length: int | None
+    score_length: int | None  # the longest score_<T> (perplexity's chunk), None without one
     weight_errors: tuple | None = None  # RoleError rows, when convert(report=True)
     lora: str | None = None  # the LoRA adapter merged in, if any
     grid_blocks: dict | None = None  # tensor -> {blocks, imported, clipped}, when convert(report=True)
+    score_lengths: tuple[int, ...] = ()  # every score_<T>
 
 
 def special_tokens(tok: Tokenizer, cfg: GemmaConfig, declared_stop_ids=()) -> modelfile.TokenizerMeta:
@@ -112,13 +125,14 @@ def _non_finite_names(src: Source):
 
 def convert(source: str, output: str, quant: str = "int8", max_context: int | None = None,
             prefill_lengths=DEFAULT_PREFILL, force: bool = False, progress: bool = True,
-            score_length: int | None = DEFAULT_SCORE, report: bool = False,
+            score_length=DEFAULT_SCORE, report: bool = False,
             lora: str | None = None, on_stage=None, notes=None, calibration=None,
             calibrate: str | None = None) -> ConvertResult:
     """Convert ``source`` (HF checkpoint dir or .gguf) to ``output`` (.tflite).
 
-    ``score_length`` T adds a ``score_<T>`` signature (logits of every position of a chunk)
-    that ``gemma-edge eval`` uses; 0 or None leaves it out. ``report`` measures every
+    ``score_length`` (one T or several) adds ``score_<T>`` signatures (logits of every position
+    of a chunk) that ``gemma-edge eval`` (the longest) and speculative decoding (the shortest
+    that holds the drafted tokens) use; 0 or None leaves them out. ``report`` measures every
     tensor's quantization error as it is written (``ConvertResult.weight_errors``).
     ``lora`` is a peft LoRA adapter directory merged into the weights as they stream
     (``convert.lora``); the file's ``source.lora`` metadata records it.
@@ -152,7 +166,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         lengths = sorted({int(t) for t in prefill_lengths if 0 < int(t) <= context})
         if not lengths:
             raise GemmaEdgeError(f"no prefill length in {list(prefill_lengths)} fits the context {context}")
-        score = [min(int(score_length), context)] if score_length else []
+        score = score_lengths(score_length, context)
         shapes = contract.weight_shapes(cfg)
         src.check_shapes(shapes)
         if calibrate is not None and calibration is None:
@@ -221,9 +235,10 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     stage("done")
     peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     return ConvertResult(str(out), size, time.time() - t0, peak, cfg, quant, context, tuple(lengths),
-                         score[0] if score else None,
+                         score[-1] if score else None,
                          tuple(role_table(errors, meta.quantization.tensors)) if report else None,
-                         lora=lora, grid_blocks={s.name: dict(s.grid) for s in slots if s.grid} if report else None)
+                         lora=lora, grid_blocks={s.name: dict(s.grid) for s in slots if s.grid} if report else None,
+                         score_lengths=tuple(score))
 
 
 def perplexity_vs_fp32(source: str, result: ConvertResult, text: str, max_tokens: int | None = None,
@@ -253,7 +268,7 @@ def perplexity_vs_fp32(source: str, result: ConvertResult, text: str, max_tokens
             else:
                 ref_path = convert(source, os.path.join(d, "fp32.tflite"), quant="fp32",
                                    max_context=result.context_length, prefill_lengths=result.prefill_lengths,
-                                   progress=progress, score_length=result.score_length, lora=result.lora).path
+                                   progress=progress, score_length=result.score_lengths, lora=result.lora).path
             model, base = load(result.path), load(ref_path)  # two instances even of one file
             return {"comparison": model.compare(base, text, max_tokens=max_tokens, progress=tick if bar else None)}
     finally:

@@ -167,29 +167,10 @@ def make_sampler(
         return greedy
 
     rng = np.random.default_rng(seed)
-    # a tiny temperature is greedy, not inf * 0; capped so that (x - top) * inv_t stays finite in
-    # float32 for any logit gap under 1e8 (no overflow warning): exp of it is 0 either way
-    inv_t = np.float32(min(1.0 / temperature, 1e30))
+    inv_t = _inverse_temperature(temperature)
 
     def sample(logits) -> int:
-        x = _as_logits(logits)
-        vocab = x.size
-        ids = None  # None: candidates are the whole vocabulary, in order
-        if 0 < top_k < vocab:
-            ids = np.argpartition(x, vocab - top_k)[vocab - top_k :]  # [k], unordered
-            x = x[ids]
-        top = x[_argmax_checked(x)]
-        # w = p / p_max = exp((x - x_max) / T), in [0, 1]; x - top <= 0 so nothing overflows.
-        w = np.exp((x - top) * inv_t, dtype=np.float32)  # [n]
-        keep = None  # indices into w that survive top-p / min-p (None: all)
-        if top_p < 1.0:
-            keep = _nucleus(w, top_p)
-        if min_p > 0.0:
-            # min-p keeps a prefix of the sorted order, so after top-p it is an intersection.
-            if keep is None:
-                keep = np.flatnonzero(w >= min_p)
-            else:
-                keep = keep[w[keep] >= min_p]
+        ids, w, keep = _filter(_as_logits(logits), inv_t, top_k, top_p, min_p)
         u = rng.random()
         if keep is not None:
             j = int(keep[_draw(w[keep], u)])
@@ -198,6 +179,106 @@ def make_sampler(
         return int(ids[j]) if ids is not None else j
 
     return sample
+
+
+def _inverse_temperature(temperature: float) -> np.float32:
+    # a tiny temperature is greedy, not inf * 0; capped so that (x - top) * inv_t stays finite in
+    # float32 for any logit gap under 1e8 (no overflow warning): exp of it is 0 either way
+    return np.float32(min(1.0 / temperature, 1e30))
+
+
+def _filter(x: np.ndarray, inv_t: np.float32, top_k: int, top_p: float, min_p: float):
+    """Steps 2-5 of the module docstring: ``(ids, w, keep)``. The candidates are ``ids`` (None: the
+    whole vocabulary, in order), ``w`` their weights p / p_max, and ``keep`` the indices into ``w``
+    that survive top-p and min-p (None: all); the filtered distribution is ``w[keep]`` normalized."""
+    vocab = x.size
+    ids = None  # None: candidates are the whole vocabulary, in order
+    if 0 < top_k < vocab:
+        ids = np.argpartition(x, vocab - top_k)[vocab - top_k :]  # [k], unordered
+        x = x[ids]
+    top = x[_argmax_checked(x)]
+    # w = p / p_max = exp((x - x_max) / T), in [0, 1]; x - top <= 0 so nothing overflows.
+    w = np.exp((x - top) * inv_t, dtype=np.float32)  # [n]
+    keep = None  # indices into w that survive top-p / min-p (None: all)
+    if top_p < 1.0:
+        keep = _nucleus(w, top_p)
+    if min_p > 0.0:
+        # min-p keeps a prefix of the sorted order, so after top-p it is an intersection.
+        if keep is None:
+            keep = np.flatnonzero(w >= min_p)
+        else:
+            keep = keep[w[keep] >= min_p]
+    return ids, w, keep
+
+
+class Distribution:
+    """A filtered next-token distribution: ``probs[i]`` (float64, summing to 1) of token
+    ``tokens[i]`` (ascending), or with ``tokens`` None, of token ``i`` over the whole vocabulary.
+    What ``make_distribution`` returns; speculative decoding compares two of them."""
+
+    __slots__ = ("tokens", "probs")
+
+    def __init__(self, tokens: np.ndarray | None, probs: np.ndarray):
+        self.tokens, self.probs = tokens, probs
+
+    def prob(self, token: int) -> float:
+        if self.tokens is None:
+            return float(self.probs[token]) if 0 <= token < self.probs.size else 0.0
+        i = int(np.searchsorted(self.tokens, token))
+        return float(self.probs[i]) if i < self.tokens.size and self.tokens[i] == token else 0.0
+
+    def probs_of(self, tokens: np.ndarray | None, vocab: int) -> np.ndarray:
+        """Probabilities of ``tokens`` (None: of every token 0..vocab-1)."""
+        if tokens is None:
+            if self.tokens is None:
+                return self.probs
+            out = np.zeros(vocab, np.float64)
+            out[self.tokens] = self.probs
+            return out
+        if self.tokens is None:
+            return self.probs[tokens]
+        i = np.minimum(np.searchsorted(self.tokens, tokens), self.tokens.size - 1)
+        return np.where(self.tokens[i] == tokens, self.probs[i], 0.0)
+
+    def draw(self, u: float) -> int:
+        """The token at ``u`` in [0, 1) of the inverse CDF (a token of probability 0 never comes)."""
+        j = _draw(self.probs, u)
+        return j if self.tokens is None else int(self.tokens[j])
+
+    def __repr__(self) -> str:
+        n = self.probs.size if self.tokens is None else self.tokens.size
+        return f"Distribution({n} tokens, top {self.probs.max():.3g})"
+
+
+def make_distribution(
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+) -> Callable[[np.ndarray], Distribution]:
+    """Return ``dist(logits) -> Distribution``: exactly the distribution ``make_sampler`` with the
+    same values draws from (the same filter code), as an object. Temperature 0 is all the mass
+    on the argmax."""
+    validate_sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    temperature, top_k, top_p, min_p = float(temperature), int(top_k), float(top_p), float(min_p)
+    one = np.ones(1, np.float64)
+    if temperature == 0.0:
+        return lambda logits: Distribution(np.array([_argmax_checked(_as_logits(logits))]), one)
+    inv_t = _inverse_temperature(temperature)
+
+    def dist(logits) -> Distribution:
+        ids, w, keep = _filter(_as_logits(logits), inv_t, top_k, top_p, min_p)
+        if keep is not None:
+            w = w[keep]
+            ids = keep if ids is None else ids[keep]
+        p = w.astype(np.float64)
+        p /= p.sum()
+        if ids is None:
+            return Distribution(None, p)
+        order = np.argsort(ids)
+        return Distribution(ids[order].astype(np.int64), p[order])
+
+    return dist
 
 
 def _nucleus(w: np.ndarray, top_p: float) -> np.ndarray:
