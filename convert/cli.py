@@ -52,7 +52,7 @@ def _score_lengths(ctx, param, value: str) -> tuple[int, ...]:
               help="Context length S of the KV cache (default 2048, or the model's maximum if smaller).")
 @click.option("--prefill-lengths", default="8,32,128,512", show_default=True, callback=_lengths,
               help="Prefill chunk lengths, one prefill_<T> signature each; keep a small one.")
-@click.option("--score-lengths", "--score-length", "score_length", default="8,32", show_default=True,
+@click.option("--score-lengths", "--score-length", "score_length", default="4,8,32", show_default=True,
               callback=_score_lengths,
               help="Tokens per call of the score_<T> signatures (logits for every position): `gemma-edge eval` "
                    "uses the longest, speculative decoding (--draft) the shortest that holds its drafted "

@@ -49,6 +49,25 @@ def _sampling_options(fn):
     return fn
 
 
+_DRAFT_HELP = ("Speculative decoding: a smaller gemma-edge file with the same tokenizer (e.g. an int4-b32 "
+               "conversion of MODEL, or Gemma 3 270M for Gemma 3 1B) drafts tokens that MODEL checks "
+               "several at a time. Greedy output is unchanged; sampled output keeps its distribution. "
+               "Not used with --json-schema / --grammar.")
+
+
+def _draft_option(fn):
+    return click.option("--draft", type=click.Path(), default=None, metavar="DRAFT", help=_DRAFT_HELP)(fn)
+
+
+def _draft_line(m) -> str:
+    """What speculative decoding did in the last generation, for -v."""
+    s = m.speculator.stats
+    if not s.rounds:
+        return f"; draft {m.draft.info.path} not used (a constrained request, or drafting did not pay)"
+    return (f"; draft {m.draft.info.path} ({m.draft.info.quant}): {s.rounds} rounds, mean k {s.mean_k:.1f}, "
+            f"{s.accepted}/{s.drafted} drafted tokens accepted ({s.acceptance_rate:.0%})")
+
+
 def _constraint_options(fn):
     for opt in reversed([
         click.option("--json-schema", "json_schema_file", type=click.Path(), default=None,
@@ -136,10 +155,11 @@ def main():
 @click.option("--show-thinking", is_flag=True,
               help="Print the model's thoughts (Gemma 4's thought channel) to stderr; by default they are hidden.")
 @click.option("-v", "--verbose", is_flag=True, help="Statistics on stderr.")
+@_draft_option
 @_sampling_options
 @_constraint_options
 @_handle_errors
-def run(model, prompt, chat, system, think, show_thinking, verbose, **kw):
+def run(model, prompt, chat, system, think, show_thinking, verbose, draft, **kw):
     """Stream a continuation of PROMPT from MODEL; only generated text goes to stdout.
 
     With --chat, PROMPT is one user turn in the model's chat format; a model that thinks
@@ -158,7 +178,7 @@ def run(model, prompt, chat, system, think, show_thinking, verbose, **kw):
         raise GemmaEdgeError("the prompt is empty; pass some text with -p")
     from .engine import load
 
-    m = load(model, threads=kw["threads"])
+    m = load(model, threads=kw["threads"], draft=draft)
     chat = chat or system is not None or think
     if chat:
         stream = m.chat(system=system, thinking=think).send(prompt, **sampling)
@@ -181,7 +201,7 @@ def run(model, prompt, chat, system, think, show_thinking, verbose, **kw):
         click.echo(f"[{last.finish_reason}] prompt {last.prompt_tokens} tokens ({last.prompt_tps:.1f} tok/s, "
                    f"first token after {last.time_to_first_token * 1000:.0f} ms), generated "
                    f"{last.generation_tokens} tokens ({last.generation_tps:.1f} tok/s); load "
-                   f"{m.load_seconds:.2f} s; backend {m.backend.name}", err=True)
+                   f"{m.load_seconds:.2f} s; backend {m.backend.name}" + (_draft_line(m) if draft else ""), err=True)
     if interrupted:
         sys.stdout.flush()
         sys.exit(interrupted)
@@ -192,16 +212,17 @@ def run(model, prompt, chat, system, think, show_thinking, verbose, **kw):
 @click.option("--system", default=None, help="System prompt (Gemma 1-3 fold it into the first user turn).")
 @click.option("--think", is_flag=True, help="Ask a model that can think (Gemma 4) to think first.")
 @click.option("--show-thinking", is_flag=True, help="Print the model's thoughts to stderr; by default hidden.")
+@_draft_option
 @_sampling_options
 @_constraint_options
 @_handle_errors
-def chat_cmd(model, system, think, show_thinking, **kw):
+def chat_cmd(model, system, think, show_thinking, draft, **kw):
     """Interactive multi-turn chat. Ctrl-C stops an answer, Ctrl-D exits. With --json-schema or
     --grammar every answer follows the schema or grammar."""
     sampling = {**_sampling_kwargs(kw), **_constraint_kwargs(kw)}
     from .engine import load
 
-    m = load(model, threads=kw["threads"])
+    m = load(model, threads=kw["threads"], draft=draft)
     conv = m.chat(system=system, thinking=think)
     click.echo(f"gemma-edge chat: {model} (context {m.context_length} tokens). Ctrl-C stops an answer, "
                "Ctrl-D exits.", err=True)
@@ -247,12 +268,15 @@ def chat_cmd(model, system, think, show_thinking, **kw):
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_draft_option
 @_handle_errors
-def bench(model, prompt_tokens, gen_tokens, runs, threads, as_json):
-    """Load time, time to first token, prefill and decode tokens/s (median, min-max), peak RSS."""
+def bench(model, prompt_tokens, gen_tokens, runs, threads, as_json, draft):
+    """Load time, time to first token, prefill and decode tokens/s (median, min-max), peak RSS.
+    With --draft, decoding is speculative (greedy) and the draft's acceptance rate is reported;
+    benchmarks/speculative.py compares it with decoding alone in one run."""
     from .engine import load
 
-    m = load(model, threads=threads)
+    m = load(model, threads=threads, draft=draft)
     r = m.benchmark(prompt_tokens, gen_tokens, runs)
     if as_json:
         click.echo(json.dumps(r, indent=1))
@@ -267,6 +291,10 @@ def bench(model, prompt_tokens, gen_tokens, runs, threads, as_json):
                f"prefill    {f(r['prefill_tps'])} tok/s\n"
                f"decode     {f(r['decode_tps'])} tok/s over {r['gen_tokens']} tokens, {r['runs']} runs\n"
                f"peak RSS   {r['peak_rss_mb']:.0f} MB")
+    if draft:
+        d = r["draft"]
+        click.echo(f"draft      {d['model']} ({d['quant']}): mean k {d['mean_k']:.1f}, {d['accepted']}/{d['drafted']} "
+                   f"drafted tokens accepted ({d['acceptance_rate']:.0%}), {d['plain']} tokens decoded alone")
 
 
 @main.command("eval")
@@ -393,8 +421,9 @@ def info(model, verify, as_json):
 @click.option("--max-body", type=click.IntRange(min=1024), default=8 << 20, show_default=True,
               help="Largest request body in bytes; a larger one is answered 413 before it is read.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: cores, up to 4).")
+@_draft_option
 @click.option("-q", "--quiet", is_flag=True, help="No log line per request on stderr.")
-def serve(model, host, port, api_key, max_queue, model_name, strict_model, max_body, threads, quiet):
+def serve(model, host, port, api_key, max_queue, model_name, strict_model, max_body, threads, draft, quiet):
     """Serve MODEL over an OpenAI-compatible HTTP API on this machine.
 
     \b
@@ -424,7 +453,7 @@ def serve(model, host, port, api_key, max_queue, model_name, strict_model, max_b
         from .engine import load
         from .server import make_server
 
-        m = load(model, threads=threads)
+        m = load(model, threads=threads, draft=draft)
         server = make_server(m, host, port, api_key=api_key, max_queue=max_queue, model_name=model_name,
                              log=None if quiet else err, strict_model=strict_model, max_body=max_body)
     except GemmaEdgeError as e:
@@ -434,7 +463,8 @@ def serve(model, host, port, api_key, max_queue, model_name, strict_model, max_b
         err(f"gemma-edge serve: warning: listening on {host} without --api-key; anyone who can reach "
             "this machine can use the model")
     err(f"gemma-edge serve: model {server.model_name!r} ({m.info.quant}, context {m.context_length} tokens, "
-        f"backend {m.backend.name}), up to {max_queue} waiting requests; Ctrl-C stops")
+        f"backend {m.backend.name}{f'; draft {draft} ({m.draft.info.quant})' if draft else ''}), up to {max_queue} "
+        "waiting requests; Ctrl-C stops")
     click.echo(server.url)  # on stdout alone, for scripts (--port 0)
     sys.stdout.flush()
     try:

@@ -20,13 +20,11 @@ import numpy as np
 from . import chat as chat_format
 from .backend import make_backend, run_prefill
 from .detokenizer import StreamingDetokenizer
-from .errors import GenerationError, TokenizerError
+from .errors import DraftError, GenerationError, TokenizerError
 from .modelfile import read_info
-from .sampling import apply_repetition_penalty, make_sampler, validate_sampling
+from .sampling import REPETITION_WINDOW, apply_repetition_penalty, make_sampler, validate_sampling
 from .stopping import StopStringMatcher
 from .tokenizer import Tokenizer
-
-REPETITION_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,9 @@ class Model:
     (another thread, or a new stream before the last was finished or closed) gets a
     GenerationError instead of silently sharing the KV cache."""
 
-    def __init__(self, path: str, threads: int | None = None, backend: str = "auto"):
+    def __init__(self, path: str, threads: int | None = None, backend: str = "auto", draft=None):
+        """``draft``: a smaller file (path) or loaded Model with the same tokenizer, for speculative
+        decoding (``runtime/speculative.py``); None decodes one token per call."""
         t0 = time.perf_counter()
         self.info = read_info(str(path))
         self.config = self.info.config
@@ -83,7 +83,33 @@ class Model:
         self._channel = tuple(self.tokenizer.piece_to_id(p) if p else None for p in (fmt.channel_start, fmt.channel_end))
         self._cached: list[int] = []  # tokens whose K/V sit at positions 0..len-1 of the cache
         self._busy = threading.Lock()
+        self.speculator = None
+        if draft is not None:
+            self.set_draft(draft, threads=threads, backend=backend)
         self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def draft(self) -> "Model | None":
+        """The draft model of speculative decoding, if any."""
+        return self.speculator.draft if self.speculator else None
+
+    def set_draft(self, draft, threads: int | None = None, backend: str = "auto") -> None:
+        """Use ``draft`` (a path or a loaded Model sharing this model's tokenizer) to propose tokens
+        that this model checks several at a time; None goes back to one token per call. Greedy
+        output stays identical and sampled output keeps its distribution. Not used for requests
+        with ``json_schema`` or ``grammar`` (their token masks are computed one token at a time)."""
+        from .speculative import Speculator
+
+        with self._exclusive():
+            if draft is None:
+                self.speculator = None
+                return
+            if draft is self:
+                raise DraftError("a model cannot be its own draft; load the draft file as a second Model "
+                                 "(or pass its path)")
+            if not isinstance(draft, Model):
+                draft = Model(str(draft), threads=threads, backend=backend)
+            self.speculator = Speculator(self, draft)
 
     def reset(self) -> None:
         """Forget what the KV cache holds: the next prompt is prefilled from the start.
@@ -92,6 +118,8 @@ class Model:
         changes the cache behind the Model's back."""
         with self._exclusive():
             self._cached = []
+            if self.speculator is not None:
+                self.speculator.draft.reset()
 
     # ---- prompts ---------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -185,20 +213,23 @@ class Model:
         channel = _Channel(*self._channel)
         history = list(ids)
 
+        if matcher is None and self.speculator is not None:
+            source = self.speculator.tokens(ids, int(max_tokens), history, repetition_penalty, sample,
+                                            temperature, top_k, top_p, min_p, seed)
+        else:  # a constraint's masks are computed token by token: no draft for those
+            source = self._plain_tokens(ids[-1], repetition_penalty, sample, history, matcher)
+            if self.speculator is not None:
+                self.speculator.stats = type(self.speculator.stats)()  # this generation used no draft
         try:
-            yield from self._loop(ids, max_tokens, repetition_penalty, sample, detok, stops, channel, history,
-                                  stop_tokens, matcher)
+            yield from self._loop(ids, max_tokens, source, detok, stops, channel, stop_tokens)
         finally:
+            source.close()
             if matcher is not None:
                 matcher.close()
 
-    def _loop(self, ids, max_tokens, repetition_penalty, sample, detok, stops, channel, history, stop_tokens,
-              matcher) -> Iterator[GenerationResponse]:
-        t0 = time.perf_counter()
-        prefilled = self._prefill(ids)
-        token = ids[-1]
-        generated = 0
-        t_first = t_gen = None
+    def _plain_tokens(self, token, repetition_penalty, sample, history, matcher) -> Iterator[tuple[int, bool]]:
+        """(token, the constraint is complete) per generated token, one decode call each; the
+        cache holds all but ``token``, the last token so far."""
         while True:
             if matcher is not None:
                 matcher.start()  # the next token's mask, computed while the model decodes
@@ -207,11 +238,21 @@ class Model:
                 logits = apply_repetition_penalty(logits, history[-REPETITION_WINDOW:], repetition_penalty)
             token = sample(logits) if matcher is None else matcher.sample(sample, logits)
             complete = matcher is not None and matcher.consume(token)
+            history.append(token)
+            yield token, complete
+
+    def _loop(self, ids, max_tokens, source, detok, stops, channel, stop_tokens) -> Iterator[GenerationResponse]:
+        """One response per token of ``source`` (``_plain_tokens`` or a ``Speculator``'s), which
+        has brought the cache to hold every token before it when it yields one."""
+        t0 = time.perf_counter()
+        prefilled = self._prefill(ids)
+        generated = 0
+        t_first = t_gen = None
+        for token, complete in source:
             now = time.perf_counter()
             if t_first is None:
                 t_first = t_gen = now
             generated += 1
-            history.append(token)
             finish, reasoning = None, ""
             if stop_tokens and token in self.stop_token_ids:
                 finish = "stop"
@@ -415,7 +456,7 @@ class Model:
         lo, hi = min(1000, self.tokenizer.vocab_size // 2), min(self.tokenizer.vocab_size, 30000)
         pool = [t for t in range(lo, hi) if t not in special and not self.tokenizer.is_special(t)]
         ids = [self.bos_id] + [int(t) for t in rng.choice(pool, prompt_tokens - 1)]
-        rows = []
+        rows, spec = [], []
         for _ in range(runs):
             self._cached = []
             ttft = prefill_tps = None
@@ -426,6 +467,8 @@ class Model:
                     ttft, prefill_tps, t1 = r.time_to_first_token, r.prompt_tps, time.perf_counter()
                 n += 1
             decode_time = time.perf_counter() - t1
+            if self.speculator is not None:
+                spec.append(self.speculator.stats)
             rows.append({"ttft_s": ttft, "prefill_tps": prefill_tps,
                          "decode_tps": (n - 1) / decode_time if decode_time > 0 else 0.0,
                          "total_s": time.perf_counter() - t0})
@@ -441,7 +484,18 @@ class Model:
             "runs": runs, "load_s": self.load_seconds,
             "ttft_s": stat("ttft_s"), "prefill_tps": stat("prefill_tps"), "decode_tps": stat("decode_tps"),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            **({"draft": self._draft_summary(spec)} if spec else {}),
         }
+
+    def _draft_summary(self, stats) -> dict:
+        """Speculative decoding over some generations: the draft, its acceptance rate, mean k."""
+        from .speculative import SpeculationStats
+
+        total = SpeculationStats()
+        for s in stats:
+            for f in ("rounds", "drafted", "accepted", "tokens", "plain", "k_total"):
+                setattr(total, f, getattr(total, f) + getattr(s, f))
+        return {"model": self.draft.info.path, "quant": self.draft.info.quant, **total.to_dict()}
 
 
 @dataclass
@@ -599,6 +653,7 @@ class _Channel:
         return answer, reasoning
 
 
-def load(path, threads: int | None = None, backend: str = "auto") -> Model:
-    """Load a gemma-edge .tflite (memory-mapped; weights are not copied)."""
-    return Model(str(path), threads=threads, backend=backend)
+def load(path, threads: int | None = None, backend: str = "auto", draft=None) -> Model:
+    """Load a gemma-edge .tflite (memory-mapped; weights are not copied). ``draft``: a smaller
+    file with the same tokenizer (a path, or a loaded Model) for speculative decoding."""
+    return Model(str(path), threads=threads, backend=backend, draft=draft)

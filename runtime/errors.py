@@ -38,3 +38,7 @@ class OutputExistsError(GemmaEdgeError):
 
 class GenerationError(GemmaEdgeError):
     """Bad generation request: empty prompt, prompt over the context, bad sampling values."""
+
+
+class DraftError(GemmaEdgeError):
+    """A draft model cannot draft for this model (another tokenizer, no score_<T> signature)."""

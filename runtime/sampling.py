@@ -37,6 +37,7 @@ import numpy as np
 from .errors import GenerationError
 
 Sampler = Callable[[np.ndarray], int]
+REPETITION_WINDOW = 64  # the repetition penalty applies to the last this many tokens
 
 # Top-p fast path: thresholds relative to the largest probability. Each step costs
 # one cheap pass; the first whose (few) survivors hold `top_p` of the mass is sorted.

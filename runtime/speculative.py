@@ -1,0 +1,312 @@
+"""Speculative decoding: a smaller draft model proposes k tokens, the model checks them in one call.
+
+A round, with the model's KV cache holding the context but its last token (as in plain decoding):
+
+1. the draft catches up with the context, then decodes k tokens ``d_1 .. d_k``, one call each,
+   drawing ``d_i`` from its filtered distribution ``q_i``;
+2. the model runs ``[last, d_1 .. d_k]`` through one ``score_<T>`` call (the smallest T >= k + 1,
+   padded): its filtered distributions ``p_1 .. p_{k+1}``, in the time of a few decode steps;
+3. each position is decided by the same rule (Leviathan et al. 2023, Chen et al. 2023): the
+   draft's token ``d_i`` is kept with probability ``min(1, p_i(d_i) / q_i(d_i))``; else a token is
+   drawn from ``norm(max(0, p_i - q_i))`` and the round ends there. When all k are kept, the
+   draft decodes ``d_k`` too and the rule decides position k + 1 against ``p_{k+1}`` (the draft
+   must read ``d_k`` before the next round anyway, so this costs nothing extra).
+
+Every emitted token is then distributed exactly as ``p``, the distribution ``make_sampler`` draws
+from with the same temperature, top-k, top-p, min-p and repetition penalty (``p`` and ``q`` are
+both filtered by ``sampling.make_distribution``, the sampler's own filter). At temperature 0,
+``p`` and ``q`` are their argmax: the output is the model's greedy output (``score_<T>`` returns
+the logits ``decode`` does, bit for bit, on the files tested).
+
+The random numbers of a position come from ``(seed, position)``, and every position after the
+first is decided by that same rule, so a seeded output does not depend on k or on the timings
+that choose it; it differs from the output of the same seed without a draft (same distribution,
+other draws).
+
+Rollback: the model's cache was written up to ``d_k``; the context after a rejection at
+``i`` ends with the replacement token, so its cache continues from ``d_{i-1}`` and the later
+slots are overwritten before anything attends to them (the attention mask is by position).
+Nothing relies on slots past the current position, and no call writes more than
+``max(score lengths)`` (at most 32 in default files) slots past it.
+
+k: before each round, the k in 1 .. ``MAX_DRAFT`` that maximizes the expected tokens per
+second, from the measured acceptance rate and the measured time of a draft step and of each
+``score_<T>`` (an unmeasured T is assumed as fast as the next shorter one measured, so each is
+tried once). When even the best k is expected to be slower than decoding alone (a draft too
+close in cost to the model, or one that is rarely right), tokens are decoded without the draft,
+with one round every ``PROBE_EVERY`` tokens to measure again; greedy output is the same either
+way, and a sampled output with a seed never pauses (pausing follows timings, so the seed would
+no longer fix the output). The first generated token is decoded plainly (the time to first
+token stays that of the model alone), and so are positions where no round fits (the last slots
+of either model's context, the last token of max_tokens).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from .errors import DraftError
+from .sampling import REPETITION_WINDOW, Distribution, apply_repetition_penalty, make_distribution
+
+MAX_DRAFT = 15  # most tokens drafted in a round; k + 1 <= 16 tokens go through one score_16 call
+_EMA = 0.2  # weight of a new timing in the running means
+_DECAY = 0.95  # per round, of the acceptance counts (recent rounds matter more)
+_PRIOR = (4.0, 1.0)  # pseudo-counts (accepted, rejected) before any round: acceptance 0.8
+PROBE_EVERY = 16  # while drafting does not pay, one round after this many tokens decoded alone
+
+
+def check_pair(model, draft) -> None:
+    """The draft must read and write the same tokens: same tokenizer pieces and special ids. The
+    model needs a ``score_<T>`` signature to check drafted tokens in one call."""
+    if not model.info.score_lengths:
+        raise DraftError(
+            f"{model.info.path} has no score_<T> signature, which speculative decoding needs to check "
+            "drafted tokens in one call; convert it again with gemma-convert (default --score-lengths 4,8,32)")
+    a, b = model.tokenizer, draft.tokenizer
+    if a.vocab_size != b.vocab_size:
+        raise DraftError(f"the draft {draft.info.path} has a tokenizer of {b.vocab_size} pieces but the model "
+                         f"{model.info.path} has {a.vocab_size}; a draft must share the model's tokenizer "
+                         "(e.g. Gemma 3 270M drafting for Gemma 3 1B)")
+    ta, tb = model.info.meta.tokenizer, draft.info.meta.tokenizer
+    for what in ("bos_id", "eos_id", "pad_id", "start_of_turn_id", "end_of_turn_id", "stop_token_ids"):
+        if getattr(ta, what) != getattr(tb, what):
+            raise DraftError(f"the draft {draft.info.path} has {what} {getattr(tb, what)} but the model "
+                             f"{model.info.path} has {getattr(ta, what)}; a draft must share the model's "
+                             "tokenizer and special tokens")
+    if a.model_proto != b.model_proto:
+        ids = list(range(a.vocab_size))
+        pa, pb = a._sp.IdToPiece(ids), b._sp.IdToPiece(ids)
+        bad = next((i for i in ids if pa[i] != pb[i]), None)
+        if bad is not None:
+            raise DraftError(f"token {bad} is {pb[bad]!r} in the draft {draft.info.path} but {pa[bad]!r} in the "
+                             f"model {model.info.path}; a draft must share the model's tokenizer")
+
+
+@dataclass
+class SpeculationStats:
+    """What speculative decoding did in one generation."""
+
+    rounds: int = 0
+    drafted: int = 0  # tokens the draft proposed and the model checked (k per round, + 1 when all kept)
+    accepted: int = 0  # of those, kept
+    tokens: int = 0  # tokens the rounds emitted (accepted + one per round)
+    plain: int = 0  # tokens decoded without the draft (the first, and where no round fits)
+    k_total: int = 0  # sum of k over the rounds
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_k(self) -> float:
+        return self.k_total / self.rounds if self.rounds else 0.0
+
+    def to_dict(self) -> dict:
+        return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted, "tokens": self.tokens,
+                "plain": self.plain, "acceptance_rate": self.acceptance_rate, "mean_k": self.mean_k}
+
+
+class _Schedule:
+    """Chooses k from the acceptance rate and the measured costs (see the module docstring)."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths = sorted(lengths)
+        self.kept, self.rejected = _PRIOR
+        self.t_draft: float | None = None  # seconds per draft decode
+        self.t_decode: float | None = None  # seconds per model decode
+        self.t_score: dict[int, float] = {}  # T -> seconds per score_<T> call
+        self.paused = 0  # tokens decoded without the draft since the last round
+
+    @staticmethod
+    def _mean(old: float | None, new: float) -> float:
+        return new if old is None else (1 - _EMA) * old + _EMA * new
+
+    def draft_time(self, seconds: float) -> None:
+        self.t_draft = self._mean(self.t_draft, seconds)
+
+    def decode_time(self, seconds: float) -> None:
+        self.t_decode = self._mean(self.t_decode, seconds)
+
+    def score_time(self, T: int, seconds: float) -> None:
+        self.t_score[T] = self._mean(self.t_score.get(T), seconds)
+
+    def outcome(self, kept: int, rejected: bool) -> None:
+        self.kept = self.kept * _DECAY + kept
+        self.rejected = self.rejected * _DECAY + rejected
+
+    @property
+    def alpha(self) -> float:
+        return self.kept / (self.kept + self.rejected)
+
+    def score_length(self, k: int) -> int | None:
+        return next((T for T in self.lengths if T >= k + 1), None)
+
+    def _score_cost(self, T: int) -> float:
+        if T in self.t_score:
+            return self.t_score[T]
+        shorter = [self.t_score[t] for t in self.lengths if t < T and t in self.t_score]
+        return max(shorter) if shorter else (self.t_decode or 1.0)  # optimistic: tried once, then known
+
+    def choose(self, k_max: int, may_pause: bool = True) -> int:
+        """The k in 1..k_max with the most expected tokens per second; 0 (decode one token without
+        the draft) when even that k is expected to be slower than decoding alone, except every
+        ``PROBE_EVERY`` tokens, when a round measures the draft again."""
+        a = min(self.alpha, 0.999)
+        t_d = self.t_draft or 0.0
+        best, best_rate = 1, -1.0
+        for k in range(1, k_max + 1):
+            T = self.score_length(k)
+            if T is None:
+                break
+            tokens = (1 - a ** (k + 1)) / (1 - a)  # expected tokens of a round: 1 + a + ... + a^k
+            seconds = (k + a ** k) * t_d + self._score_cost(T)
+            if tokens / seconds > best_rate * (1 + 1e-9):
+                best, best_rate = k, tokens / seconds
+        if may_pause and self.t_decode and best_rate * self.t_decode < 1.0 and self.paused < PROBE_EVERY:
+            self.paused += 1
+            return 0
+        self.paused = 0
+        return best
+
+
+def accept(p: Distribution, q: Distribution, token: int, u_accept: float, u_resample: float,
+           vocab: int) -> tuple[int, bool]:
+    """The rule for one position: the draft drew ``token`` from ``q``; keep it with probability
+    ``min(1, p(token) / q(token))`` (``u_accept`` uniform in [0, 1)), else draw from
+    ``norm(max(0, p - q))`` with ``u_resample``. Returns (token, kept). The result is distributed
+    as ``p`` whatever ``q`` is."""
+    pt, qt = p.prob(token), q.prob(token)
+    if qt > 0 and u_accept * qt < pt:
+        return token, True
+    r = np.maximum(p.probs - q.probs_of(p.tokens, vocab), 0.0)  # over p's support: p - q > 0 only there
+    total = r.sum()
+    if not total > 0:  # p == q up to rounding (a rejection then has probability ~0): draw from p
+        return p.draw(u_resample), False
+    return Distribution(p.tokens, r / total).draw(u_resample), False
+
+
+class Speculator:
+    """Speculative decoding for ``model`` with ``draft`` (both ``engine.Model``)."""
+
+    def __init__(self, model, draft):
+        check_pair(model, draft)
+        self.model, self.draft = model, draft
+        self.stats = SpeculationStats()  # of the last generation
+        self._schedule = _Schedule([T for T in model.info.score_lengths])
+
+    def tokens(self, ids: list[int], max_tokens: int, history: list[int], repetition_penalty: float,
+               sample, temperature: float, top_k: int, top_p: float, min_p: float,
+               seed: int | None) -> Iterator[tuple[int, bool]]:
+        """Yield (token, False) per generated token, as ``Model._plain_tokens`` does; the model's
+        cache holds ``ids[:-1]``. Before each yield, ``model._cached`` is the context but its last
+        token, so a stream closed after any token leaves both caches consistent."""
+        m, d = self.model, self.draft
+        dist = make_distribution(temperature, top_k, top_p, min_p)
+        greedy = temperature == 0.0
+        may_pause = greedy or seed is None  # pausing follows timings: a seeded sampled output must not
+        base = seed if seed is not None else secrets.randbits(63)
+        vocab = m.tokenizer.vocab_size
+        sched, stats = self._schedule, SpeculationStats()
+        self.stats = stats
+        ctx = list(ids)  # everything so far; the model's cache holds ctx[:-1]
+
+        def penalized(logits, hist):
+            if repetition_penalty != 1.0:
+                return apply_repetition_penalty(logits, hist[-REPETITION_WINDOW:], repetition_penalty)
+            return logits
+
+        def emit(token):
+            ctx.append(token)
+            history.append(token)
+            m._cached = ctx[:-1]
+            return token, False
+
+        produced = 0
+        with d._exclusive():
+            while produced < max_tokens:
+                pos = len(ctx) - 1  # where the last token goes
+                k = self._room(pos, max_tokens - produced) if produced else 0
+                if k >= 1:
+                    k = sched.choose(k, may_pause)
+                if k < 1:  # plain decoding: the first token, no room for a round, or drafting does not pay
+                    t0 = time.perf_counter()
+                    logits = m._decode(ctx[-1])
+                    sched.decode_time(time.perf_counter() - t0)
+                    token = sample(penalized(logits, history))
+                    stats.plain += 1
+                    produced += 1
+                    yield emit(token)
+                    continue
+                T = sched.score_length(k)
+                rng = [np.random.default_rng([base, pos + i]).random(3) for i in range(1, k + 2)]  # u_q, u_a, u_r
+
+                # 1. the draft: catch up, then k tokens
+                d._prefill(ctx)
+                drafts, qs, hist = [], [], list(history)
+                prev = ctx[-1]
+                t0 = time.perf_counter()
+                for i in range(k):
+                    q = dist(penalized(d._decode(prev), hist))
+                    prev = int(q.tokens[0] if greedy else q.draw(rng[i][0]))
+                    drafts.append(prev)
+                    qs.append(q)
+                    hist.append(prev)
+                sched.draft_time((time.perf_counter() - t0) / k)
+
+                # 2. the model: [last, d_1 .. d_k] in one call
+                tokens = np.zeros((1, T), np.int32)
+                positions = np.zeros((T,), np.int32)
+                tokens[0, :k + 1] = [ctx[-1], *drafts]
+                positions[:k + 1] = np.arange(pos, pos + k + 1, dtype=np.int32)
+                t0 = time.perf_counter()
+                z = m.backend.score(tokens, positions)  # [T, V]
+                sched.score_time(T, time.perf_counter() - t0)
+                m._cached = ctx + drafts  # written up to d_k; cut back below as tokens are decided
+
+                # 3. the rule at each position
+                hist = list(history)
+                out, kept_all = [], True
+                for i in range(k + 1):
+                    if i == k:  # every draft token kept: the draft reads d_k and proposes one more
+                        t0 = time.perf_counter()
+                        q = dist(penalized(d._decode(drafts[-1]), hist))
+                        sched.draft_time(time.perf_counter() - t0)
+                        proposal = int(q.tokens[0] if greedy else q.draw(rng[i][0]))
+                    else:
+                        q, proposal = qs[i], drafts[i]
+                    logits = penalized(z[i, :vocab], hist)
+                    if greedy:
+                        token = int(dist(logits).tokens[0])  # the argmax, NaN-checked as the sampler does
+                        kept = token == proposal
+                    else:
+                        token, kept = accept(dist(logits), q, proposal, rng[i][1], rng[i][2], vocab)
+                    stats.drafted += 1
+                    stats.accepted += kept
+                    out.append(token)
+                    hist.append(token)
+                    if not kept:
+                        kept_all = False
+                        break
+                sched.outcome(len(out) - (not kept_all), not kept_all)
+                stats.rounds += 1
+                stats.k_total += k
+                stats.tokens += len(out)
+                for token in out:
+                    produced += 1
+                    yield emit(token)
+                    if produced >= max_tokens:
+                        break
+
+    def _room(self, pos: int, left: int) -> int:
+        """The largest k a round at ``pos`` may draft: tokens left to generate, a score_<T> that
+        fits the model's cache, and the draft's cache (it decodes up to position pos + k)."""
+        m, d = self.model, self.draft
+        fits = [T for T in m.info.score_lengths if pos + T <= m.context_length]
+        if not fits:
+            return 0
+        return max(0, min(MAX_DRAFT, left - 1, max(fits) - 1, d.context_length - 1 - pos))

@@ -1,0 +1,422 @@
+"""Speculative decoding (``runtime/speculative.py``) on tiny real files run by LiteRT.
+
+The model is the session's tiny Gemma 3 (fp32, context 64; ``test_runtime.tiny_gemma3``). Two
+drafts share its tokenizer: its own int8 conversion (a draft of itself: mostly right), and a
+smaller Gemma 3 of another shape, trained briefly on the same text, at a shorter context (the
+"270M drafting for 1B" pairing: often wrong, so rounds are rejected and the caches roll back).
+Greedy output must equal decoding without a draft, token for token; sampled output must have
+the same distribution (chi-square against the plain sampler, with a control that must fail).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import _train, corpus_ids
+from test_runtime import CONTEXT, PREFILL, tiny_gemma3
+
+DRAFT_CONTEXT = 48  # shorter than the model's: the last positions decode without the draft
+
+
+@pytest.fixture(autouse=True)
+def never_pause(monkeypatch):
+    """Tiny drafts cost as much as the tiny model (call overhead), so the schedule would pause
+    them; these tests are about rounds. ``test_a_draft_that_does_not_pay_pauses`` is about pausing."""
+    from gemma_edge.runtime import speculative
+
+    monkeypatch.setattr(speculative, "PROBE_EVERY", 0)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, sp_model_path):
+    return tiny_gemma3(tmp_path_factory, sp_model_path)
+
+
+@pytest.fixture(scope="module")
+def path(tiny) -> str:
+    return str(tiny.model_file)
+
+
+@pytest.fixture(scope="module")
+def self_draft(tiny, tmp_path_factory) -> str:
+    """The same checkpoint at int8."""
+    from gemma_edge.convert.pipeline import convert
+
+    out = tmp_path_factory.mktemp("draft") / "self_int8.tflite"
+    convert(str(tiny.checkpoint), str(out), quant="int8", max_context=CONTEXT, prefill_lengths=PREFILL,
+            progress=False, score_length=0)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def small_draft(tmp_path_factory, sp_model_path) -> str:
+    """Another Gemma 3 shape (2 layers, d_model 32, 2 heads), same tokenizer, context 48."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_hf_config
+    from gemma_edge.convert.pipeline import convert
+
+    d = tmp_path_factory.mktemp("small_draft")
+    cfg = tiny_hf_config(3)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 32, 64, 2
+    cfg.num_attention_heads, cfg.num_key_value_heads = 2, 1
+    cfg.layer_types = ["sliding_attention", "full_attention"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(5)
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+        _train(model, sp_model_path, steps=60)
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(d / "ckpt", safe_serialization=True)
+    shutil.copy(sp_model_path, d / "ckpt" / "tokenizer.model")
+    out = d / "small.tflite"
+    convert(str(d / "ckpt"), str(out), quant="fp32", max_context=DRAFT_CONTEXT, prefill_lengths=(8,),
+            progress=False, score_length=0)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def plain(path):
+    import gemma_edge
+
+    return gemma_edge.load(path)
+
+
+@pytest.fixture(scope="module", params=["self_int8", "small"])
+def spec(request, path, self_draft, small_draft):
+    import gemma_edge
+
+    return gemma_edge.load(path, draft=self_draft if request.param == "self_int8" else small_draft)
+
+
+@pytest.fixture(scope="module")
+def spec_small(path, small_draft):
+    import gemma_edge
+
+    return gemma_edge.load(path, draft=small_draft)
+
+
+def prompts(sp_model_path) -> list[list[int]]:
+    ids = corpus_ids(sp_model_path, 200, seed=11)
+    return [[2] + ids[:3], [2] + ids[20:32], [2] + ids[60:90], [2]]
+
+
+# ---- greedy: identical to decoding alone --------------------------------------------------------
+
+def test_greedy_output_is_identical(spec, plain, sp_model_path):
+    """To the end of the context (finish "length" at the same token), for every prompt; the stats
+    show rounds that kept tokens and rounds that were rejected (so the caches rolled back)."""
+    kept = rejected = 0
+    for ids in prompts(sp_model_path):
+        for max_tokens in (1, 2, 3, 7, 200):
+            want = plain.generate(ids, max_tokens=max_tokens, temperature=0.0)
+            got = spec.generate(ids, max_tokens=max_tokens, temperature=0.0)
+            assert (got.tokens, got.text, got.finish_reason) == (want.tokens, want.text, want.finish_reason), \
+                (ids, max_tokens)
+            s = spec.speculator.stats
+            kept += s.accepted
+            rejected += s.drafted - s.accepted
+    assert kept > 20 and rejected > 3, (kept, rejected)
+
+
+def test_any_schedule_of_k_gives_the_same_tokens(spec_small, plain, sp_model_path, monkeypatch):
+    """k from 1 to MAX_DRAFT in a fixed pseudo-random order instead of the cost model: greedy and
+    seeded sampled output do not change (each position is decided by the same rule)."""
+    from gemma_edge.runtime import speculative
+
+    ids = prompts(sp_model_path)[1]
+    kw = dict(max_tokens=40, temperature=0.9, top_k=20, seed=7)
+    want_greedy = plain.generate(ids, max_tokens=40, temperature=0.0).tokens
+    want_sampled = spec_small.generate(ids, **kw).tokens
+    rng = np.random.default_rng(0)
+    chosen = []
+
+    def choose(self, k_max, may_pause=True):
+        chosen.append(int(rng.integers(1, speculative.MAX_DRAFT + 1)))
+        return min(chosen[-1], k_max)
+
+    monkeypatch.setattr(speculative._Schedule, "choose", choose)
+    assert spec_small.generate(ids, max_tokens=40, temperature=0.0).tokens == want_greedy
+    assert spec_small.generate(ids, **kw).tokens == want_sampled
+    assert max(chosen) > 8 and min(chosen) == 1
+
+
+def test_chat_turns_are_identical(spec, plain):
+    """A Conversation with a draft: each turn prefills only its new tokens in both models, and
+    after the context fills, old turns are dropped; the replies are the model's own."""
+    a, b = plain.chat(), spec.chat()
+    for msg in ("the model", "cache layer weight", "gemma edge phone", "數學 x = [1, 22]", "the of and"):
+        ra = a.ask(msg, max_tokens=12, temperature=0.0)
+        rb = b.ask(msg, max_tokens=12, temperature=0.0)
+        assert rb == ra, msg
+        assert b.tokens == a.tokens
+    assert a.dropped_turns > 0  # the context policy was exercised too
+
+
+def test_a_draft_that_does_not_pay_pauses(spec_small, plain, sp_model_path, monkeypatch):
+    """A draft step measured as slow as the model's decode: after a probing round, tokens are
+    decoded without the draft, one round every PROBE_EVERY tokens; the output is the same."""
+    from gemma_edge.runtime import speculative
+
+    monkeypatch.setattr(speculative, "PROBE_EVERY", 8)
+    sched = spec_small.speculator._schedule
+    real = sched.draft_time
+    monkeypatch.setattr(sched, "draft_time", lambda seconds: real(max(seconds, 2 * (sched.t_decode or 0))))
+    ids = prompts(sp_model_path)[1]
+    want = plain.generate(ids, max_tokens=40, temperature=0.0).tokens
+    assert spec_small.generate(ids, max_tokens=40, temperature=0.0).tokens == want
+    s = spec_small.speculator.stats
+    assert s.plain > 25 and 1 <= s.rounds <= 6, s
+    kw = dict(max_tokens=20, seed=3, **SAMPLING)  # with a seed, sampling never pauses
+    spec_small.generate(ids, **kw)
+    assert spec_small.speculator.stats.plain == 1
+
+
+def test_stream_yields_one_response_per_token(spec_small, plain, sp_model_path):
+    ids = prompts(sp_model_path)[2]
+    want = plain.generate(ids, max_tokens=20, temperature=0.0)
+    rs = list(spec_small.stream_generate(ids, max_tokens=20, temperature=0.0))
+    assert [r.token for r in rs] == want.tokens
+    assert [r.generation_tokens for r in rs] == list(range(1, len(rs) + 1))
+    assert [r.finish_reason for r in rs[:-1]] == [None] * (len(rs) - 1) and rs[-1].finish_reason == "length"
+    assert "".join(r.text for r in rs) == want.text
+    assert spec_small.speculator.stats.rounds > 0
+
+
+def test_stop_strings_and_a_closed_stream(spec_small, plain, sp_model_path):
+    """A stop string ends generation inside a round: the same text as without the draft, and the
+    next generation (which reuses the cached prefix) is still right."""
+    ids = prompts(sp_model_path)[1]
+    full = plain.generate(ids, max_tokens=30, temperature=0.0).text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    want = plain.generate(ids, max_tokens=30, temperature=0.0, stop=[stop])
+    got = spec_small.generate(ids, max_tokens=30, temperature=0.0, stop=[stop])
+    assert (got.text, got.finish_reason) == (want.text, "stop")
+    stream = spec_small.stream_generate(ids, max_tokens=30, temperature=0.0)
+    for _ in range(5):
+        next(stream)
+    stream.close()  # mid-round
+    longer = ids + want.tokens[:3]
+    assert spec_small.generate(longer, max_tokens=15, temperature=0.0).tokens == \
+        plain.generate(longer, max_tokens=15, temperature=0.0).tokens
+
+
+def test_eos_ends_generation(spec_small, plain, monkeypatch, sp_model_path):
+    """A stop token inside a round ends it there: make a frequent token a stop token."""
+    ids = prompts(sp_model_path)[1]
+    tokens = plain.generate(ids, max_tokens=30, temperature=0.0).tokens
+    stop = tokens[len(tokens) // 2]
+    for m in (plain, spec_small):
+        monkeypatch.setattr(m, "stop_token_ids", frozenset({stop}))
+    want = plain.generate(ids, max_tokens=30, temperature=0.0)
+    got = spec_small.generate(ids, max_tokens=30, temperature=0.0)
+    assert got.tokens == want.tokens and got.tokens[-1] == stop and got.finish_reason == "stop"
+
+
+def test_repetition_penalty_greedy(spec_small, plain, sp_model_path):
+    ids = prompts(sp_model_path)[2]
+    kw = dict(max_tokens=30, temperature=0.0, repetition_penalty=1.5)
+    assert spec_small.generate(ids, **kw).tokens == plain.generate(ids, **kw).tokens
+
+
+def test_constrained_requests_decode_without_the_draft(spec_small, plain, monkeypatch):
+    pytest.importorskip("llguidance")
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    want = plain.generate("the model", max_tokens=20, temperature=0.0, json_schema=schema)
+
+    def refuse(*a, **k):
+        raise AssertionError("the draft was used for a constrained request")
+
+    monkeypatch.setattr(spec_small.speculator, "tokens", refuse)
+    got = spec_small.generate("the model", max_tokens=20, temperature=0.0, json_schema=schema)
+    assert got.text == want.text
+
+
+# ---- sampling: the distribution is unchanged ----------------------------------------------------
+
+SAMPLING = dict(temperature=1.0, top_k=6, top_p=0.9, min_p=0.05, repetition_penalty=1.3)
+DRAWS = 1500
+
+
+def _outcomes(model, ids, draws: int) -> list[tuple[int, ...]]:
+    """Tokens 2..4 of `draws` generations (the first is decoded plainly in both runs)."""
+    return [tuple(model.generate(ids, max_tokens=4, seed=s, **SAMPLING).tokens[1:]) for s in range(draws)]
+
+
+def _homogeneity_p(a: list, b: list) -> float:
+    """Chi-square test that two samples come from one distribution (outcomes seen fewer than 10
+    times in both together are pooled)."""
+    from collections import Counter
+
+    from scipy.stats import chi2_contingency
+
+    ca, cb = Counter(a), Counter(b)
+    keys = sorted(set(ca) | set(cb), key=lambda k: -(ca[k] + cb[k]))
+    big = [k for k in keys if ca[k] + cb[k] >= 10]
+    rest = [k for k in keys if ca[k] + cb[k] < 10]
+    table = [[ca[k] for k in big] + [sum(ca[k] for k in rest)], [cb[k] for k in big] + [sum(cb[k] for k in rest)]]
+    table = [row[:-1] for row in table] if not rest else table
+    return float(chi2_contingency(np.array(table)).pvalue)
+
+
+@pytest.fixture(scope="module")
+def plain_draws(plain, sp_model_path):
+    return _outcomes(plain, prompts(sp_model_path)[1], DRAWS)
+
+
+def test_sampled_distribution_is_unchanged(spec_small, plain_draws, sp_model_path):
+    got = _outcomes(spec_small, prompts(sp_model_path)[1], DRAWS)
+    stats = spec_small.speculator.stats
+    assert stats.rounds > 0
+    p = _homogeneity_p(plain_draws, got)
+    assert p > 1e-3, f"speculative sampling changed the distribution (chi-square p = {p:.2g})"
+
+
+def test_the_distribution_test_can_fail(spec_small, plain_draws, sp_model_path, monkeypatch):
+    """Control: keep every drafted token (the draft's distribution instead of the model's)."""
+    from gemma_edge.runtime import speculative
+
+    monkeypatch.setattr(speculative, "accept", lambda p, q, token, *a, **k: (token, True))
+    got = _outcomes(spec_small, prompts(sp_model_path)[1], DRAWS)
+    assert _homogeneity_p(plain_draws, got) < 1e-6
+
+
+def _distributions(rng, vocab: int):
+    from gemma_edge.runtime.sampling import make_distribution
+
+    x, y = rng.normal(0, 1.5, vocab), rng.normal(0, 1.5, vocab)
+    dense = make_distribution(temperature=1.0)
+    sparse = make_distribution(temperature=1.5, top_k=7, top_p=0.9)
+    return [(dense(x), dense(y)), (sparse(x), sparse(y)), (dense(x), sparse(y)), (sparse(x), dense(y))]
+
+
+@pytest.mark.parametrize("case", range(4), ids=["dense", "sparse", "dense-p", "sparse-p"])
+def test_acceptance_rule_gives_p(case):
+    """The rule alone, with the exact p as reference: 200000 positions, chi-square goodness of fit;
+    the control (every drafted token kept) fails the same test."""
+    from scipy.stats import chisquare
+
+    from gemma_edge.runtime.speculative import accept
+
+    vocab = 12
+    rng = np.random.default_rng(case)
+    p, q = _distributions(rng, vocab)[case]
+    P, Q = p.probs_of(None, vocab), q.probs_of(None, vocab)
+    n = 200_000
+    u = rng.random((n, 3))
+    qc = np.cumsum(Q)
+    drafts = np.minimum(np.searchsorted(qc, u[:, 0] * qc[-1], side="right"), vocab - 1)
+    out = np.array([accept(p, q, int(d), a, r, vocab)[0] for d, a, r in zip(drafts, u[:, 1], u[:, 2])])
+    def fits_p(tokens) -> bool:
+        counts = np.bincount(tokens, minlength=vocab)
+        if counts[P == 0].sum():
+            return False
+        assert (P > 0).sum() >= 3  # a test with some power
+        return chisquare(counts[P > 0], n * P[P > 0]).pvalue > 1e-3
+
+    assert fits_p(out)
+    assert not fits_p(drafts)  # control: the draft's own tokens, all kept
+
+
+def test_seeded_sampling_repeats_with_a_draft(spec_small, sp_model_path):
+    ids = prompts(sp_model_path)[0]
+    kw = dict(max_tokens=25, seed=99, **SAMPLING)
+    assert spec_small.generate(ids, **kw).tokens == spec_small.generate(ids, **kw).tokens
+
+
+# ---- the pairing, errors, CLI ------------------------------------------------------------------
+
+def test_draft_must_share_the_tokenizer(path, tmp_path, tiny):
+    """Another tokenizer (a SentencePiece model trained on other text) -> DraftError naming both."""
+    import shutil
+
+    import sentencepiece as spm
+
+    import gemma_edge
+    from conftest import _corpus
+    from gemma_edge.convert.pipeline import convert
+    from gemma_edge.runtime.errors import DraftError
+
+    (tmp_path / "c.txt").write_text("\n".join(reversed(_corpus(seed=3))), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "c.txt"), model_prefix=str(tmp_path / "tok"), vocab_size=400, model_type="bpe",
+        byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, minloglevel=2,
+        control_symbols=["<start_of_turn>", "<end_of_turn>"], split_digits=True, add_dummy_prefix=False)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny.checkpoint, ckpt)
+    shutil.copy(tmp_path / "tok.model", ckpt / "tokenizer.model")
+    other = tmp_path / "other.tflite"
+    convert(str(ckpt), str(other), quant="int8", max_context=32, prefill_lengths=(8,), progress=False,
+            score_length=0)
+    with pytest.raises(DraftError, match="share the model's tokenizer") as e:
+        gemma_edge.load(path, draft=str(other))
+    assert str(other) in str(e.value) and path in str(e.value)
+    m = gemma_edge.load(path)
+    with pytest.raises(DraftError, match="its own draft"):
+        m.set_draft(m)
+
+
+def test_a_model_without_score_signature_says_to_reconvert(self_draft, path):
+    import gemma_edge
+    from gemma_edge.runtime.errors import DraftError
+
+    with pytest.raises(DraftError, match="score_<T>.*convert it again") as e:
+        gemma_edge.load(self_draft, draft=path)  # the int8 file was converted with score_length=0
+    assert self_draft in str(e.value)
+
+
+def test_set_draft_switches_it_on_and_off(path, small_draft, plain, sp_model_path):
+    import gemma_edge
+
+    m = gemma_edge.load(path)
+    ids = prompts(sp_model_path)[1]
+    want = plain.generate(ids, max_tokens=12, temperature=0.0).tokens
+    d = gemma_edge.load(small_draft)
+    m.set_draft(d)
+    assert m.draft is d and m.generate(ids, max_tokens=12, temperature=0.0).tokens == want
+    assert m.speculator.stats.rounds > 0
+    m.set_draft(None)
+    assert m.draft is None and m.generate(ids, max_tokens=12, temperature=0.0).tokens == want
+
+
+def _cli(*args):
+    exe = Path(sys.executable).with_name("gemma-edge")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ})
+
+
+def test_cli_run_with_a_draft(path, small_draft, plain):
+    want = plain.generate("the model", max_tokens=10, temperature=0.0).text
+    proc = _cli("run", path, "--draft", small_draft, "-p", "the model", "-t", "0", "-n", "10", "-v")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == want + "\n"
+    assert "draft" in proc.stderr and "accepted" in proc.stderr
+
+
+def test_cli_draft_errors_exit_2(path, self_draft, tmp_path):
+    proc = _cli("run", self_draft, "--draft", path, "-p", "hi", "-n", "2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "convert it again" in proc.stderr
+    proc = _cli("run", path, "--draft", tmp_path / "missing.tflite", "-p", "hi", "-n", "2")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "missing.tflite" in proc.stderr
+
+
+def test_bench_reports_the_draft(path, small_draft):
+    import gemma_edge
+
+    m = gemma_edge.load(path, draft=small_draft)
+    r = m.benchmark(prompt_tokens=8, gen_tokens=16, runs=1)
+    assert r["draft"]["model"] == small_draft
+    assert 0.0 <= r["draft"]["acceptance_rate"] <= 1.0 and r["draft"]["mean_k"] >= 1.0
