@@ -389,7 +389,8 @@ def info(model, verify, as_json):
             + ("; K = V on global layers" if c.k_eq_v else ""))
     lines += [
         f"quantization  {m.quantization.name} ({m.quantization.description})",
-        f"context       {i.context_length} tokens; prefill chunks {', '.join(map(str, i.prefill_lengths))}",
+        f"context       {i.context_length} tokens; prefill chunks {', '.join(map(str, i.prefill_lengths))}; "
+        f"score chunks {', '.join(map(str, i.score_lengths)) or 'none (no eval in chunks, no --draft)'}",
         f"tokenizer     SentencePiece, {len(i.tokenizer_model) / 1e6:.1f} MB; bos {t.bos_id}, eos "
         f"{t.eos_id}, stop {list(t.stop_token_ids)}",
         f"chat template {m.chat_template.kind}{' (+ checkpoint jinja template)' if m.chat_template.jinja else ''}",

@@ -109,7 +109,7 @@ def test_info(path):
     proc = cli(GEMMA_EDGE, "info", path)
     assert proc.returncode == 0, proc.stderr
     for fact in ("Gemma 3: 4 layers, d_model 64", "vocab 512", "fp32", f"context       {CONTEXT} tokens",
-                 "prefill chunks 8, 32", "3 sliding (window 8) / 1 global"):
+                 "prefill chunks 8, 32", "score chunks 4, 8, 32", "3 sliding (window 8) / 1 global"):
         assert fact in proc.stdout, proc.stdout
     as_json = cli(GEMMA_EDGE, "info", path, "--json")
     assert as_json.returncode == 0, as_json.stderr
