@@ -296,14 +296,15 @@ def test_convert_write_failure_keeps_old_file_and_leaves_no_temp(tiny, tmp_path)
     out = tmp_path / "m.tflite"
     out.write_bytes(b"precious")
     # Below the output's size (its fp32 weights are the same as the fixture's file), above
-    # what TensorFlow writes while converting the graph (~0.3 MB; the weights are not in it).
+    # what TensorFlow writes while converting the graph (~0.3 MB; the weights are not in it; no
+    # score_<T> signatures, each of which adds to the graph).
     limit = int(0.7 * tiny.model_file.stat().st_size)
     # A shell-free wrapper: ignore SIGXFSZ (so writes fail with EFBIG) and cap file sizes, then exec.
     wrapper = ("import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
                f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
                "os.execv(sys.argv[1], sys.argv[1:])")
     proc = cli(sys.executable, "-c", wrapper, GEMMA_CONVERT, tiny.checkpoint, "-o", out, "--quant", "fp32",
-               "--max-context", "16", "--prefill-lengths", "8", "-q", "--force")
+               "--max-context", "16", "--prefill-lengths", "8", "--score-lengths", "0", "-q", "--force")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith(f"gemma-convert: error: could not write {out}")
     assert out.read_bytes() == b"precious"
