@@ -73,7 +73,7 @@ def check_pair(model, draft) -> None:
                          f"{model.info.path} has {a.vocab_size}; a draft must share the model's tokenizer "
                          "(e.g. Gemma 3 270M drafting for Gemma 3 1B)")
     ta, tb = model.info.meta.tokenizer, draft.info.meta.tokenizer
-    for what in ("bos_id", "eos_id", "pad_id", "start_of_turn_id", "end_of_turn_id", "stop_token_ids"):
+    for what in ("bos_id", "eos_id", "pad_id", "start_of_turn_id", "end_of_turn_id"):
         if getattr(ta, what) != getattr(tb, what):
             raise DraftError(f"the draft {draft.info.path} has {what} {getattr(tb, what)} but the model "
                              f"{model.info.path} has {getattr(ta, what)}; a draft must share the model's "
