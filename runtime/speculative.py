@@ -57,6 +57,7 @@ MAX_DRAFT = 15  # most tokens drafted in a round; k + 1 <= 16 tokens go through 
 _EMA = 0.2  # weight of a new timing in the running means
 _DECAY = 0.95  # per round, of the acceptance counts (recent rounds matter more)
 _PRIOR = (4.0, 1.0)  # pseudo-counts (accepted, rejected) before any round: acceptance 0.8
+_DRAFT_PRIOR = 0.25  # a draft step's time relative to the model's decode, until measured
 PROBE_EVERY = 16  # while drafting does not pay, one round after this many tokens decoded alone
 
 
@@ -157,7 +158,7 @@ class _Schedule:
         the draft) when even that k is expected to be slower than decoding alone, except every
         ``PROBE_EVERY`` tokens, when a round measures the draft again."""
         a = min(self.alpha, 0.999)
-        t_d = self.t_draft or 0.0
+        t_d = self.t_draft or (self.t_decode or 1.0) * _DRAFT_PRIOR
         best, best_rate = 1, -1.0
         for k in range(1, k_max + 1):
             T = self.score_length(k)
