@@ -244,10 +244,12 @@ class Speculator:
                     yield emit(token)
                     continue
                 T = sched.score_length(k)
-                rng = [np.random.default_rng([base, pos + i]).random(3) for i in range(1, k + 2)]  # u_q, u_a, u_r
+                # the uniforms (u_q, u_a, u_r) of positions pos + 1 .. pos + k + 1
+                rng = None if greedy else [np.random.default_rng([base, pos + i]).random(3) for i in range(1, k + 2)]
 
                 # 1. the draft: catch up, then k tokens
-                d._prefill(ctx)
+                if d._cached != ctx[:-1]:
+                    d._prefill(ctx)
                 drafts, qs, hist = [], [], list(history)
                 prev = ctx[-1]
                 t0 = time.perf_counter()
