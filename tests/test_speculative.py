@@ -420,3 +420,31 @@ def test_bench_reports_the_draft(path, small_draft):
     r = m.benchmark(prompt_tokens=8, gen_tokens=16, runs=1)
     assert r["draft"]["model"] == small_draft
     assert 0.0 <= r["draft"]["acceptance_rate"] <= 1.0 and r["draft"]["mean_k"] >= 1.0
+
+
+def test_serve_with_a_draft(path, small_draft, plain):
+    """`serve MODEL --draft DRAFT`: the OpenAI API answers with the model's own greedy text."""
+    import openai
+
+    want = plain.generate("the model", max_tokens=12, temperature=0.0, stop_tokens=False).text
+    proc = subprocess.Popen([sys.executable, "-m", "gemma_edge.runtime.cli", "serve", path, "--draft", small_draft,
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), proc.stderr.read()
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=300)
+        got = client.completions.create(model="m", prompt="the model", max_tokens=12, temperature=0)
+        assert got.choices[0].text == want
+    finally:
+        proc.send_signal(2)  # Ctrl-C
+        _, err = proc.communicate(timeout=300)
+    assert f"draft {small_draft}" in err and "Traceback" not in err, err
+
+
+def test_serve_refuses_a_bad_draft(path, self_draft):
+    from click.testing import CliRunner
+
+    from gemma_edge.runtime.cli import serve
+
+    out = CliRunner().invoke(serve, [self_draft, "--draft", path])
+    assert out.exit_code == 2 and "gemma-edge: error:" in out.output and "convert it again" in out.output
