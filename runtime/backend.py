@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from . import contract, cpu_features, native_log
+from . import contract, cpu_features, host_memory, native_log
 from . import weight_cache as weight_cache_mod
 from .errors import GemmaEdgeError, ModelFileError
 from .modelfile import ModelInfo
@@ -82,8 +82,8 @@ class CompiledBackend:
                     self.model.get_output_tensor_details(decode))
         shapes = contract.kv_shapes(cfg, info.context_length)
         self.kv = {n: self.model.create_input_buffer_by_name(decode, n) for n in shapes}
-        for n, buf in self.kv.items():  # fresh buffers hold garbage; 0 * NaN in masked slots is NaN
-            buf.write(np.zeros(shapes[n], np.float32))
+        self._kv_shapes = shapes
+        self.clear_cache()
         self.logits = self.model.create_output_buffer_by_name(decode, contract.LOGITS)
         self.vocab = cfg.vocab_size
         # per signature, built once: (tokens buffer, input_pos buffer, input map, output map)
@@ -94,6 +94,14 @@ class CompiledBackend:
             self.io[sig] = self._bind(sig, outputs)
         self._token = np.zeros((1, 1), np.int32)
         self._pos = np.zeros((1,), np.int32)
+
+    def clear_cache(self) -> None:
+        """Zero every KV cache and give its memory back (0 * NaN in a masked slot is NaN, so a
+        cache starts as zeros). Unwritten pages cost nothing: the graph's reads of empty slots
+        map the kernel's zero page, so a cache's resident memory follows the tokens it holds,
+        not its length."""
+        for n, buf in self.kv.items():
+            host_memory.zero(buf, self._kv_shapes[n])
 
     def _bind(self, sig: str, outputs: dict):
         tok = self.model.create_input_buffer_by_name(sig, contract.TOKENS)

@@ -89,9 +89,12 @@ class Model:
         """Forget what the KV cache holds: the next prompt is prefilled from the start.
 
         Call it after driving ``backend`` by hand (``run_prefill`` / ``decode``), which
-        changes the cache behind the Model's back."""
+        changes the cache behind the Model's back. The cache's memory goes back to the OS
+        (where the backend can: ``CompiledBackend.clear_cache``)."""
         with self._exclusive():
             self._cached = []
+            if hasattr(self.backend, "clear_cache"):
+                self.backend.clear_cache()
 
     # ---- prompts ---------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
