@@ -23,7 +23,7 @@ def check_graph(info: ModelInfo, signatures, decode_inputs: dict, decode_outputs
     """The metadata must describe the graph the file holds: the signatures it names, the KV
     caches of the contract (``contract.kv_shapes``), and logits over vocab_size."""
     cfg = info.config
-    want = contract.signature_names(info.prefill_lengths, info.score_lengths)
+    want = contract.signature_names(info.prefill_lengths, info.score_lengths, info.decode_spans)
     missing = [s for s in want if s not in signatures]
     if missing:
         raise ModelFileError(f"{info.path}: the metadata names signatures {missing} that the graph does not have "
@@ -41,6 +41,18 @@ def check_graph(info: ModelInfo, signatures, decode_inputs: dict, decode_outputs
     if not logits or logits[-1] != cfg.vocab_size:
         raise ModelFileError(f"{info.path}: the metadata gives vocab_size {cfg.vocab_size} but the graph's logits "
                              f"are {logits}; the file is corrupt: convert the checkpoint again")
+
+
+def decode_signatures(info: ModelInfo) -> list[str]:
+    return [contract.DECODE] + [contract.decode_span_name(s) for s in info.decode_spans]
+
+
+def decode_signature(info: ModelInfo, pos: int) -> str:
+    """The decode signature for a token at ``pos``: the shortest span that holds it."""
+    for span in info.decode_spans:
+        if pos < span:
+            return contract.decode_span_name(span)
+    return contract.DECODE
 
 
 def _threads(threads: int | None) -> int:
@@ -88,10 +100,10 @@ class CompiledBackend:
         self.vocab = cfg.vocab_size
         # per signature, built once: (tokens buffer, input_pos buffer, input map, output map)
         self.io = {}
-        for T in [*info.prefill_lengths, None]:
-            sig = decode if T is None else contract.prefill_name(T)
-            outputs = {**self.kv, contract.LOGITS: self.logits} if T is None else dict(self.kv)
-            self.io[sig] = self._bind(sig, outputs)
+        for T in info.prefill_lengths:
+            self.io[contract.prefill_name(T)] = self._bind(contract.prefill_name(T), dict(self.kv))
+        for sig in decode_signatures(info):
+            self.io[sig] = self._bind(sig, {**self.kv, contract.LOGITS: self.logits})
         self._token = np.zeros((1, 1), np.int32)
         self._pos = np.zeros((1,), np.int32)
 
@@ -100,8 +112,31 @@ class CompiledBackend:
         cache starts as zeros). Unwritten pages cost nothing: the graph's reads of empty slots
         map the kernel's zero page, so a cache's resident memory follows the tokens it holds,
         not its length."""
-        for n, buf in self.kv.items():
-            host_memory.zero(buf, self._kv_shapes[n])
+        self._kv_address = {n: host_memory.zero(buf, self._kv_shapes[n]) for n, buf in self.kv.items()}
+        self.released = 0
+
+    def release_window(self, upto: int) -> None:
+        """Give back the memory of slots ``released`` .. upto-1 of every sliding layer's cache:
+        keys that have left the window (the caller keeps ``upto`` at least a window behind the
+        position). Those slots read as zeros afterwards, so the cache must not be rewound to
+        before ``released + sliding_window`` (``Model._prefill`` starts over instead). Memory
+        of sliding layers then stays about a window however long the context."""
+        cfg = self.info.config
+        if upto <= self.released:
+            return
+        for i in contract.kv_layers(cfg):
+            if not cfg.is_sliding(i):
+                continue
+            for kind in "kv":
+                n = contract.kv_name(kind, i)
+                addr = self._kv_address.get(n)
+                if addr is None:
+                    continue
+                _, K, S, H = self._kv_shapes[n]
+                for k in range(K):  # [1, K, S, H]: each head's slots are contiguous
+                    base = addr + k * S * H * 4
+                    host_memory.release(base + self.released * H * 4, base + upto * H * 4)
+        self.released = upto
 
     def _bind(self, sig: str, outputs: dict):
         tok = self.model.create_input_buffer_by_name(sig, contract.TOKENS)
@@ -109,6 +144,7 @@ class CompiledBackend:
         return tok, pos, {contract.TOKENS: tok, contract.INPUT_POS: pos, **self.kv}, outputs
 
     def _run(self, sig: str, tokens: np.ndarray, pos: np.ndarray):
+        self.released = min(self.released, int(pos[0]))  # slots written again are live again
         tok_buf, pos_buf, inputs, outputs = self.io[sig]
         tok_buf.write(tokens)
         pos_buf.write(pos)
@@ -119,7 +155,7 @@ class CompiledBackend:
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         self._token[0, 0], self._pos[0] = token, pos
-        self._run(contract.DECODE, self._token, self._pos)
+        self._run(decode_signature(self.info, pos), self._token, self._pos)
         return self.logits.read(self.vocab, np.float32)
 
     def score(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -174,7 +210,7 @@ class InterpreterBackend:
         self._run(contract.prefill_name(T), tokens, pos)
 
     def decode(self, token, pos):
-        out = self._run(contract.DECODE, np.array([[token]], np.int32), np.array([pos], np.int32))
+        out = self._run(decode_signature(self.info, pos), np.array([[token]], np.int32), np.array([pos], np.int32))
         return out[contract.LOGITS].reshape(-1)
 
     def score(self, tokens, pos):

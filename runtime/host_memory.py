@@ -70,19 +70,36 @@ def address(buf, nbytes: int) -> int | None:
     return addr.value if ok else None
 
 
-def zero(buf, shape) -> None:
-    """Fill float32 TensorBuffer ``buf`` of ``shape`` with zeros, releasing its whole pages."""
+def zero(buf, shape) -> int | None:
+    """Fill float32 TensorBuffer ``buf`` of ``shape`` with zeros, releasing its whole pages.
+    Returns the buffer's address for ``release``, or None (it was written with zeros)."""
     nbytes = int(np.prod(shape)) * 4
     addr = address(buf, nbytes)
     if addr is None:
         buf.write(np.zeros(shape, np.float32))
-        return
-    page = mmap.PAGESIZE
-    lo, hi = -(-addr // page) * page, (addr + nbytes) // page * page
+        return None
+    lo, hi = _pages(addr, addr + nbytes)
     if hi <= lo:
         ctypes.memset(addr, 0, nbytes)
-        return
+        return addr
     ctypes.memset(addr, 0, lo - addr)
     ctypes.memset(hi, 0, addr + nbytes - hi)
     if _api()[1](lo, hi - lo, MADV_DONTNEED) != 0:  # e.g. locked memory: clear it by hand
         ctypes.memset(lo, 0, hi - lo)
+    return addr
+
+
+def _pages(start: int, end: int) -> tuple[int, int]:
+    """The whole pages inside [start, end)."""
+    page = mmap.PAGESIZE
+    return -(-start // page) * page, end // page * page
+
+
+def release(start: int, end: int) -> int:
+    """Give back the whole pages inside [start, end) of a buffer ``zero`` found the address of:
+    they read as zeros from now on (the partial pages at either end keep their bytes). For data
+    that is dead, such as keys that left a sliding window. Returns the bytes released."""
+    lo, hi = _pages(start, end)
+    if hi <= lo or _api()[1](lo, hi - lo, MADV_DONTNEED) != 0:
+        return 0
+    return hi - lo
