@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from . import contract, cpu_features, host_memory, native_log
+from . import contract, cpu_features, host_memory, litert, native_log
 from . import weight_cache as weight_cache_mod
 from .errors import GemmaEdgeError, ModelFileError
 from .modelfile import ModelInfo
@@ -73,19 +73,12 @@ class CompiledBackend:
     name = "ai_edge_litert.CompiledModel (in-place KV cache)"
 
     def __init__(self, info: ModelInfo, threads: int | None = None, weight_cache: bool = True):
-        from ai_edge_litert.compiled_model import CompiledModel
-        from ai_edge_litert.cpu_options import CpuOptions
-        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
-        from ai_edge_litert.options import Options
-
         self.info = info
         self.threads = _threads(threads)
         self.weight_cache = weight_cache_mod.prepare(info, self.threads) if weight_cache else None
-        opts = Options(HardwareAccelerator.CPU, cpu_options=CpuOptions(
-            num_threads=self.threads, xnnpack_weight_cache_path=self.weight_cache or ""))
         try:
             with native_log.silenced():
-                self.model = CompiledModel.from_file(info.path, options=opts)
+                self.model = litert.compile_file(info.path, self.threads, self.weight_cache or "")
         except Exception as e:  # the native loader reports with RuntimeError/ValueError
             raise ModelFileError(f"{info.path}: LiteRT could not load the model ({e})") from None
         cfg = info.config
@@ -236,14 +229,11 @@ def _cpu_kind(kind: str) -> str:
 def make_backend(info: ModelInfo, threads: int | None = None, kind: str = "auto", weight_cache: bool = True):
     kind = _cpu_kind(kind)
     if kind in ("auto", "compiled"):
-        try:
-            import ai_edge_litert.compiled_model  # noqa: F401  (is CompiledModel available?)
-        except ImportError:
-            if kind == "compiled":
-                raise GemmaEdgeError("the in-place KV cache needs ai-edge-litert's CompiledModel: "
-                                     "pip install ai-edge-litert") from None
-        else:
+        if litert.available():
             return CompiledBackend(info, threads, weight_cache)
+        if kind == "compiled":
+            raise GemmaEdgeError("the in-place KV cache needs ai-edge-litert's CompiledModel: "
+                                 "pip install ai-edge-litert")
     return InterpreterBackend(info, threads)
 
 

@@ -218,16 +218,11 @@ def _build(model_path: str, cache_path: str, threads: int) -> int:
     except ModelFileError as e:
         print(e)
         return EXIT_DAMAGED
-    from ai_edge_litert.compiled_model import CompiledModel
-    from ai_edge_litert.cpu_options import CpuOptions
-    from ai_edge_litert.hardware_accelerator import HardwareAccelerator
-    from ai_edge_litert.options import Options
+    from .litert import compile_file
 
-    opts = Options(HardwareAccelerator.CPU, cpu_options=CpuOptions(num_threads=threads,
-                                                                 xnnpack_weight_cache_path=cache_path))
     try:
         with native_log.silenced():
-            CompiledModel.from_file(model_path, options=opts)
+            compile_file(model_path, threads, cache_path)
     except Exception as e:  # the native loader reports with RuntimeError/ValueError
         print(f"LiteRT could not load the model ({e})")
         return 1

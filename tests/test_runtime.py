@@ -342,19 +342,39 @@ def test_generation_stops_at_context_end(model, hf_model, sp_model_path, n_promp
 # ---- imports ---------------------------------------------------------------------------------
 
 def test_runtime_never_imports_tensorflow(path):
-    """In a fresh interpreter: load and generate without TensorFlow (nor torch/transformers)."""
+    """In a fresh interpreter: load and generate without TensorFlow (nor torch/transformers, nor
+    ml_dtypes, whose import alone took longer than loading the 270M)."""
     code = (
         "import json, sys\n"
         "import gemma_edge\n"
         f"m = gemma_edge.load({path!r})\n"
         "r = m.generate('the model', max_tokens=4, temperature=0)\n"
         "print(json.dumps({'tokens': r.tokens, 'heavy': sorted(k for k in sys.modules if k.split('.')[0] in "
-        "('tensorflow', 'tf_keras', 'keras', 'torch', 'transformers'))}))\n")
+        "('tensorflow', 'tf_keras', 'keras', 'torch', 'transformers', 'ml_dtypes'))}))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out["tokens"]) >= 1
     assert out["heavy"] == []
+
+
+def test_public_compiled_model_api_is_the_fallback(path, hf_model, sp_model_path, monkeypatch):
+    """Without the native wrappers gemma-edge drives directly, the public CompiledModel runs the
+    same file: the cache bound in place, transformers' greedy tokens."""
+    from gemma_edge.runtime import litert
+
+    def missing():
+        raise ImportError("no native wrapper")
+
+    monkeypatch.setattr(litert, "_native", missing)
+    import gemma_edge
+    from ai_edge_litert.compiled_model import CompiledModel
+
+    m = gemma_edge.load(path)
+    assert isinstance(m.backend.model, CompiledModel)
+    ids = prompt_ids(sp_model_path, 20, seed=5)
+    r = m.generate(ids, max_tokens=12, temperature=0.0)
+    assert_hf_greedy(hf_model, ids, r.tokens, 12)
 
 
 @pytest.fixture(scope="module", params=[32, 24, 0], ids=["score32", "score24-then-decode", "decode-only"])
