@@ -10,6 +10,7 @@ from .. import __version__
 from ..quantize.schemes import KINDS, PRESETS, ROLES, SCHEMES
 from ..runtime.errors import GemmaEdgeError
 from ..runtime.process import exit_code, terminate_as_interrupt
+from .pipeline import DEFAULT_PREFILL, DEFAULT_SCORE
 
 _QUANT_HELP = "; ".join(f"{s.name}: {s.description}" for s in SCHEMES.values())
 
@@ -50,10 +51,12 @@ def _score_lengths(ctx, param, value: str) -> tuple[int, ...]:
                    f"or single kinds ({', '.join(k for k in KINDS if k not in ROLES)}). Schemes: {_QUANT_HELP}.")
 @click.option("--max-context", type=click.IntRange(min=2), default=None,
               help="Context length S of the KV cache (default 2048, or the model's maximum if smaller).")
-@click.option("--prefill-lengths", default="8,32,128,512", show_default=True, callback=_lengths,
-              help="Prefill chunk lengths, one prefill_<T> signature each; keep a small one.")
-@click.option("--score-lengths", "--score-length", "score_length", default="4,8,32", show_default=True,
-              callback=_score_lengths,
+@click.option("--prefill-lengths", default=",".join(map(str, DEFAULT_PREFILL)), show_default=True, callback=_lengths,
+              help="Prefill chunk lengths, one prefill_<T> signature each; keep a small one. Each costs "
+                   "memory at load (~7 MB on the 270M) and a larger T a larger arena: 512 prefills ~7% "
+                   "faster for ~50 MB more at context 2048.")
+@click.option("--score-lengths", "--score-length", "score_length", default=",".join(map(str, DEFAULT_SCORE)),
+              show_default=True, callback=_score_lengths,
               help="Tokens per call of the score_<T> signatures (logits for every position): `gemma-edge eval` "
                    "uses the longest, speculative decoding (--draft) the shortest that holds its drafted "
                    "tokens; 0 leaves them out.")

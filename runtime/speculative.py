@@ -27,7 +27,16 @@ Rollback: the model's cache was written up to ``d_k``; the context after a rejec
 ``i`` ends with the replacement token, so its cache continues from ``d_{i-1}`` and the later
 slots are overwritten before anything attends to them (the attention mask is by position).
 Nothing relies on slots past the current position, and no call writes more than
-``max(score lengths)`` (at most 32 in default files) slots past it.
+``max(score lengths)`` (at most 32 in default files) slots past it. The draft rewinds by at
+most k - 1 tokens, well inside ``engine.RELEASE_MARGIN``: the sliding-layer slots both models
+give back as their positions advance (``Model._release_window``) are never reached by a rollback
+(if they were, ``Model._prefill`` would start over, slower but still right).
+
+Long contexts: ``decode`` picks the shortest ``decode_s<S'>`` span that holds the position, but
+there is one ``score_<T>`` per T, whose global layers read the whole cache. The slots past the
+position are masked either way, so the logits are the same; only the cost differs, and the
+schedule measures that (on a file with context above 2048, a round below position 2048 pays a
+full-length score against decode_s2048's shorter step, and drafts less or pauses).
 
 k: before each round, the k in 1 .. ``MAX_DRAFT`` that maximizes the expected tokens per
 second, from the measured acceptance rate and the measured time of a draft step and of each
@@ -225,6 +234,7 @@ class Speculator:
             ctx.append(token)
             history.append(token)
             m._cached = ctx[:-1]
+            m._release_window()  # rounds bypass Model._decode, which does this per token
             return token, False
 
         produced = 0

@@ -60,8 +60,10 @@ class Tokenizer:
 
         # Control and unknown pieces: the strings parse_special turns into ids.
         specials: dict[str, int] = {}
+        native = getattr(sp, "_processor", sp)  # the bound native methods: half the time of the wrappers'
+        is_control, is_unknown = native.IsControl, native.IsUnknown
         for i in range(self._vocab_size):
-            if sp.IsControl(i) or sp.IsUnknown(i):
+            if is_control(i) or is_unknown(i):
                 piece = sp.IdToPiece(i)
                 if piece:
                     specials.setdefault(piece, i)

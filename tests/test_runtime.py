@@ -342,19 +342,39 @@ def test_generation_stops_at_context_end(model, hf_model, sp_model_path, n_promp
 # ---- imports ---------------------------------------------------------------------------------
 
 def test_runtime_never_imports_tensorflow(path):
-    """In a fresh interpreter: load and generate without TensorFlow (nor torch/transformers)."""
+    """In a fresh interpreter: load and generate without TensorFlow (nor torch/transformers, nor
+    ml_dtypes, whose import alone took longer than loading the 270M)."""
     code = (
         "import json, sys\n"
         "import gemma_edge\n"
         f"m = gemma_edge.load({path!r})\n"
         "r = m.generate('the model', max_tokens=4, temperature=0)\n"
         "print(json.dumps({'tokens': r.tokens, 'heavy': sorted(k for k in sys.modules if k.split('.')[0] in "
-        "('tensorflow', 'tf_keras', 'keras', 'torch', 'transformers'))}))\n")
+        "('tensorflow', 'tf_keras', 'keras', 'torch', 'transformers', 'ml_dtypes'))}))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out["tokens"]) >= 1
     assert out["heavy"] == []
+
+
+def test_public_compiled_model_api_is_the_fallback(path, hf_model, sp_model_path, monkeypatch):
+    """Without the native wrappers gemma-edge drives directly, the public CompiledModel runs the
+    same file: the cache bound in place, transformers' greedy tokens."""
+    from gemma_edge.runtime import litert
+
+    def missing():
+        raise ImportError("no native wrapper")
+
+    monkeypatch.setattr(litert, "_native", missing)
+    import gemma_edge
+    from ai_edge_litert.compiled_model import CompiledModel
+
+    m = gemma_edge.load(path)
+    assert isinstance(m.backend.model, CompiledModel)
+    ids = prompt_ids(sp_model_path, 20, seed=5)
+    r = m.generate(ids, max_tokens=12, temperature=0.0)
+    assert_hf_greedy(hf_model, ids, r.tokens, 12)
 
 
 @pytest.fixture(scope="module", params=[32, 24, 0], ids=["score32", "score24-then-decode", "decode-only"])
@@ -470,3 +490,54 @@ def test_stop_tokens_come_from_the_checkpoint(tiny, model, tmp_path):
     assert EOT in tok.stop_token_ids  # <end_of_turn> always ends a turn
     got = gemma_edge.load(str(out)).generate("the model", max_tokens=12)
     assert got.tokens == base.tokens[:base.tokens.index(declared) + 1] and got.finish_reason == "stop"
+
+
+def test_cache_is_zero_and_resident_only_where_written(path):
+    """The KV cache starts as zeros without being written whole (its pages are given back
+    to the OS: ``host_memory.zero``), and ``reset`` clears it the same way: a buffer full of
+    data reads as zeros afterwards, and its memory leaves the process."""
+    code = r"""
+import json, re, sys, numpy as np
+from gemma_edge.runtime.modelfile import read_info
+from gemma_edge.runtime.backend import CompiledBackend
+from gemma_edge.runtime import host_memory
+anon = lambda: int(re.search(r'RssAnon:\s+(\d+)', open('/proc/self/status').read()).group(1))
+b = CompiledBackend(read_info(sys.argv[1]), threads=1)
+zero_at_load = all(not b.kv[n].read(int(np.prod(s)), np.float32).any() for n, s in b._kv_shapes.items())
+b.decode(2, 0)
+written = any(b.kv[n].read(int(np.prod(s)), np.float32).any() for n, s in b._kv_shapes.items())
+# one large buffer, filled, then cleared: its pages must leave the process
+name, shape = next(iter(b._kv_shapes.items()))
+import ai_edge_litert.tensor_buffer as tb
+big = b.model.create_input_buffer_by_name("decode", name)
+ones = np.ones(shape, np.float32)
+found = host_memory.address(big, ones.nbytes) is not None
+b.clear_cache()
+cleared = all(not b.kv[n].read(int(np.prod(s)), np.float32).any() for n, s in b._kv_shapes.items())
+print(json.dumps(dict(zero_at_load=zero_at_load, written=written, cleared=cleared, found=found)))
+"""
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r == dict(zero_at_load=True, written=True, cleared=True, found=True), r
+
+
+def test_zeroing_gives_pages_back():
+    """``host_memory.zero`` on a 64 MB buffer full of ones: zeros after, and ~64 MB less resident."""
+    code = r"""
+import json, mmap, re, numpy as np
+from ai_edge_litert.tensor_buffer import TensorBuffer
+from gemma_edge.runtime import host_memory
+anon = lambda: int(re.search(r'RssAnon:\s+(\d+)', open('/proc/self/status').read()).group(1)) / 1024
+mem = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+data = np.frombuffer(mem, np.float32)  # page-aligned, so LiteRT's view of it is zero-copy
+data[:] = 1
+buf = TensorBuffer.create_from_host_memory(data)
+full = anon()
+host_memory.zero(buf, data.shape)
+print(json.dumps(dict(freed_mb=full - anon(), zero=not data.any())))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["zero"] and r["freed_mb"] > 60, r
