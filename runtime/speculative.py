@@ -43,11 +43,16 @@ second, from the measured acceptance rate and the measured time of a draft step 
 ``score_<T>`` (an unmeasured T is assumed as fast as the next shorter one measured, so each is
 tried once). When even the best k is expected to be slower than decoding alone (a draft too
 close in cost to the model, or one that is rarely right), tokens are decoded without the draft,
-with one round every ``PROBE_EVERY`` tokens to measure again; greedy output is the same either
-way, and a sampled output with a seed never pauses (pausing follows timings, so the seed would
-no longer fix the output). The first generated token is decoded plainly (the time to first
-token stays that of the model alone), and so are positions where no round fits (the last slots
-of either model's context, the last token of max_tokens).
+with one round after ``PROBE_EVERY`` tokens to measure again, then after twice as many each
+time it still does not pay (up to ``PROBE_EVERY * MAX_BACKOFF``), since such a round's draft
+steps and score call buy little. A probe also makes the draft prefill the tokens it missed,
+however rarely it comes: a draft close in cost to the model stays slower than the model alone
+(the 270M int8 with an int4-b32 draft, whose step costs ~0.8 of the model's: ~15% slower, see
+README), so use none there. Greedy output is the same either way, and a sampled output with a
+seed never pauses (pausing follows timings, so the seed would no longer fix the output). The
+first generated token is decoded plainly (the time to first token stays that of the model
+alone), and so are positions where no round fits (the last slots of either model's context,
+the last token of max_tokens).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ _DECAY = 0.95  # per round, of the acceptance counts (recent rounds matter more)
 _PRIOR = (4.0, 1.0)  # pseudo-counts (accepted, rejected) before any round: acceptance 0.8
 _DRAFT_PRIOR = 0.25  # a draft step's time relative to the model's decode, until measured
 PROBE_EVERY = 16  # while drafting does not pay, one round after this many tokens decoded alone
+MAX_BACKOFF = 16  # ... and after twice as many each time it still does not pay, up to this factor
 
 
 def check_pair(model, draft) -> None:
@@ -131,6 +137,7 @@ class _Schedule:
         self.t_decode: float | None = None  # seconds per model decode
         self.t_score: dict[int, float] = {}  # T -> seconds per score_<T> call
         self.paused = 0  # tokens decoded without the draft since the last round
+        self.backoff = 1  # rounds come every PROBE_EVERY * backoff tokens while drafting does not pay
 
     @staticmethod
     def _mean(old: float | None, new: float) -> float:
@@ -165,7 +172,7 @@ class _Schedule:
     def choose(self, k_max: int, may_pause: bool = True) -> int:
         """The k in 1..k_max with the most expected tokens per second; 0 (decode one token without
         the draft) when even that k is expected to be slower than decoding alone, except every
-        ``PROBE_EVERY`` tokens, when a round measures the draft again."""
+        ``PROBE_EVERY * backoff`` tokens, when a round measures the draft again."""
         a = min(self.alpha, 0.999)
         t_d = self.t_draft or (self.t_decode or 1.0) * _DRAFT_PRIOR
         best, best_rate = 1, -1.0
@@ -177,9 +184,13 @@ class _Schedule:
             seconds = (k + a ** k) * t_d + self._score_cost(T)
             if tokens / seconds > best_rate * (1 + 1e-9):
                 best, best_rate = k, tokens / seconds
-        if may_pause and self.t_decode and best_rate * self.t_decode < 1.0 and self.paused < PROBE_EVERY:
-            self.paused += 1
-            return 0
+        if may_pause and self.t_decode and best_rate * self.t_decode < 1.0:
+            if self.paused < PROBE_EVERY * self.backoff:
+                self.paused += 1
+                return 0
+            self.backoff = min(2 * self.backoff, MAX_BACKOFF)  # a probe; if it still does not pay, wait longer
+        else:
+            self.backoff = 1
         self.paused = 0
         return best
 
