@@ -10,7 +10,6 @@ the same distribution (chi-square against the plain sampler, with a control that
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
