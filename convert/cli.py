@@ -75,8 +75,8 @@ def main(source, output, quant, max_context, prefill_lengths, score_length, repo
          lora, calibrate, force, quiet):
     """Convert a Gemma checkpoint SOURCE to one self-describing LiteRT .tflite file.
 
-    SOURCE is a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model;
-    Gemma 1, Gemma 2 or Gemma 3 text) or a .gguf file. The output follows LiteRT-LM's
+    SOURCE is a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model
+    or tokenizer.json; Gemma 1, 2, 3 or 4 text) or a .gguf file. The output follows LiteRT-LM's
     contract (prefill_<T> and decode signatures, an in-place KV cache) and carries the
     config, tokenizer, chat template and quantization in its metadata. Weights are
     streamed, so memory does not grow with the model size. The file is written to a
