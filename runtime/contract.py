@@ -10,6 +10,14 @@ Signatures (LiteRT-LM runs the first two; ``score_<T>`` is gemma-edge's own, ign
 KV caches: ``kv_cache_k_<i>`` / ``kv_cache_v_<i>``, float32 [1, K, S, H], one pair for every
 layer i that owns a cache (``kv_layers``), bound as both input and output (updated in place).
 
+An embedding model (EmbeddingGemma) has only cache-free signatures, one per chunk length T:
+    embed_<T>     tokens [1, T], input_pos [T], segments [T]  -> embeddings [1, G, E]
+A chunk packs up to G = ``embed_slots(T)`` texts: ``segments`` numbers each token's text
+(0 .. G-1; -1 for padding), ``input_pos`` its position within that text; a token attends only
+to the tokens of its own text. Row g of ``embeddings`` is text g's vector: its tokens' mean,
+through the Dense layers (E = ``cfg.embedding_dim``), not yet normalised; rows of absent texts
+are 0. Weights add ``dense_<k>`` [out, in] for each Dense layer.
+
 Weights: canonical names ``embed``, ``final_norm`` and ``l<i>_<kind>`` (``l3_q``, ``l0_down``),
 [out, in] for linear layers; norm weights hold the (1 + w) scale.
 """
@@ -23,13 +31,18 @@ from .config import GemmaConfig
 DECODE = "decode"
 PREFILL = "prefill"
 SCORE = "score"
+EMBED = "embed"
 TOKENS = "tokens"
 INPUT_POS = "input_pos"
+SEGMENTS = "segments"
 LOGITS = "logits"
+EMBEDDINGS = "embeddings"
 KV_PREFIX = "kv_cache_"
+EMBED_TOKENS_PER_SLOT = 8  # embed_<T> holds a text per 8 tokens of T (a text is at least <bos> <eos>)
 
-# What a signature returns besides the caches: nothing, the last token's logits, every token's.
-NO_LOGITS, LAST_LOGITS, ALL_LOGITS = "none", "last", "all"
+# What a signature returns besides the caches: nothing, the last token's logits, every token's;
+# or, without caches, one vector per text.
+NO_LOGITS, LAST_LOGITS, ALL_LOGITS, POOLED = "none", "last", "all", "pooled"
 
 
 def prefill_name(T: int) -> str:
@@ -40,23 +53,42 @@ def score_name(T: int) -> str:
     return f"{SCORE}_{int(T)}"
 
 
-def signature_names(prefill_lengths, score_lengths=()) -> list[str]:
-    """Every signature of a file, in the order the converter builds them."""
+def embed_name(T: int) -> str:
+    return f"{EMBED}_{int(T)}"
+
+
+def embed_slots(T: int) -> int:
+    """G: how many texts one ``embed_<T>`` call can hold."""
+    return max(1, int(T) // EMBED_TOKENS_PER_SLOT)
+
+
+def signature_names(prefill_lengths, score_lengths=(), embed_lengths=()) -> list[str]:
+    """Every signature of a file, in the order the converter builds them: a causal LM's
+    (prefill, decode, score), or an embedding model's (``embed_lengths``: embed_<T> only)."""
+    if embed_lengths:
+        return [embed_name(T) for T in sorted(set(embed_lengths))]
     return ([prefill_name(T) for T in sorted(set(prefill_lengths))] + [DECODE] +
             [score_name(T) for T in sorted(set(score_lengths))])
 
 
-_SIGNATURE = re.compile(rf"({PREFILL}|{SCORE})_([1-9][0-9]*)")
+_SIGNATURE = re.compile(rf"({PREFILL}|{SCORE}|{EMBED})_([1-9][0-9]*)")
+_OUTPUTS = {PREFILL: NO_LOGITS, SCORE: ALL_LOGITS, EMBED: POOLED}
 
 
 def parse_signature(name: str) -> tuple[int, str]:
-    """``prefill_32`` -> (32, "none"), ``score_32`` -> (32, "all"), ``decode`` -> (1, "last")."""
+    """``prefill_32`` -> (32, "none"), ``score_32`` -> (32, "all"), ``decode`` -> (1, "last"),
+    ``embed_64`` -> (64, "pooled")."""
     if name == DECODE:
         return 1, LAST_LOGITS
     m = _SIGNATURE.fullmatch(name)
     if not m:
-        raise ValueError(f"{name!r} is not a gemma-edge signature (prefill_<T>, decode, score_<T>)")
-    return int(m.group(2)), NO_LOGITS if m.group(1) == PREFILL else ALL_LOGITS
+        raise ValueError(f"{name!r} is not a gemma-edge signature (prefill_<T>, decode, score_<T>, embed_<T>)")
+    return int(m.group(2)), _OUTPUTS[m.group(1)]
+
+
+def embeddings_shape(cfg: GemmaConfig, T: int) -> tuple[int, int, int]:
+    """[1, G, E]: the output of ``embed_<T>``."""
+    return (1, embed_slots(T), cfg.embedding_dim)
 
 
 # ---- KV caches ---------------------------------------------------------------------------
@@ -102,6 +134,11 @@ EMBED = "embed"
 FINAL_NORM = "final_norm"
 PLE_PROJ = "ple_proj"  # per-layer embeddings: the projection of the token embedding, [L * P, D]
 PLE_PROJ_NORM = "ple_proj_norm"  # and its norm, [P]
+
+
+def dense_name(k: int) -> str:
+    """The k-th Dense layer after pooling (an embedding model's 2_Dense is ``dense_0``)."""
+    return f"dense_{int(k)}"
 
 
 def weight_name(layer: int | None, kind: str) -> str:
@@ -153,4 +190,5 @@ def weight_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
         if cfg.layer_scale:
             w["layer_scale"] = (1,)
         shapes |= {weight_name(i, kind): s for kind, s in w.items()}
+    shapes |= {dense_name(k): cfg.dense_shape(k) for k in range(len(cfg.dense_dims))}
     return shapes
