@@ -60,7 +60,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import __version__
-from .errors import GemmaEdgeError, GenerationError
+from .errors import EmbeddingError, GemmaEdgeError, GenerationError
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -523,8 +523,10 @@ def parse_embeddings(body: dict, model, served: str, strict_model: bool = False)
             _check_size(model, len(t.encode("utf-8", "surrogatepass")), f"input[{i}]")
         try:
             ids.append(model.embedding_ids(t, task=task, truncate=truncate))
-        except GemmaEdgeError as e:  # only a text over the context is left to fail here
+        except EmbeddingError as e:  # with the task checked, only a text over the context is left to fail so
             raise _bad(f"input[{i}]: {e}", param=f"input[{i}]", code="context_length_exceeded") from None
+        except GemmaEdgeError as e:  # text the tokenizer refuses (not UTF-8)
+            raise _bad(f"input[{i}]: {e}", param=f"input[{i}]") from None
     return EmbeddingJob(ids=ids, dim=dim, base64=fmt == "base64", model_name=served)
 
 

@@ -119,10 +119,20 @@ class Case:
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+_CASE: list[Case] = []
+
+
+def embedding_case(tmp_path_factory) -> Case:
+    """The model, built once per session (test_examples.py uses it too)."""
+    if not _CASE:
+        root = tmp_path_factory.mktemp("embeddinggemma")
+        _CASE.append(Case(root, make_embeddinggemma(root)))
+    return _CASE[0]
+
+
 @pytest.fixture(scope="module")
 def case(tmp_path_factory) -> Case:
-    root = tmp_path_factory.mktemp("embeddinggemma")
-    return Case(root, make_embeddinggemma(root))
+    return embedding_case(tmp_path_factory)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -469,6 +479,7 @@ def test_server_embeddings_with_the_openai_client(server, fp32):
     ({"input": "x", "task": "Clustering"}, "task", "document, query"),
     ({"input": "x", "truncate": "yes"}, "truncate", "true or false"),
     ({"input": ["x", " ".join(["model cache"] * 40)]}, "input[1]", "truncate"),
+    ({"input": ["x", "bad \ud800 text"]}, "input[1]", "not valid UTF-8"),
 ], ids=lambda v: v if isinstance(v, str) and " " in v else None)
 def test_server_embeddings_bad_requests(server, body, param, says):
     from test_server import assert_error, request
