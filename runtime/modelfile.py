@@ -178,12 +178,13 @@ def _embedding(d: dict) -> EmbeddingMeta:
     pooling = _str(d, "pooling", "mean")
     if pooling != "mean":
         raise ValueError(f"embedding pooling {pooling!r} is not 'mean'")
+    limit = d.get("max_tokens")  # absent, null or 0: no limit of the checkpoint's own (not false, not 0.0)
     return EmbeddingMeta(
         lengths=tuple(_count(t, "embedding lengths") for t in _list(d, "lengths")),
         dim=_count(d["dim"], "embedding dim"), pooling=pooling, normalize=_bool(d, "normalize", True),
         matryoshka_dims=tuple(_count(t, "matryoshka_dims") for t in _list(d, "matryoshka_dims", [])),
         prompts=dict(prompts), default_task=default,
-        max_tokens=d.get("max_tokens", 0) if d.get("max_tokens", 0) == 0 else _count(d["max_tokens"], "max_tokens"))
+        max_tokens=0 if limit is None or (type(limit) is int and limit == 0) else _count(limit, "embedding max_tokens"))
 
 
 def _obj(d: dict, key: str, default=KeyError):

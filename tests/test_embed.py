@@ -250,6 +250,20 @@ def test_packed_chunks_give_each_text_its_own_vector(case):
     assert np.max(np.abs(together - alone)) < 1e-5
 
 
+@pytest.mark.parametrize("value, reads", [(None, 0), (0, 0), (300, 300), (False, None), (0.0, None), (-1, None)])
+def test_metadata_max_tokens(case, value, reads):
+    """The checkpoint's own limit: absent, null or 0 is none; anything but a positive integer is refused."""
+    from gemma_edge.runtime.modelfile import FileMeta, read_info
+
+    d = json.loads(read_info(str(case.convert("fp32"))).meta.to_json())
+    d["embedding"]["max_tokens"] = value
+    if reads is None:
+        with pytest.raises(ValueError, match="embedding max_tokens"):
+            FileMeta.from_dict(d)
+    else:
+        assert FileMeta.from_dict(d).embedding.max_tokens == reads
+
+
 def test_int8_cosine(case, record_property):
     import gemma_edge
 
