@@ -250,6 +250,27 @@ def test_packed_chunks_give_each_text_its_own_vector(case):
     assert np.max(np.abs(together - alone)) < 1e-5
 
 
+def test_interpreter_backend_gives_the_same_vectors(case):
+    """The plain Interpreter (a Raspberry Pi 4's path, and tflite-runtime's) runs embed_<T> too."""
+    import gemma_edge
+
+    path = str(case.convert("fp32"))
+    batch = texts(10, seed=9)
+    a, b = gemma_edge.load(path, backend="interpreter"), gemma_edge.load(path)
+    assert "Interpreter" in a.backend.name
+    assert np.max(np.abs(a.embed(batch, task="query") - b.embed(batch, task="query"))) < 1e-5
+
+
+def test_calibration_is_refused_for_an_embedding_model(case, tmp_path):
+    from gemma_edge.convert.pipeline import convert
+    from gemma_edge.runtime.errors import GemmaEdgeError
+
+    with pytest.raises(GemmaEdgeError, match="embedding model"):
+        convert(str(case.checkpoint), str(tmp_path / "x.tflite"), quant="int8", calibrate="-", progress=False,
+                notes=lambda line: None)
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("value, reads", [(None, 0), (0, 0), (300, 300), (False, None), (0.0, None), (-1, None)])
 def test_metadata_max_tokens(case, value, reads):
     """The checkpoint's own limit: absent, null or 0 is none; anything but a positive integer is refused."""
