@@ -26,12 +26,18 @@ import sys
 import tempfile
 from pathlib import Path
 
+# llama.cpp at its best on CPU, as llama-cli runs it: flash attention on (its default there is
+# "auto", which is on for CPU; llama-cpp-python's is off), and sliding-window layers keeping
+# only their window (swa_full=False). Measured at context 32768, position 1000 on this 2-core
+# machine: decode 1.1 tok/s with both off, 9.4 with flash attention, 16.7 with both.
 LLAMA_CHILD = r"""
 import json, resource, sys, time
+import numpy as np
 from llama_cpp import Llama
 path, p, n, ctx, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 t0 = time.perf_counter()
-llm = Llama(model_path=path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False)
+llm = Llama(model_path=path, n_ctx=ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False,
+            flash_attn=True, swa_full=False)
 load = time.perf_counter() - t0
 import random
 rng = random.Random(0)
@@ -40,11 +46,13 @@ llm.reset()
 t0 = time.perf_counter()
 llm.eval(tokens)
 prefill = time.perf_counter() - t0
-tok = int(llm.scores[llm.n_tokens - 1].argmax())
+# llama-cpp-python 0.3 keeps llm.scores only with logits_all; the context has the last row
+last = lambda: int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+tok = last()
 t0 = time.perf_counter()
 for _ in range(n - 1):
     llm.eval([tok])
-    tok = int(llm.scores[llm.n_tokens - 1].argmax())
+    tok = last()
 decode = time.perf_counter() - t0
 print(json.dumps({"load_s": load, "prefill_tps": p / prefill, "decode_tps": (n - 1) / decode,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

@@ -65,14 +65,16 @@ def _gelu(x):
     return tf.nn.gelu(x, approximate=True)
 
 
-def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, logits: str, segments=None):
+def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, logits: str, span: int | None = None,
+            segments=None):
     """One chunk of T tokens written at slots input_pos[0] .. input_pos[0]+T-1 of every cache.
 
     tokens [1, T] int32, input_pos [T] int32 (real tokens are consecutive; padding
     slots carry position 0 and are overwritten later), caches name -> [1, K, S, H] for the
     layers that own one (``contract.kv_layers``; the others read ``cfg.kv_source(layer)``'s).
-    Returns the updated caches, and ``logits``: of the last token [1, 1, V] (LAST_LOGITS),
-    of every token [1, T, V] (ALL_LOGITS), or none.
+    ``span`` (< S) makes global layers attend only to slots 0 .. span-1 (``decode_s<span>``,
+    for positions below it). Returns the updated caches, and ``logits``: of the last token
+    [1, 1, V] (LAST_LOGITS), of every token [1, T, V] (ALL_LOGITS), or none.
 
     ``caches=None`` (an embedding model): no cache; ``segments`` [T] int32 numbers each token's
     text and ``input_pos`` is its position in that text (``_chunk_masks``); returns
@@ -83,6 +85,7 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
     N, L = cfg.num_heads, cfg.num_layers
     eps = cfg.rms_norm_eps
     ids = tokens[0]
+    G_SPAN = span or S  # slots a global layer attends to
 
     x = tf.gather(w[C.EMBED], ids) * np.float32(cfg.embed_scale)  # [T, D]
 
@@ -95,26 +98,23 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
 
     pos = tf.cast(input_pos, tf.float32)[:, None]  # [T, 1]
     q_pos = input_pos[:, None]  # [T, 1]
-    k_pos = tf.range(S, dtype=tf.int32)[None, :]  # [1, S]
-    causal = k_pos <= q_pos  # [T, S]
-    masks = {False: tf.where(causal, 0.0, MASK_VALUE)}  # [T, S], keyed by "is sliding"
-    if cfg.sliding_window and any(cfg.is_sliding(i) for i in range(L)):
-        in_window = tf.logical_and(causal, q_pos - k_pos < cfg.sliding_window)
-        masks[True] = tf.where(in_window, 0.0, MASK_VALUE)
+    if caches is None:  # an embedding chunk: every layer attends to all T keys of the chunk, masked
+        masks, win, w_begin = _chunk_masks(cfg, input_pos, segments), T, None  # [T, T] each
+    else:
+        k_pos = tf.range(G_SPAN, dtype=tf.int32)[None, :]  # [1, G_SPAN]
+        masks = {False: tf.where(k_pos <= q_pos, 0.0, MASK_VALUE)}  # [T, G_SPAN], keyed by "is sliding"
+        # A sliding layer reads only the W + T - 1 slots a chunk can see, from `w0`: a SLICE (a
+        # memcpy of contiguous rows) of its cache, so its cost does not grow with the context S.
+        # Keys outside the window get exactly zero weight either way: this changes speed, not results.
+        W = cfg.sliding_window or S
+        win = min(W + T - 1, S)
+        if cfg.sliding_window and any(cfg.is_sliding(i) for i in range(L)):
+            w0 = tf.clip_by_value(input_pos[0] - W + 1, 0, S - win)  # first slot of the window
+            w_pos = w0 + tf.range(win, dtype=tf.int32)[None, :]  # [1, win]
+            w_visible = tf.logical_and(w_pos <= q_pos, q_pos - w_pos < W)  # [T, win]
+            masks[True] = tf.where(w_visible, 0.0, MASK_VALUE)  # [T, win]
+            w_begin = tf.stack([0, 0, w0, 0])
     rope_tables = {}  # inv_freq bytes -> (cos, sin), computed once per distinct table
-    # Decode on a sliding layer reads only the window's W slots: a SLICE (a memcpy of
-    # contiguous rows) of the cache from `w0`, not all S. Keys outside the window get
-    # exactly zero weight either way, so this changes speed, not results.
-    W = cfg.sliding_window or S
-    window_slice = T == 1 and W < S and True in masks
-    if window_slice:
-        w0 = tf.clip_by_value(input_pos[0] - W + 1, 0, S - W)  # first slot of the window
-        w_pos = w0 + tf.range(W, dtype=tf.int32)[None, :]  # [1, W]
-        w_visible = tf.logical_and(w_pos <= q_pos, q_pos - w_pos < W)  # [T=1, W]
-        w_mask = tf.where(w_visible, 0.0, MASK_VALUE)  # [1, W]
-        w_begin = tf.stack([0, 0, w0, 0])
-    if caches is None:
-        masks = _chunk_masks(cfg, input_pos, segments)
     start = tf.stack([0, 0, input_pos[0], 0])
     new_caches = {}
 
@@ -160,17 +160,18 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
         # kc[0] becomes a STRIDED_SLICE that copies the cache element by element
         # (~3 ms per layer at S=2048, measured), more than all the weights cost.
         qg = tf.reshape(tf.transpose(tf.reshape(q, [T, K, G, H]), [1, 2, 0, 3]), [1, K, G * T, H])
-        keys, values, mask, span = kc, vc, masks[cfg.is_sliding(i)], S
-        if window_slice and cfg.is_sliding(i):
-            keys = tf.slice(kc, w_begin, [1, K, W, H])  # [1, K, W, H]
-            values = tf.slice(vc, w_begin, [1, K, W, H])
-            mask, span = w_mask, W
-        s = tf.matmul(qg, keys, transpose_b=True)  # [1, K, G*T, span]
+        # the slots this layer attends to: its window (sliding), or 0 .. G_SPAN-1 (global)
+        n_keys, begin = (win, w_begin) if cfg.is_sliding(i) else (G_SPAN, [0, 0, 0, 0])
+        keys, values = kc, vc
+        if n_keys < S:
+            keys = tf.slice(kc, begin, [1, K, n_keys, H])  # [1, K, n_keys, H]
+            values = tf.slice(vc, begin, [1, K, n_keys, H])
+        s = tf.matmul(qg, keys, transpose_b=True)  # [1, K, G*T, n_keys]
         if cfg.attn_softcap:
             s = tf.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
-        s = tf.reshape(s, [K, G, T, span]) + mask  # [K, G, T, span]
+        s = tf.reshape(s, [K, G, T, n_keys]) + masks[cfg.is_sliding(i)]  # [K, G, T, n_keys]
         a = tf.nn.softmax(s, axis=-1)
-        o = tf.matmul(tf.reshape(a, [1, K, G * T, span]), values)  # [1, K, G*T, H]
+        o = tf.matmul(tf.reshape(a, [1, K, G * T, n_keys]), values)  # [1, K, G*T, H]
         o = tf.reshape(tf.transpose(tf.reshape(o, [K, G, T, H]), [2, 0, 1, 3]), [T, N * H])
         o = _linear(o, wt("o"))  # [T, D]
         if cfg.has_post_norms:
@@ -235,7 +236,7 @@ def _pool(cfg: GemmaConfig, w: dict, x, segments):
 
 
 def _signature_fn(cfg: GemmaConfig, name: str, context: int):
-    T, logits = C.parse_signature(name)
+    T, logits, span = C.parse_signature(name)
     shapes = C.weight_shapes(cfg)
     kv = {} if logits == C.POOLED else C.kv_shapes(cfg, context)
     specs = [tf.TensorSpec([1, T], tf.int32, name=C.TOKENS), tf.TensorSpec([T], tf.int32, name=C.INPUT_POS)]
@@ -248,7 +249,7 @@ def _signature_fn(cfg: GemmaConfig, name: str, context: int):
     def fn(*args):
         a = dict(zip(names, args))
         caches = {n: a[n] for n in kv} if kv else None
-        return forward(cfg, {n: a[n] for n in shapes}, a[C.TOKENS], a[C.INPUT_POS], caches, logits,
+        return forward(cfg, {n: a[n] for n in shapes}, a[C.TOKENS], a[C.INPUT_POS], caches, logits, span,
                        a.get(C.SEGMENTS))
 
     fn.__name__ = name  # the signature key

@@ -81,13 +81,13 @@ def _remove_stale_workdirs() -> None:
 ISOLATE_ABOVE_PARAMS = 100_000_000  # smaller models (tests) convert in-process: faster, memory is moot
 
 
-def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], score_lengths=(),
+def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], score_lengths=(), spans=(),
                    isolate: bool | None = None, progress: bool = False, embed_lengths=()) -> bytes:
     """Convert every signature in its own child process and merge them into one model
     (``embed_lengths``: an embedding model's embed_<T> signatures instead)."""
     from ai_edge_litert import schema_py_generated as fb
 
-    signatures = contract.signature_names(prefill_lengths, score_lengths, embed_lengths)
+    signatures = contract.signature_names(prefill_lengths, score_lengths, spans, embed_lengths)
     if isolate is None:
         isolate = cfg.num_params > ISOLATE_ABOVE_PARAMS
     if not isolate:

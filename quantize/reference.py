@@ -145,8 +145,8 @@ def _grid_blocks(wb: np.ndarray, amax: np.ndarray):
     (mask [rows, blocks], k [rows, blocks, 32], d [rows, blocks] refitted by least squares).
 
     Such a block is stored with its own 4-bit values and its scale |d| as fp16 (not at bf16
-    precision: XNNPACK still rounds it to bf16 when it computes, measured, a relative change of at
-    most 2**-9). Q4_0's d is negative when the largest value is positive; LiteRT refuses negative
+    precision: XNNPACK still rounds it to bf16 when it computes, measured, a change of at
+    most 2**-8 relative). Q4_0's d is negative when the largest value is positive; LiteRT refuses negative
     scales, so those blocks are stored as -k with scale -d, and their values at +8|d| (the largest,
     and any that Q4_0 rounded to it) are clipped to +7|d|: one step, for ~1.5% of the values of a
     tensor (measured on random weights; "clipped" counts such blocks)."""

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from . import contract, cpu_features, native_log
+from . import contract, cpu_features, host_memory, native_log
 from . import weight_cache as weight_cache_mod
 from .errors import GemmaEdgeError, ModelFileError
 from .modelfile import ModelInfo
@@ -30,7 +30,7 @@ def check_graph(info: ModelInfo, signatures, decode_inputs: dict, decode_outputs
     caches of the contract (``contract.kv_shapes``), and logits over vocab_size; or, for an
     embedding model, vectors of its size (``decode_*``: then the details of ``main_signature``)."""
     cfg = info.config
-    want = contract.signature_names(info.prefill_lengths, info.score_lengths, info.embed_lengths)
+    want = contract.signature_names(info.prefill_lengths, info.score_lengths, info.decode_spans, info.embed_lengths)
     missing = [s for s in want if s not in signatures]
     if missing:
         raise ModelFileError(f"{info.path}: the metadata names signatures {missing} that the graph does not have "
@@ -55,6 +55,18 @@ def check_graph(info: ModelInfo, signatures, decode_inputs: dict, decode_outputs
     if not logits or logits[-1] != cfg.vocab_size:
         raise ModelFileError(f"{info.path}: the metadata gives vocab_size {cfg.vocab_size} but the graph's logits "
                              f"are {logits}; the file is corrupt: convert the checkpoint again")
+
+
+def decode_signatures(info: ModelInfo) -> list[str]:
+    return [contract.DECODE] + [contract.decode_span_name(s) for s in info.decode_spans]
+
+
+def decode_signature(info: ModelInfo, pos: int) -> str:
+    """The decode signature for a token at ``pos``: the shortest span that holds it."""
+    for span in info.decode_spans:
+        if pos < span:
+            return contract.decode_span_name(span)
+    return contract.DECODE
 
 
 def _threads(threads: int | None) -> int:
@@ -95,22 +107,52 @@ class CompiledBackend:
         check_graph(info, self.model.get_signature_list(), self.model.get_input_tensor_details(main),
                     self.model.get_output_tensor_details(main))
         self.io = {}  # per signature, built once: (tokens buffer, input_pos buffer, input map, output map)
-        if info.embed_lengths:  # an embedding model: no cache, no decode
-            self.kv = {}
-            return
         decode = contract.DECODE
-        shapes = contract.kv_shapes(cfg, info.context_length)
+        shapes = {} if info.embed_lengths else contract.kv_shapes(cfg, info.context_length)
         self.kv = {n: self.model.create_input_buffer_by_name(decode, n) for n in shapes}
-        for n, buf in self.kv.items():  # fresh buffers hold garbage; 0 * NaN in masked slots is NaN
-            buf.write(np.zeros(shapes[n], np.float32))
+        self._kv_shapes = shapes
+        self.clear_cache()
+        if info.embed_lengths:  # an embedding model: no cache, no decode
+            return
         self.logits = self.model.create_output_buffer_by_name(decode, contract.LOGITS)
         self.vocab = cfg.vocab_size
-        for T in [*info.prefill_lengths, None]:
-            sig = decode if T is None else contract.prefill_name(T)
-            outputs = {**self.kv, contract.LOGITS: self.logits} if T is None else dict(self.kv)
-            self.io[sig] = self._bind(sig, outputs)
+        for T in info.prefill_lengths:
+            self.io[contract.prefill_name(T)] = self._bind(contract.prefill_name(T), dict(self.kv))
+        for sig in decode_signatures(info):
+            self.io[sig] = self._bind(sig, {**self.kv, contract.LOGITS: self.logits})
         self._token = np.zeros((1, 1), np.int32)
         self._pos = np.zeros((1,), np.int32)
+
+    def clear_cache(self) -> None:
+        """Zero every KV cache and give its memory back (0 * NaN in a masked slot is NaN, so a
+        cache starts as zeros). Unwritten pages cost nothing: the graph's reads of empty slots
+        map the kernel's zero page, so a cache's resident memory follows the tokens it holds,
+        not its length."""
+        self._kv_address = {n: host_memory.zero(buf, self._kv_shapes[n]) for n, buf in self.kv.items()}
+        self.released = 0
+
+    def release_window(self, upto: int) -> None:
+        """Give back the memory of slots ``released`` .. upto-1 of every sliding layer's cache:
+        keys that have left the window (the caller keeps ``upto`` at least a window behind the
+        position). Those slots read as zeros afterwards, so the cache must not be rewound to
+        before ``released + sliding_window`` (``Model._prefill`` starts over instead). Memory
+        of sliding layers then stays about a window however long the context."""
+        cfg = self.info.config
+        if upto <= self.released:
+            return
+        for i in contract.kv_layers(cfg):
+            if not cfg.is_sliding(i):
+                continue
+            for kind in "kv":
+                n = contract.kv_name(kind, i)
+                addr = self._kv_address.get(n)
+                if addr is None:
+                    continue
+                _, K, S, H = self._kv_shapes[n]
+                for k in range(K):  # [1, K, S, H]: each head's slots are contiguous
+                    base = addr + k * S * H * 4
+                    host_memory.release(base + self.released * H * 4, base + upto * H * 4)
+        self.released = upto
 
     def _bind(self, sig: str, outputs: dict):
         tok = self.model.create_input_buffer_by_name(sig, contract.TOKENS)
@@ -118,6 +160,7 @@ class CompiledBackend:
         return tok, pos, {contract.TOKENS: tok, contract.INPUT_POS: pos, **self.kv}, outputs
 
     def _run(self, sig: str, tokens: np.ndarray, pos: np.ndarray):
+        self.released = min(self.released, int(pos[0]))  # slots written again are live again
         tok_buf, pos_buf, inputs, outputs = self.io[sig]
         tok_buf.write(tokens)
         pos_buf.write(pos)
@@ -128,7 +171,7 @@ class CompiledBackend:
 
     def decode(self, token: int, pos: int) -> np.ndarray:
         self._token[0, 0], self._pos[0] = token, pos
-        self._run(contract.DECODE, self._token, self._pos)
+        self._run(decode_signature(self.info, pos), self._token, self._pos)
         return self.logits.read(self.vocab, np.float32)
 
     def score(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -199,7 +242,7 @@ class InterpreterBackend:
         self._run(contract.prefill_name(T), tokens, pos)
 
     def decode(self, token, pos):
-        out = self._run(contract.DECODE, np.array([[token]], np.int32), np.array([pos], np.int32))
+        out = self._run(decode_signature(self.info, pos), np.array([[token]], np.int32), np.array([pos], np.int32))
         return out[contract.LOGITS].reshape(-1)
 
     def score(self, tokens, pos):

@@ -3,10 +3,14 @@
 The converter builds the graph from these names, the writer and the quantization recipes
 parse them, and the runtime binds them; nothing else formats or parses them.
 
-Signatures (LiteRT-LM runs the first two; ``score_<T>`` is gemma-edge's own, ignored there):
+Signatures (LiteRT-LM runs the first two; the others are gemma-edge's own, ignored there):
     prefill_<T>   tokens [1, T], input_pos [T], KV caches      -> KV caches
     decode        tokens [1, 1], input_pos [1], KV caches      -> KV caches, logits [1, 1, V]
     score_<T>     as prefill_<T>                               -> KV caches, logits [1, T, V]
+    decode_s<S'>  as decode, for positions below S' < S: global layers attend to slots 0..S'-1
+                  only, so a long-context file decodes a short chat as fast as a short one
+(LiteRT-LM takes every signature whose name starts with ``prefill`` as a prefill runner and
+``decode`` by its exact name, so no other signature may start with ``prefill``.)
 KV caches: ``kv_cache_k_<i>`` / ``kv_cache_v_<i>``, float32 [1, K, S, H], one pair for every
 layer i that owns a cache (``kv_layers``), bound as both input and output (updated in place).
 
@@ -62,28 +66,52 @@ def embed_slots(T: int) -> int:
     return max(1, int(T) // EMBED_TOKENS_PER_SLOT)
 
 
-def signature_names(prefill_lengths, score_lengths=(), embed_lengths=()) -> list[str]:
+def decode_span_name(span: int) -> str:
+    return f"{DECODE}_s{int(span)}"
+
+
+# Decode signatures for shorter spans: a global layer's attention reads its whole cache at every
+# step (the graph's shapes are fixed), which at S = 32k costs more than the 270M's weights. So a
+# file with a long context also gets decode_s<S'> for each of these below S, and the runtime uses
+# the smallest that holds the position. Each signature costs ~7 MB at load (measured on the 270M),
+# so they grow by 4x; below 2048 the LM head dominates a step (GEMMA.md, LiteRT speed facts).
+DECODE_SPANS = (2048, 8192, 32768)
+
+
+def decode_spans(context: int) -> tuple[int, ...]:
+    """The decode_s<S'> spans a file with this context gets."""
+    return tuple(s for s in DECODE_SPANS if s < int(context))
+
+
+def signature_names(prefill_lengths, score_lengths=(), spans=(), embed_lengths=()) -> list[str]:
     """Every signature of a file, in the order the converter builds them: a causal LM's
-    (prefill, decode, score), or an embedding model's (``embed_lengths``: embed_<T> only)."""
+    (prefill, decode, score, decode_s<S'>), or an embedding model's (``embed_lengths``:
+    embed_<T> only; it has no cache, so no decode either)."""
     if embed_lengths:
         return [embed_name(T) for T in sorted(set(embed_lengths))]
     return ([prefill_name(T) for T in sorted(set(prefill_lengths))] + [DECODE] +
-            [score_name(T) for T in sorted(set(score_lengths))])
+            [score_name(T) for T in sorted(set(score_lengths))] + [decode_span_name(s) for s in sorted(set(spans))])
 
 
 _SIGNATURE = re.compile(rf"({PREFILL}|{SCORE}|{EMBED})_([1-9][0-9]*)")
+_SPAN = re.compile(rf"{DECODE}_s([1-9][0-9]*)")
 _OUTPUTS = {PREFILL: NO_LOGITS, SCORE: ALL_LOGITS, EMBED: POOLED}
 
 
-def parse_signature(name: str) -> tuple[int, str]:
-    """``prefill_32`` -> (32, "none"), ``score_32`` -> (32, "all"), ``decode`` -> (1, "last"),
-    ``embed_64`` -> (64, "pooled")."""
+def parse_signature(name: str) -> tuple[int, str, int | None]:
+    """``prefill_32`` -> (32, "none", None), ``score_32`` -> (32, "all", None), ``decode`` ->
+    (1, "last", None), ``decode_s2048`` -> (1, "last", 2048), ``embed_64`` -> (64, "pooled",
+    None): tokens per call, outputs, span."""
     if name == DECODE:
-        return 1, LAST_LOGITS
+        return 1, LAST_LOGITS, None
+    m = _SPAN.fullmatch(name)
+    if m:
+        return 1, LAST_LOGITS, int(m.group(1))
     m = _SIGNATURE.fullmatch(name)
     if not m:
-        raise ValueError(f"{name!r} is not a gemma-edge signature (prefill_<T>, decode, score_<T>, embed_<T>)")
-    return int(m.group(2)), _OUTPUTS[m.group(1)]
+        raise ValueError(f"{name!r} is not a gemma-edge signature (prefill_<T>, decode, score_<T>, decode_s<S>, "
+                         "embed_<T>)")
+    return int(m.group(2)), _OUTPUTS[m.group(1)], None
 
 
 def embeddings_shape(cfg: GemmaConfig, T: int) -> tuple[int, int, int]:

@@ -29,6 +29,10 @@ from .stopping import StopStringMatcher
 from .tokenizer import Tokenizer
 
 REPETITION_WINDOW = 64
+# Sliding-layer cache slots more than a window (plus RELEASE_MARGIN) behind the position are
+# given back to the OS every RELEASE_STEP slots: a rewind by up to RELEASE_MARGIN tokens (a
+# rejected speculative draft, a regenerated reply) still finds its window intact.
+RELEASE_MARGIN, RELEASE_STEP = 256, 256
 
 
 @dataclass(frozen=True)
@@ -103,9 +107,12 @@ class Model:
         """Forget what the KV cache holds: the next prompt is prefilled from the start.
 
         Call it after driving ``backend`` by hand (``run_prefill`` / ``decode``), which
-        changes the cache behind the Model's back."""
+        changes the cache behind the Model's back. The cache's memory goes back to the OS
+        (where the backend can: ``CompiledBackend.clear_cache``)."""
         with self._exclusive():
             self._cached = []
+            if hasattr(self.backend, "clear_cache"):
+                self.backend.clear_cache()
 
     # ---- prompts ---------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
@@ -149,17 +156,35 @@ class Model:
         limit = min(len(self._cached), len(ids) - 1)
         while keep < limit and self._cached[keep] == ids[keep]:
             keep += 1
+        released = getattr(self.backend, "released", 0)
+        if released and keep < len(self._cached) and keep < released + (self.config.sliding_window or 0):
+            # rewound to where sliding layers' keys were already given back: start over
+            keep = 0
+            self.backend.clear_cache()
         self._cached = self._cached[:keep]
         todo = ids[keep:-1]
         if todo:
             run_prefill(self.backend, todo, keep)
             self._cached = ids[:-1]
+            self._release_window()
         return len(todo)
+
+    def _release_window(self) -> None:
+        """Give back sliding-layer cache slots that have left the window (with a margin for
+        rewinds such as a speculative draft's), in steps of ``RELEASE_STEP`` slots."""
+        W = self.config.sliding_window
+        release = getattr(self.backend, "release_window", None)
+        if not W or release is None:
+            return
+        upto = len(self._cached) - W - RELEASE_MARGIN
+        if upto - self.backend.released >= RELEASE_STEP:
+            release(upto)
 
     def _decode(self, token: int, full_vocab: bool = False) -> np.ndarray:
         pos = len(self._cached)
         logits = self.backend.decode(token, pos)
         self._cached.append(token)
+        self._release_window()
         if full_vocab:  # the model's whole distribution (scoring)
             return logits
         return logits[:self.tokenizer.vocab_size]  # embedding rows past the tokenizer have no text

@@ -110,6 +110,7 @@ class FileMeta:
     context_length: int
     prefill_lengths: tuple[int, ...]
     score_lengths: tuple[int, ...] = ()
+    decode_spans: tuple[int, ...] = ()  # decode_s<S'> signatures (contract.decode_spans); older files have none
     quantization: Quantization = Quantization("fp32")
     tokenizer: TokenizerMeta = TokenizerMeta()
     chat_template: ChatTemplate = ChatTemplate()
@@ -149,6 +150,7 @@ class FileMeta:
             context_length=_count(d["context_length"], "context_length"),
             prefill_lengths=tuple(_count(t, "prefill_lengths") for t in _list(d, "prefill_lengths")),
             score_lengths=tuple(_count(t, "score_lengths") for t in _list(d, "score_lengths", [])),
+            decode_spans=tuple(_count(t, "decode_spans") for t in _list(d, "decode_spans", [])),
             quantization=Quantization(
                 name=_str(scheme, "name"), description=_str(scheme, "description", ""),
                 recipe=_obj(q, "recipe", {}), tensors=_obj(q, "tensors", {}),
@@ -428,6 +430,11 @@ class ModelInfo:
     def embed_lengths(self) -> list[int]:
         """Chunk lengths of an embedding model's ``embed_<T>`` signatures (none for a causal LM)."""
         return list(self.meta.embedding.lengths) if self.meta.embedding else []
+
+    @property
+    def decode_spans(self) -> list[int]:
+        """Spans S' of ``decode_s<S'>`` signatures, ascending (older files have none)."""
+        return sorted(self.meta.decode_spans)
 
     @property
     def quant(self) -> str:

@@ -835,6 +835,25 @@ def test_damaged_weight_cache_is_rebuilt(tiny, tmp_path, greedy_text, damage):
     assert rebuilt == good  # packing is deterministic: the cache is whole again
 
 
+def test_an_untouched_cache_is_not_read_again(tiny, tmp_path, monkeypatch):
+    """Start-up: a cache whose file is as its record saw it (inode, size, mtime, ctime) is mapped
+    without reading it through a CRC; one that was written to since is read once, then trusted."""
+    from gemma_edge.runtime import weight_cache
+    from gemma_edge.runtime.modelfile import read_info
+
+    monkeypatch.setenv("GEMMA_EDGE_CACHE", str(tmp_path / "cache"))
+    info = read_info(str(tiny.model_file))
+    reads = []
+    crc = weight_cache.crc32_file
+    monkeypatch.setattr(weight_cache, "crc32_file", lambda p, *a: (reads.append(p), crc(p, *a))[1])
+    path = Path(weight_cache.prepare(info, 1))
+    assert len(reads) == 1  # built: its bytes read once for the record
+    assert weight_cache.prepare(info, 1) == str(path) and len(reads) == 1
+    path.write_bytes(path.read_bytes())  # same bytes, written again: a new ctime
+    assert weight_cache.prepare(info, 1) == str(path) and len(reads) == 2
+    assert weight_cache.prepare(info, 1) == str(path) and len(reads) == 2
+
+
 def test_stale_weight_cache_temporaries_are_removed(tiny, tmp_path, greedy_text):
     """An unfinished cache of a process that was killed is removed when a cache is next built; one
     of a process that still runs is left alone."""

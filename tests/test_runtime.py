@@ -470,3 +470,54 @@ def test_stop_tokens_come_from_the_checkpoint(tiny, model, tmp_path):
     assert EOT in tok.stop_token_ids  # <end_of_turn> always ends a turn
     got = gemma_edge.load(str(out)).generate("the model", max_tokens=12)
     assert got.tokens == base.tokens[:base.tokens.index(declared) + 1] and got.finish_reason == "stop"
+
+
+def test_cache_is_zero_and_resident_only_where_written(path):
+    """The KV cache starts as zeros without being written whole (its pages are given back
+    to the OS: ``host_memory.zero``), and ``reset`` clears it the same way: a buffer full of
+    data reads as zeros afterwards, and its memory leaves the process."""
+    code = r"""
+import json, re, sys, numpy as np
+from gemma_edge.runtime.modelfile import read_info
+from gemma_edge.runtime.backend import CompiledBackend
+from gemma_edge.runtime import host_memory
+anon = lambda: int(re.search(r'RssAnon:\s+(\d+)', open('/proc/self/status').read()).group(1))
+b = CompiledBackend(read_info(sys.argv[1]), threads=1)
+zero_at_load = all(not b.kv[n].read(int(np.prod(s)), np.float32).any() for n, s in b._kv_shapes.items())
+b.decode(2, 0)
+written = any(b.kv[n].read(int(np.prod(s)), np.float32).any() for n, s in b._kv_shapes.items())
+# one large buffer, filled, then cleared: its pages must leave the process
+name, shape = next(iter(b._kv_shapes.items()))
+import ai_edge_litert.tensor_buffer as tb
+big = b.model.create_input_buffer_by_name("decode", name)
+ones = np.ones(shape, np.float32)
+found = host_memory.address(big, ones.nbytes) is not None
+b.clear_cache()
+cleared = all(not b.kv[n].read(int(np.prod(s)), np.float32).any() for n, s in b._kv_shapes.items())
+print(json.dumps(dict(zero_at_load=zero_at_load, written=written, cleared=cleared, found=found)))
+"""
+    out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r == dict(zero_at_load=True, written=True, cleared=True, found=True), r
+
+
+def test_zeroing_gives_pages_back():
+    """``host_memory.zero`` on a 64 MB buffer full of ones: zeros after, and ~64 MB less resident."""
+    code = r"""
+import json, mmap, re, numpy as np
+from ai_edge_litert.tensor_buffer import TensorBuffer
+from gemma_edge.runtime import host_memory
+anon = lambda: int(re.search(r'RssAnon:\s+(\d+)', open('/proc/self/status').read()).group(1)) / 1024
+mem = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+data = np.frombuffer(mem, np.float32)  # page-aligned, so LiteRT's view of it is zero-copy
+data[:] = 1
+buf = TensorBuffer.create_from_host_memory(data)
+full = anon()
+host_memory.zero(buf, data.shape)
+print(json.dumps(dict(freed_mb=full - anon(), zero=not data.any())))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["zero"] and r["freed_mb"] > 60, r

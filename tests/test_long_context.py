@@ -1,0 +1,181 @@
+"""Long contexts: decode signatures for shorter spans, sliding windows that read (and keep)
+only their window, and a KV cache whose memory follows the tokens it holds.
+
+A tiny Gemma 3 (sliding window 8, one global layer of four) is converted with a context of
+4096, so its file has ``decode_s2048`` beside ``decode``. Its logits at positions on both
+sides of 2048 are checked against transformers' on the same 2300 tokens; the memory tests
+use a variant with 256-wide heads, where a cache slot is 1 KB and pages are measurable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import hf_logits, tiny_hf_config
+
+CONTEXT = 4096
+N_TOKENS = 2300  # crosses the 2048 span
+
+
+def _checkpoint(out_dir, sp_model_path: str, head_dim: int = 16, kv_heads: int = 2, max_pos: int = 8192):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    cfg = tiny_hf_config(3)
+    cfg.max_position_embeddings, cfg.head_dim, cfg.num_key_value_heads = max_pos, head_dim, kv_heads
+    cfg.query_pre_attn_scalar = head_dim
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.3 if "norm" in name else 0.25)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    shutil.copy(sp_model_path, os.path.join(out_dir, "tokenizer.model"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def long(tmp_path_factory, sp_model_path):
+    from gemma_edge.convert.pipeline import convert
+
+    root = tmp_path_factory.mktemp("long")
+    hf = _checkpoint(root / "ckpt", sp_model_path)
+    path = str(root / "long.tflite")
+    convert(str(root / "ckpt"), path, quant="fp32", max_context=CONTEXT, prefill_lengths=(8, 32, 128),
+            progress=False)
+    ids = [2] + [int(t) for t in np.random.default_rng(0).integers(10, 500, N_TOKENS - 1)]
+    return path, hf, ids, hf_logits(hf, ids)
+
+
+def _close(got, want, what):
+    err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+    assert err < 1e-4, f"{what}: max relative error {err:.2e}"
+
+
+def test_the_file_has_a_short_span_decode_signature(long):
+    from gemma_edge.runtime.modelfile import read_info
+
+    info = read_info(long[0])
+    assert info.decode_spans == [2048]
+
+
+@pytest.mark.parametrize("start", [2036, 700])
+def test_decode_on_both_sides_of_the_span_matches_transformers(long, start):
+    """Prefill (chunks whose sliding layers read only their window), then decode across 2048:
+    decode_s2048 below it, decode above it; every step's logits are transformers'."""
+    from gemma_edge.runtime.backend import CompiledBackend, run_prefill
+    from gemma_edge.runtime.modelfile import read_info
+
+    path, _, ids, want = long
+    b = CompiledBackend(read_info(path), threads=1)
+    used = []
+    run = b._run
+    b._run = lambda sig, *a: (used.append(sig), run(sig, *a))[1]
+    run_prefill(b, ids[:start], 0)
+    stop = 2060 if start > 2000 else start + 12
+    for p in range(start, stop):
+        _close(b.decode(ids[p], p), want[p], f"position {p}")
+    spans = {sig for sig in used if sig.startswith("decode")}
+    assert spans == ({"decode_s2048", "decode"} if start > 2000 else {"decode_s2048"}), spans
+
+
+def test_scoring_a_long_text_matches_transformers(long):
+    """score_<T> chunks over 2300 positions (sliding layers read W + T - 1 slots of the cache)."""
+    import gemma_edge
+
+    path, _, ids, want = long
+    m = gemma_edge.load(path)
+    got = dict(m._log_probs(ids))
+    lp = want.astype(np.float64)
+    lp = lp - (lp.max(axis=1, keepdims=True) + np.log(np.exp(lp - lp.max(axis=1, keepdims=True)).sum(1, keepdims=True)))
+    for i, z in got.items():
+        assert np.max(np.abs(z - lp[i:i + len(z)])) < 2e-3, i
+
+
+def test_generation_past_released_slots_and_a_rewind_match_transformers(long, monkeypatch):
+    """With the sliding layers' old slots given back every few tokens, greedy generation over
+    ~2300 tokens still follows transformers; a rewind to before the released slots starts over."""
+    import gemma_edge
+    from gemma_edge.runtime import engine
+
+    monkeypatch.setattr(engine, "RELEASE_MARGIN", 16)
+    monkeypatch.setattr(engine, "RELEASE_STEP", 64)
+    path, hf, ids, want = long
+    m = gemma_edge.load(path)
+    prompt = ids[:2250]
+    out = m.generate(prompt, max_tokens=20, temperature=0.0, stop_tokens=False)
+    assert m.backend.released > 2000
+    V = m.tokenizer.vocab_size  # ids past the tokenizer's pieces are never generated
+    full = hf_logits(hf, prompt + out.tokens)[:, :V]
+    for step, t in enumerate(out.tokens):
+        row = full[len(prompt) - 1 + step]
+        assert row[t] >= row.max() - 1e-3, step
+    # a prompt that shares only 1000 tokens with the cache: its window was released
+    other = ids[:1000] + ids[1500:1600]
+    again = m.generate(other, max_tokens=5, temperature=0.0, stop_tokens=False)
+    assert again.prefilled_tokens >= len(other) - 1  # started over (it shares 1000 tokens with the cache)
+    ref = hf_logits(hf, other + again.tokens)[:, :V]
+    for step, t in enumerate(again.tokens):
+        row = ref[len(other) - 1 + step]
+        assert row[t] >= row.max() - 1e-3, step
+
+
+MEMORY_CHILD = r"""
+import json, re, sys
+import gemma_edge
+from gemma_edge.runtime import contract
+anon = lambda: int(re.search(r'RssAnon:\s+(\d+)', open('/proc/self/status').read()).group(1)) / 1024
+m = gemma_edge.load(sys.argv[1], threads=1)
+m.generate([2] + [7] * 300, max_tokens=1, temperature=0.0, stop_tokens=False)  # every signature's arena
+m.reset()  # gives the cache's pages back
+before = anon()
+n = int(sys.argv[2])
+m.generate([2] + [10 + i % 400 for i in range(n)], max_tokens=4, temperature=0.0, stop_tokens=False)
+print(json.dumps({"grew_mb": anon() - before, "released": m.backend.released}))
+"""
+
+
+def test_cache_memory_follows_the_tokens_and_the_window(tmp_path, sp_model_path):
+    """A context-8192 file with 1 KB slots (head_dim 256, one KV head): its cache would be 64 MB
+    written whole. After 6000 tokens the process grew by about the global layer's 6000 slots
+    (12 MB for K and V) plus three sliding layers' windows, not by the 36 MB the sliding layers
+    would hold without giving their old slots back, nor by the 64 MB of the whole cache."""
+    from gemma_edge.convert.pipeline import convert
+
+    _checkpoint(tmp_path / "ckpt", sp_model_path, head_dim=256, kv_heads=1)
+    path = str(tmp_path / "wide.tflite")
+    convert(str(tmp_path / "ckpt"), path, quant="fp32", max_context=8192, prefill_lengths=(8, 128), progress=False)
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, path, "6000"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    global_mb = 2 * 6000 / 1024  # one global layer, K and V, 1 KB a slot
+    sliding_full_mb = 3 * 2 * 6000 / 1024
+    assert r["released"] > 5000, r
+    assert r["grew_mb"] < global_mb + 0.25 * sliding_full_mb, r
+
+
+def test_litert_lm_runs_a_file_with_span_signatures(long, sp_model_path, tmp_path):
+    """LiteRT-LM ignores decode_s2048 and runs the packed file like gemma-edge (greedy)."""
+    import gemma_edge
+    from gemma_edge.runtime.litertlm import pack
+    from test_litertlm import explain_divergence, litert_engine, litert_greedy
+    from test_runtime import prompt_ids
+
+    packed = pack(long[0], tmp_path / "long.litertlm")
+    engine = litert_engine(packed, tmp_path / "cache")
+    try:
+        m = gemma_edge.load(long[0])
+        text = m.tokenizer.decode(prompt_ids(sp_model_path, 40, seed=9)[1:])
+        ours = m.generate(text, max_tokens=12, temperature=0)
+        theirs, _, _ = litert_greedy(engine, text, 12)
+        assert theirs == ours.text, explain_divergence(m, m.encode(text), ours, theirs)
+    finally:
+        engine.close()
