@@ -385,6 +385,22 @@ def test_bad_requests(case):
     assert m.embed([]).shape == (0, HIDDEN)
 
 
+def test_the_file_has_only_cache_free_signatures(case):
+    """No KV cache, so no decode: not the long-context decode_s<S'> either, whatever the context."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from gemma_edge.runtime import contract
+    from gemma_edge.runtime.modelfile import read_info
+
+    path = str(case.convert("fp32"))
+    info = read_info(path)
+    sigs = Interpreter(model_path=path).get_signature_list()
+    assert sorted(sigs) == sorted(contract.embed_name(T) for T in info.embed_lengths) and not info.decode_spans
+    assert not [n for sig in sigs.values() for n in sig["inputs"] if contract.parse_kv_name(n)]
+    assert contract.signature_names([8], [32], contract.decode_spans(32768), [32, 128]) == ["embed_32", "embed_128"]
+    assert contract.parse_signature("embed_128") == (128, contract.POOLED, None)
+
+
 def test_packing_plan():
     from gemma_edge.runtime.contract import embed_slots
     from gemma_edge.runtime.embedding import plan
