@@ -453,7 +453,7 @@ def test_cli_embed_prints_json_lines(fp32, tmp_path):
                                              m.embed(batch[3:]), atol=1e-6)
 
 
-def test_cli_embed_bad_input(fp32, generative):
+def test_cli_embed_bad_input(fp32, generative, tmp_path):
     from test_cli import GEMMA_EDGE, assert_user_error, cli
 
     long = " ".join(["model cache"] * 40)
@@ -462,7 +462,7 @@ def test_cli_embed_bad_input(fp32, generative):
     assert_user_error(cli(GEMMA_EDGE, "embed", fp32, "x", "--dim", "65"), "gemma-edge", "from 1 to 64")
     assert_user_error(cli(GEMMA_EDGE, "embed", fp32, long), "gemma-edge", "tokens", "--truncate")
     assert cli(GEMMA_EDGE, "embed", fp32, long, "--truncate").returncode == 0
-    assert_user_error(cli(GEMMA_EDGE, "embed", fp32, "-f", "/nonexistent/texts.txt"), "gemma-edge", "texts.txt")
+    assert_user_error(cli(GEMMA_EDGE, "embed", fp32, "-f", str(tmp_path / "texts.txt")), "gemma-edge", "texts.txt")
     assert_user_error(cli(GEMMA_EDGE, "embed", generative, "x"), "gemma-edge", "not an embedding model")
     # an embedding file given to the generative commands
     assert_user_error(cli(GEMMA_EDGE, "run", fp32, "-p", "hi"), "gemma-edge", "embedding model", "gemma-edge embed")
