@@ -38,3 +38,11 @@ class OutputExistsError(GemmaEdgeError):
 
 class GenerationError(GemmaEdgeError):
     """Bad generation request: empty prompt, prompt over the context, bad sampling values."""
+
+
+class EmbeddingError(GemmaEdgeError):
+    """Bad embedding request: an unknown task, a dimension out of range, a text over the context."""
+
+
+class ModelKindError(GemmaEdgeError):
+    """The file is the other kind of model: an embedding model asked to generate, or the reverse."""
