@@ -29,9 +29,9 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
     try:
         out = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 8,32,128,512")
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 8,32,128")
     if not out or min(out) < 1:
-        raise click.BadParameter("give at least one positive chunk length, e.g. 8,32,128,512")
+        raise click.BadParameter("give at least one positive chunk length, e.g. 8,32,128")
     return out
 
 

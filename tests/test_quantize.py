@@ -57,8 +57,11 @@ def test_recipes_and_roles():
     assert role_of("l3_ple_embed") == "ple" and role_of("ple_proj") == "ple" and role_of("l3_ple_norm") is None
     dense = {"dense_0": "int8", "dense_1": "int8"}  # an embedding model's Dense layers after pooling
     assert role_of("dense_0") == "dense" and kind_of("dense_1") == "dense_1"
-    assert parse_recipe("int4") == {"embedding": "int8", **{k: "int4-b32" if k.startswith("ffn") else "int8"
+    # int4: the FFN's gate and up in int4 blocks; its down projection, attention and embedding int8
+    assert parse_recipe("int4") == {"embedding": "int8", **{k: "int4-b32" if k in ("ffn_gate", "ffn_up") else "int8"
                                                           for k in kinds}, **ple, **dense}
+    assert parse_recipe("int4,ffn_down=int4-b32")["ffn_down"] == "int4-b32"
+    assert parse_recipe("int4,ffn=int4-b64")["ffn_down"] == "int4-b64"  # a role given overrides the preset's kind
     # the mixed preset keeps the embedding (and an embedding model's small Dense layers) in int8
     assert parse_recipe("int4-b32,embedding=int8,dense=int8") == parse_recipe("int4-b32-mixed")
     assert parse_recipe("ffn=int4") == {"embedding": "int8", **{k: "int4" if k.startswith("ffn") else "int8"
