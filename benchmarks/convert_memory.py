@@ -893,7 +893,7 @@ def parse_args(argv=None):
     ap.add_argument("--json", nargs="?", const="-", metavar="PATH",
                     help="also write the figures as JSON to PATH (or stdout without PATH)")
     ap.add_argument("--max-context", type=int, default=2048)
-    ap.add_argument("--prefill-lengths", default="8,32,128,512")
+    ap.add_argument("--prefill-lengths", default="8,32,128", help="prefill chunk lengths (default: the converter's)")
     ap.add_argument("--decode-steps", type=int, default=5, help="timed decode calls (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="runtime threads (default: the backend's)")
     ap.add_argument("--bench-prompt", type=int, default=32, help="Model.benchmark prompt tokens (default 32)")

@@ -171,6 +171,8 @@ class Described:
     declared_stop_ids: tuple[int, ...] = ()  # end-of-generation ids the checkpoint declares
     files: tuple[Path, ...] = ()  # every file the conversion reads (never an output)
     notes: tuple[str, ...] = ()  # one line each for the user (e.g. vision towers skipped)
+    embedding: Any = None  # an embedding model's modelfile.EmbeddingMeta (its chunk lengths left to the converter)
+    add_eos: bool = False  # the tokenizer ends a text with <eos> (EmbeddingGemma's does)
 
 
 class Source:
@@ -200,6 +202,8 @@ class Source:
         self.declared_stop_ids = list(d.declared_stop_ids)
         self.map = d.names
         self.notes = list(d.notes)
+        self.embedding = d.embedding
+        self.add_eos = d.add_eos
         self._files = list(d.files)
         self._norm_offset = d.norm_offset
         self._chunk = (None, None)  # the last rows read of a packed table that several weights slice

@@ -10,7 +10,7 @@ from .. import __version__
 from ..quantize.schemes import KINDS, PRESETS, ROLES, SCHEMES
 from ..runtime.errors import GemmaEdgeError
 from ..runtime.process import exit_code, terminate_as_interrupt
-from .pipeline import DEFAULT_PREFILL, DEFAULT_SCORE
+from .pipeline import DEFAULT_EMBED, DEFAULT_PREFILL, DEFAULT_SCORE
 
 _QUANT_HELP = "; ".join(f"{s.name}: {s.description}" for s in SCHEMES.values())
 
@@ -29,9 +29,9 @@ def _lengths(ctx, param, value: str) -> tuple[int, ...]:
     try:
         out = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 8,32,128,512")
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers, e.g. 8,32,128")
     if not out or min(out) < 1:
-        raise click.BadParameter("give at least one positive chunk length, e.g. 8,32,128,512")
+        raise click.BadParameter("give at least one positive chunk length, e.g. 8,32,128")
     return out
 
 
@@ -60,6 +60,9 @@ def _score_lengths(ctx, param, value: str) -> tuple[int, ...]:
               help="Tokens per call of the score_<T> signatures (logits for every position): `gemma-edge eval` "
                    "uses the longest, speculative decoding (--draft) the shortest that holds its drafted "
                    "tokens; 0 leaves them out.")
+@click.option("--embed-lengths", default=",".join(map(str, DEFAULT_EMBED)), show_default=True, callback=_lengths,
+              help="An embedding model's chunk lengths, one embed_<T> signature each, besides the context "
+                   "(the longest text it embeds); short texts are packed together into one chunk.")
 @click.option("--report", is_flag=True,
               help="After writing, print what quantization cost: the relative RMS error of the weights "
                    "per tensor role (and the worst tensor), and with --eval-text the perplexity of the "
@@ -79,16 +82,20 @@ def _score_lengths(ctx, param, value: str) -> tuple[int, ...]:
                    "layout and speed; costs a minute or two more.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def main(source, output, quant, max_context, prefill_lengths, score_length, report, eval_text, eval_tokens,
-         lora, calibrate, force, quiet):
+def main(source, output, quant, max_context, prefill_lengths, score_length, embed_lengths, report, eval_text,
+         eval_tokens, lora, calibrate, force, quiet):
     """Convert a Gemma checkpoint SOURCE to one self-describing LiteRT .tflite file.
 
-    SOURCE is a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model;
-    Gemma 1, Gemma 2 or Gemma 3 text) or a .gguf file. The output follows LiteRT-LM's
+    SOURCE is a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.model
+    or tokenizer.json; Gemma 1, 2, 3 or 4 text) or a .gguf file. The output follows LiteRT-LM's
     contract (prefill_<T> and decode signatures, an in-place KV cache) and carries the
     config, tokenizer, chat template and quantization in its metadata. Weights are
     streamed, so memory does not grow with the model size. The file is written to a
     temporary name and renamed when complete.
+
+    An EmbeddingGemma checkpoint (its sentence-transformers folder, or a gemma-embedding GGUF)
+    becomes an embedding model: embed_<T> signatures (--embed-lengths), its task prompts
+    stored in the file; run it with `gemma-edge embed`.
 
     \b
     Examples:
@@ -96,6 +103,7 @@ def main(source, output, quant, max_context, prefill_lengths, score_length, repo
       gemma-convert gemma-3-270m.gguf -o m-int4.tflite --quant int4 --report --eval-text wiki.txt
       gemma-convert ckpt/ -o m.tflite --quant int4,embedding=int8,attention=int8
       gemma-convert gemma-3-270m/ --lora my-adapter/ -o tuned-int8.tflite
+      gemma-convert embeddinggemma-300m/ -o embeddinggemma-int8.tflite
     """
     from .pipeline import convert, perplexity_vs_fp32
 
@@ -115,7 +123,7 @@ def main(source, output, quant, max_context, prefill_lengths, score_length, repo
         r = convert(source, output, quant=quant, max_context=max_context,
                     prefill_lengths=prefill_lengths, force=force, progress=not quiet,
                     score_length=score_length, report=report, lora=lora, calibrate=calibrate,
-                    notes=lambda line: click.echo(f"gemma-convert: {line}", err=True))
+                    notes=lambda line: click.echo(f"gemma-convert: {line}", err=True), embed_lengths=embed_lengths)
     except GemmaEdgeError as e:
         click.echo(f"gemma-convert: error: {e}", err=True)
         sys.exit(2)
@@ -126,10 +134,16 @@ def main(source, output, quant, max_context, prefill_lengths, score_length, repo
     click.echo(
         f"wrote {r.path}: {r.file_size / 1e6:.1f} MB, Gemma {c.family} ({c.num_layers} layers, d_model "
         f"{c.hidden_size}, vocab {c.vocab_size}, {c.num_params / 1e6:.0f}M params), {r.quant}, context "
-        f"{r.context_length}, prefill {','.join(map(str, r.prefill_lengths))}; "
-        f"{r.seconds:.1f} s, peak memory {r.peak_rss_mb:.0f} MB"
+        f"{r.context_length}, "
+        + (f"embed {','.join(map(str, r.embed_lengths))}; " if r.embed_lengths else
+           f"prefill {','.join(map(str, r.prefill_lengths))}; ")
+        + f"{r.seconds:.1f} s, peak memory {r.peak_rss_mb:.0f} MB"
         + (f"; LoRA {lora} merged" if lora else ""), err=True)
     ppl = None
+    if text and r.embed_lengths:
+        click.echo("gemma-convert: note: --eval-text measures a causal LM's perplexity; an embedding model has "
+                   "none, so only the weights' error is reported", err=True)
+        text = None
     if text:
         from ..runtime import native_log
 

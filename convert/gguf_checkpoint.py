@@ -411,6 +411,9 @@ TENSORS: namemap.Table = {
     "ple_out": ("blk.{i}.proj.weight", None),
     "ple_norm": ("blk.{i}.post_norm.weight", NORM),
     "layer_scale": ("blk.{i}.layer_output_scale.weight", None),
+    # gemma-embedding (EmbeddingGemma): its sentence-transformers Dense layers 2_Dense and 3_Dense
+    "dense_0": ("dense_2.weight", None),
+    "dense_1": ("dense_3.weight", None),
 }
 # a tied head; llama.cpp's RoPE factors (Gemma 4's partial rotation, read into the config)
 IGNORABLE = frozenset({"output.weight", "rope_freqs.weight"})
@@ -420,7 +423,10 @@ IGNORABLE = frozenset({"output.weight", "rope_freqs.weight"})
 # the config
 # --------------------------------------------------------------------------------------------
 
-GGUF_ARCHITECTURES = {"gemma": 1, "gemma2": 2, "gemma3": 3, "gemma4": 4}
+GGUF_ARCHITECTURES = {"gemma": 1, "gemma2": 2, "gemma3": 3, "gemma4": 4, "gemma-embedding": 3}
+# Embedding models (llama.cpp: no KV cache, a symmetric sliding window, <arch>.pooling_type)
+EMBEDDING_ARCHITECTURES = {"gemma-embedding"}
+MEAN_POOLING = 1  # llama.cpp's LLAMA_POOLING_TYPE_MEAN (gguf.PoolingType.MEAN)
 
 
 def config_from_gguf(meta: dict, vocab_size: int, rope_freqs=None) -> GemmaConfig:
@@ -551,6 +557,7 @@ def _config_from_gguf(meta: dict, vocab_size: int, rope_freqs=None) -> GemmaConf
         attn_softcap=_optional(meta.get(f"{arch}.attn_logit_softcapping", softcaps.get("attn"))),
         final_softcap=_optional(meta.get(f"{arch}.final_logit_softcapping", softcaps.get("final"))),
         max_position=int(get("context_length", 8192)),
+        bidirectional=arch in EMBEDDING_ARCHITECTURES and not meta.get(f"{arch}.attention.causal", False),
         **extra,
     )
 
@@ -576,6 +583,9 @@ def describe(path: Path, ckpt: "GGUFCheckpoint") -> Described:
     if cfg.family >= 4 and own and all(TENSORS["v"][0].format(i=i) not in infos for i in own):
         # llama.cpp writes no attn_v for Gemma 4's attention_k_eq_v (V is the K projection) and no key says so
         cfg = dataclasses.replace(cfg, k_eq_v=True)
+    embedding, notes = None, ()
+    if meta.get("general.architecture") in EMBEDDING_ARCHITECTURES:
+        cfg, embedding, notes = _embedding_head(path, meta, infos, cfg)
     from .gguf_tokenizer import sentencepiece_from_gguf
 
     return Described(
@@ -583,4 +593,36 @@ def describe(path: Path, ckpt: "GGUFCheckpoint") -> Described:
         names=namemap.build_map(TENSORS, cfg, infos, IGNORABLE), norm_offset=0.0,
         chat_template=meta.get("tokenizer.chat_template") if isinstance(meta.get("tokenizer.chat_template"), str) else None,
         declared_stop_ids=tuple(ids(meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id"))),
-        files=(Path(path),))
+        files=(Path(path),), notes=notes, embedding=embedding,
+        add_eos=embedding is not None and meta.get("tokenizer.ggml.add_eos_token") is True)
+
+
+def _embedding_head(path: Path, meta: dict, infos: dict, cfg: GemmaConfig):
+    """(config with the Dense layers' sizes, EmbeddingMeta, notes) of a gemma-embedding GGUF:
+    mean pooling (``<arch>.pooling_type``), the Dense layers llama.cpp's converter writes with
+    --sentence-transformers-dense-modules (``dense_2``, ``dense_3``), and EmbeddingGemma's
+    published task prompts (a GGUF stores none)."""
+    from ..runtime import modelfile
+    from .st_layout import EMBEDDINGGEMMA_PROMPTS, matryoshka_dims
+
+    arch = meta["general.architecture"]
+    pooling = meta.get(f"{arch}.pooling_type", MEAN_POOLING)
+    if pooling != MEAN_POOLING:
+        raise UnsupportedModelError(f"{path}: {arch}.pooling_type is {pooling!r}; gemma-edge computes mean pooling "
+                                    f"({MEAN_POOLING}), as EmbeddingGemma was trained")
+    dense = [TENSORS[k][0] for k in ("dense_0", "dense_1")]
+    have = [n in infos for n in dense]
+    if have == [False, True]:
+        raise SourceError(f"{path}: has {dense[1]} but no {dense[0]}; the file is incomplete: re-convert it")
+    dims = tuple(infos[n].shape[0] for n, ok in zip(dense, have) if ok)
+    notes = [f"{path}: a GGUF stores no task prompts; EmbeddingGemma's published ones were stored "
+             f"({', '.join(sorted(EMBEDDINGGEMMA_PROMPTS))})"]
+    if not dims:
+        notes.append(f"{path}: no Dense layers (llama.cpp's converter wrote them only with "
+                     "--sentence-transformers-dense-modules): the vectors are the pooled hidden states, as llama.cpp "
+                     "computes them from this file, not EmbeddingGemma's sentence-transformers output")
+    cfg = dataclasses.replace(cfg, dense_dims=dims)
+    embedding = modelfile.EmbeddingMeta(
+        lengths=(), dim=cfg.embedding_dim, matryoshka_dims=matryoshka_dims(cfg.embedding_dim),
+        prompts=dict(EMBEDDINGGEMMA_PROMPTS), max_tokens=cfg.max_position)
+    return cfg, embedding, tuple(notes)

@@ -7,7 +7,9 @@ whatever the model size; ``tflite_writer.apply_surgery`` later turns those input
 (quantized) constants written by a streaming writer. Signatures, tensor and weight names
 follow LiteRT-LM's contract (``runtime/contract.py``): ``prefill_<T>`` (KV caches only),
 ``decode`` (``logits [1, 1, V]`` as well), and ``score_<T>`` (a prefill chunk that also
-returns ``logits [1, T, V]`` for every position, so perplexity runs T tokens a call).
+returns ``logits [1, T, V]`` for every position, so perplexity runs T tokens a call). An
+embedding model's ``embed_<T>`` runs the same layers without a cache (``caches=None``): the
+chunk attends to itself, text by text, and its tail pools each text into one vector.
 
 Shapes: T tokens in the chunk, S context length, D d_model, N query heads,
 K KV heads, G = N / K, H head_dim, F FFN hidden, V vocab.
@@ -63,7 +65,8 @@ def _gelu(x):
     return tf.nn.gelu(x, approximate=True)
 
 
-def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, logits: str, span: int | None = None):
+def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, logits: str, span: int | None = None,
+            segments=None):
     """One chunk of T tokens written at slots input_pos[0] .. input_pos[0]+T-1 of every cache.
 
     tokens [1, T] int32, input_pos [T] int32 (real tokens are consecutive; padding
@@ -72,9 +75,13 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, logits: 
     ``span`` (< S) makes global layers attend only to slots 0 .. span-1 (``decode_s<span>``,
     for positions below it). Returns the updated caches, and ``logits``: of the last token
     [1, 1, V] (LAST_LOGITS), of every token [1, T, V] (ALL_LOGITS), or none.
+
+    ``caches=None`` (an embedding model): no cache; ``segments`` [T] int32 numbers each token's
+    text and ``input_pos`` is its position in that text (``_chunk_masks``); returns
+    ``embeddings`` [1, G, E] (POOLED, ``_pool``).
     """
     T = tokens.shape[1]
-    S = caches[C.kv_name("k", 0)].shape[2]
+    S = T if caches is None else caches[C.kv_name("k", 0)].shape[2]
     N, L = cfg.num_heads, cfg.num_layers
     eps = cfg.rms_norm_eps
     ids = tokens[0]
@@ -91,19 +98,22 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, logits: 
 
     pos = tf.cast(input_pos, tf.float32)[:, None]  # [T, 1]
     q_pos = input_pos[:, None]  # [T, 1]
-    k_pos = tf.range(G_SPAN, dtype=tf.int32)[None, :]  # [1, G_SPAN]
-    masks = {False: tf.where(k_pos <= q_pos, 0.0, MASK_VALUE)}  # [T, G_SPAN], keyed by "is sliding"
-    # A sliding layer reads only the W + T - 1 slots a chunk can see, from `w0`: a SLICE (a
-    # memcpy of contiguous rows) of its cache, so its cost does not grow with the context S.
-    # Keys outside the window get exactly zero weight either way: this changes speed, not results.
-    W = cfg.sliding_window or S
-    win = min(W + T - 1, S)
-    if cfg.sliding_window and any(cfg.is_sliding(i) for i in range(L)):
-        w0 = tf.clip_by_value(input_pos[0] - W + 1, 0, S - win)  # first slot of the window
-        w_pos = w0 + tf.range(win, dtype=tf.int32)[None, :]  # [1, win]
-        w_visible = tf.logical_and(w_pos <= q_pos, q_pos - w_pos < W)  # [T, win]
-        masks[True] = tf.where(w_visible, 0.0, MASK_VALUE)  # [T, win]
-        w_begin = tf.stack([0, 0, w0, 0])
+    if caches is None:  # an embedding chunk: every layer attends to all T keys of the chunk, masked
+        masks, win, w_begin = _chunk_masks(cfg, input_pos, segments), T, None  # [T, T] each
+    else:
+        k_pos = tf.range(G_SPAN, dtype=tf.int32)[None, :]  # [1, G_SPAN]
+        masks = {False: tf.where(k_pos <= q_pos, 0.0, MASK_VALUE)}  # [T, G_SPAN], keyed by "is sliding"
+        # A sliding layer reads only the W + T - 1 slots a chunk can see, from `w0`: a SLICE (a
+        # memcpy of contiguous rows) of its cache, so its cost does not grow with the context S.
+        # Keys outside the window get exactly zero weight either way: this changes speed, not results.
+        W = cfg.sliding_window or S
+        win = min(W + T - 1, S)
+        if cfg.sliding_window and any(cfg.is_sliding(i) for i in range(L)):
+            w0 = tf.clip_by_value(input_pos[0] - W + 1, 0, S - win)  # first slot of the window
+            w_pos = w0 + tf.range(win, dtype=tf.int32)[None, :]  # [1, win]
+            w_visible = tf.logical_and(w_pos <= q_pos, q_pos - w_pos < W)  # [T, win]
+            masks[True] = tf.where(w_visible, 0.0, MASK_VALUE)  # [T, win]
+            w_begin = tf.stack([0, 0, w0, 0])
     rope_tables = {}  # inv_freq bytes -> (cos, sin), computed once per distinct table
     start = tf.stack([0, 0, input_pos[0], 0])
     new_caches = {}
@@ -138,8 +148,11 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, logits: 
                 v = _rms_norm(v, None, eps)
             k = _rope(k, cos, sin)
             kn, vn = C.kv_name("k", i), C.kv_name("v", i)
-            new_caches[kn] = xla.dynamic_update_slice(caches[kn], tf.transpose(k, [1, 0, 2])[None], start)  # [1, K, S, H]
-            new_caches[vn] = xla.dynamic_update_slice(caches[vn], tf.transpose(v, [1, 0, 2])[None], start)  # [1, K, S, H]
+            if caches is None:  # the chunk's own keys and values, [1, K, T, H]
+                new_caches[kn], new_caches[vn] = tf.transpose(k, [1, 0, 2])[None], tf.transpose(v, [1, 0, 2])[None]
+            else:
+                new_caches[kn] = xla.dynamic_update_slice(caches[kn], tf.transpose(k, [1, 0, 2])[None], start)  # [1, K, S, H]
+                new_caches[vn] = xla.dynamic_update_slice(caches[vn], tf.transpose(v, [1, 0, 2])[None], start)  # [1, K, S, H]
         kc, vc = new_caches[C.kv_name("k", src)], new_caches[C.kv_name("v", src)]
 
         # query head n uses KV head n // G: group the G query heads of each KV head.
@@ -180,6 +193,8 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, logits: 
         if cfg.layer_scale:
             x = x * wt("layer_scale")
 
+    if logits == C.POOLED:
+        return {C.EMBEDDINGS: _pool(cfg, w, _rms_norm(x, w[C.FINAL_NORM], eps), segments)}
     out = dict(new_caches)
     if logits != C.NO_LOGITS:
         h = _rms_norm(x[-1:] if logits == C.LAST_LOGITS else x, w[C.FINAL_NORM], eps)  # [1 or T, D]
@@ -190,19 +205,52 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict, logits: 
     return out
 
 
+def _chunk_masks(cfg: GemmaConfig, input_pos, segments) -> dict:
+    """Additive masks [T, T] of a chunk without a cache, keyed by "is sliding": a token sees
+    the tokens of its own text (``segments``), causally or, for a bidirectional model, both
+    ways. A bidirectional sliding layer sees keys at most sliding_window // 2 positions away
+    on either side: transformers' Gemma 3 (``use_bidirectional_attention``: |i - j| <
+    sliding_window // 2 + 1) and llama.cpp's symmetric window (|i - j| <= n_swa / 2) agree."""
+    d = input_pos[:, None] - input_pos[None, :]  # [T, T] query position - key position
+    see = tf.equal(segments[:, None], segments[None, :])  # [T, T]
+    if not cfg.bidirectional:
+        see = tf.logical_and(see, d >= 0)
+    masks = {False: tf.where(see, 0.0, MASK_VALUE)}
+    if cfg.sliding_window:
+        r = cfg.sliding_window // 2
+        near = tf.logical_and(d <= r, d >= -r) if cfg.bidirectional else d < cfg.sliding_window
+        masks[True] = tf.where(tf.logical_and(see, near), 0.0, MASK_VALUE)
+    return masks
+
+
+def _pool(cfg: GemmaConfig, w: dict, x, segments):
+    """[1, G, E]: each text's mean over its tokens (prompt and <bos>/<eos> included, as
+    sentence-transformers' mean pooling), through the Dense layers (no bias or activation)."""
+    G = C.embed_slots(x.shape[0])
+    member = tf.cast(tf.equal(tf.range(G, dtype=tf.int32)[:, None], segments[None, :]), tf.float32)  # [G, T]
+    count = tf.reduce_sum(member, axis=1, keepdims=True)  # [G, 1]
+    e = tf.matmul(member, x) / tf.maximum(count, 1.0)  # [G, D]
+    for k in range(len(cfg.dense_dims)):
+        e = _linear(e, w[C.dense_name(k)])  # [G, E]
+    return e[None]  # [1, G, E]
+
+
 def _signature_fn(cfg: GemmaConfig, name: str, context: int):
     T, logits, span = C.parse_signature(name)
     shapes = C.weight_shapes(cfg)
-    kv = C.kv_shapes(cfg, context)
+    kv = {} if logits == C.POOLED else C.kv_shapes(cfg, context)
     specs = [tf.TensorSpec([1, T], tf.int32, name=C.TOKENS), tf.TensorSpec([T], tf.int32, name=C.INPUT_POS)]
+    extra = [C.SEGMENTS] if logits == C.POOLED else []
+    specs += [tf.TensorSpec([T], tf.int32, name=n) for n in extra]
     specs += [tf.TensorSpec(s, tf.float32, name=n) for n, s in kv.items()]
     specs += [tf.TensorSpec(s, tf.float32, name=n) for n, s in shapes.items()]
-    names = [C.TOKENS, C.INPUT_POS, *kv, *shapes]
+    names = [C.TOKENS, C.INPUT_POS, *extra, *kv, *shapes]
 
     def fn(*args):
         a = dict(zip(names, args))
-        caches = {n: a[n] for n in kv}
-        return forward(cfg, {n: a[n] for n in shapes}, a[C.TOKENS], a[C.INPUT_POS], caches, logits, span)
+        caches = {n: a[n] for n in kv} if kv else None
+        return forward(cfg, {n: a[n] for n in shapes}, a[C.TOKENS], a[C.INPUT_POS], caches, logits, span,
+                       a.get(C.SEGMENTS))
 
     fn.__name__ = name  # the signature key
     return tf.function(fn, input_signature=specs, autograph=False)

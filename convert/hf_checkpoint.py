@@ -26,6 +26,7 @@ import numpy as np
 from ..runtime.config import FULL, MAX_LAYERS, SLIDING, GemmaConfig
 from ..runtime.errors import SourceError, TokenizerError, UnsupportedModelError
 from . import names as namemap
+from . import st_layout
 from .checkpoint import (_REDOWNLOAD, Described, TensorInfo, _is_uint, _listing, _map_file,
                          _no_duplicate_keys, _release, _row_range, _too_big, _unmap, ids)
 from .names import NORM, PLE_COLUMNS
@@ -288,6 +289,17 @@ class SafetensorsCheckpoint:
                 )
         self._where = {name: shards[s] for name, s in weight_map.items()}
 
+    def attach(self, file: Path, prefix: str) -> None:
+        """Read the tensors of one more safetensors file, each named ``prefix + its name`` (a
+        sentence-transformers Dense module's ``linear.weight`` as ``2_Dense/linear.weight``)."""
+        f = _SafetensorsFile(file)
+        self._files.append(f)
+        f.entries = {prefix + n: e for n, e in f.entries.items()}
+        clash = sorted(set(f.entries) & set(self._where))
+        if clash:
+            raise SourceError(f"{file}: its tensors {_listing(clash)} are named as the model's own")
+        self._where.update({n: f for n in f.entries})
+
     def files(self) -> list[Path]:
         """The safetensors file(s) and the shard index, if any."""
         index = [self.path] if self.path.name.endswith(".index.json") else (
@@ -362,8 +374,9 @@ TENSORS: namemap.Table = {
 TENSORS_WITHOUT_POST_NORMS: namemap.Table = {
     **TENSORS, "ffn_norm": ("layers.{i}.post_attention_layernorm.weight", NORM)}
 IGNORABLE = frozenset({"lm_head.weight"})  # Gemma ties the LM head to the embedding
-# Where the text decoder lives: causal LM checkpoints, then multimodal ones (transformers >= 4.52, before).
-PREFIXES = ("model.", "model.language_model.", "language_model.model.")
+# Where the text decoder lives: causal LM checkpoints, then multimodal ones (transformers >= 4.52, before),
+# then a bare model (an embedding checkpoint's Gemma3TextModel).
+PREFIXES = ("model.", "model.language_model.", "language_model.model.", "")
 
 
 def decoder_prefix(names) -> str:
@@ -378,9 +391,9 @@ def table_for(cfg: GemmaConfig) -> namemap.Table:
     return TENSORS if cfg.has_post_norms else TENSORS_WITHOUT_POST_NORMS
 
 
-def build_map_for(cfg: GemmaConfig, names, skipped=frozenset()) -> dict:
+def build_map_for(cfg: GemmaConfig, names, skipped=frozenset(), extra=None) -> dict:
     """canonical -> (HF tensor name, transform), under the decoder prefix the names use."""
-    return namemap.build_map(table_for(cfg), cfg, names, IGNORABLE, decoder_prefix(names), skipped)
+    return namemap.build_map(table_for(cfg), cfg, names, IGNORABLE, decoder_prefix(names), skipped, extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,8 +497,12 @@ def _config_from_hf(hf: dict) -> GemmaConfig:
     if act not in ("gelu_pytorch_tanh", "gelu"):
         raise UnsupportedModelError(f"config.json activation {act!r} is not Gemma's GeGLU (gelu_pytorch_tanh)")
     _refuse(hf, "attention_bias", (False, None), "Gemma has no attention biases and gemma-edge writes none")
-    _refuse(hf, "use_bidirectional_attention", (False, None),
-            "bidirectional attention (embedding models) is not supported; gemma-edge converts causal LMs")
+    bidirectional = hf.get("use_bidirectional_attention") or False
+    if not isinstance(bidirectional, bool):
+        raise TypeError(f"use_bidirectional_attention is {bidirectional!r}, not true or false")
+    if bidirectional and family != 3:
+        raise UnsupportedModelError(f"config.json sets use_bidirectional_attention for a Gemma {family}: gemma-edge "
+                                    "reads bidirectional attention in Gemma 3 embedding models (EmbeddingGemma) only")
     _refuse(hf, "enable_moe_block", (False, None),
             "mixture-of-experts layers (Gemma 4 26B-A4B) are not supported; gemma-edge converts dense "
             f"{_GEMMA4_TEXT}")
@@ -559,6 +576,7 @@ def _config_from_hf(hf: dict) -> GemmaConfig:
         final_softcap=_number(hf, "final_logit_softcapping", None),
         max_position=_int(hf, "max_position_embeddings", 8192),
         global_rope_fraction=fraction,
+        bidirectional=bidirectional,
         **g,
     )
 
@@ -690,6 +708,15 @@ def describe(path: Path, ckpt: "SafetensorsCheckpoint") -> Described:
             template = (root / "chat_template.jinja").read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise SourceError(f"{root / 'chat_template.jinja'}: cannot be read ({e})") from None
+    layout, embedding, extra = st_layout.read(root), None, None
+    if layout is not None:
+        cfg, embedding, extra = _embedding_head(cfg, layout, ckpt, root)
+        files += [*layout.files, *(root / d.path / "model.safetensors" for d in layout.dense)]
+    elif cfg.bidirectional:
+        raise UnsupportedModelError(
+            f"{cfg_path} sets use_bidirectional_attention (an embedding model) but {root} has no "
+            f"{st_layout.MODULES}: gemma-edge needs the model's sentence-transformers files beside it "
+            "(modules.json, 1_Pooling/, 2_Dense/, 3_Dense/, config_sentence_transformers.json); download them too")
     infos = ckpt.tensors()
     prefix = decoder_prefix(infos)
     skipped = {n for n in infos if not n.startswith(prefix) and n not in IGNORABLE} if prefix != PREFIXES[0] else set()
@@ -697,5 +724,45 @@ def describe(path: Path, ckpt: "SafetensorsCheckpoint") -> Described:
              "its vision/audio towers were skipped",) if skipped else ()
     return Described(
         config=cfg, tokenizer_model=tokenizer_model,
-        names=build_map_for(cfg, infos, skipped), norm_offset=cfg.hf_norm_offset,
-        chat_template=template, declared_stop_ids=tuple(ids(*declared)), files=tuple(files), notes=notes)
+        names=build_map_for(cfg, infos, skipped, extra),
+        norm_offset=cfg.hf_norm_offset, chat_template=template, declared_stop_ids=tuple(ids(*declared)),
+        files=tuple(files), notes=notes, embedding=embedding,
+        add_eos=layout is not None and _adds_eos(tc, root))
+
+
+def _embedding_head(cfg: GemmaConfig, layout: "st_layout.Layout", ckpt: "SafetensorsCheckpoint", root: Path):
+    """(config with the Dense layers' sizes, the file's EmbeddingMeta, the Dense weights' name map)
+    of a sentence-transformers checkpoint; its Dense weights are read through ``ckpt``."""
+    from ..runtime import contract, modelfile
+
+    if layout.dense and layout.dense[0].in_features != cfg.hidden_size:
+        raise SourceError(f"{root / layout.dense[0].path}: takes {layout.dense[0].in_features} features but the "
+                          f"model's hidden size is {cfg.hidden_size}; the Dense layers come from another model")
+    for d in layout.dense:
+        ckpt.attach(root / d.path / "model.safetensors", d.path + "/")
+    cfg = dataclasses.replace(cfg, dense_dims=tuple(d.out_features for d in layout.dense))
+    embedding = modelfile.EmbeddingMeta(
+        lengths=(), dim=cfg.embedding_dim, normalize=layout.normalize,
+        matryoshka_dims=st_layout.matryoshka_dims(cfg.embedding_dim), prompts=layout.prompts,
+        default_task=layout.default_task, max_tokens=layout.max_seq_length)
+    return cfg, embedding, {contract.dense_name(k): (d.tensor, None) for k, d in enumerate(layout.dense)}
+
+
+def _adds_eos(tokenizer_config: dict | None, root: Path) -> bool:
+    """Does the tokenizer end a text with <eos> (EmbeddingGemma's does)? ``add_eos_token`` of
+    tokenizer_config.json, else whether tokenizer.json's post-processor appends the eos token
+    (transformers >= 5 follows tokenizer.json)."""
+    tc = tokenizer_config if isinstance(tokenizer_config, dict) else {}
+    if isinstance(tc.get("add_eos_token"), bool):
+        return tc["add_eos_token"]
+    doc = _json(root / "tokenizer.json", "tokenizer.json")
+    post = doc.get("post_processor") if isinstance(doc, dict) else None
+    steps = post.get("processors", []) if isinstance(post, dict) and post.get("type") == "Sequence" else [post]
+    eos = tc.get("eos_token", "<eos>")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    for step in steps:
+        single = step.get("single") if isinstance(step, dict) and step.get("type") == "TemplateProcessing" else None
+        if isinstance(single, list) and single:
+            last = single[-1].get("SpecialToken") if isinstance(single[-1], dict) else None
+            return isinstance(last, dict) and last.get("id") == eos
+    return False

@@ -33,11 +33,16 @@ def norm_scale(w: np.ndarray, offset: float) -> np.ndarray:
     return w + np.float32(offset) if offset else w
 
 
-def source_names(table: Table, cfg: GemmaConfig, prefix: str = "") -> dict[str, tuple[str, str | None]]:
+def source_names(table: Table, cfg: GemmaConfig, prefix: str = "", extra=None) -> dict[str, tuple[str, str | None]]:
     """canonical weight -> (source name, transform) for every weight ``cfg`` has. A kind the
-    table lacks is a WeightMapError naming it (the format cannot hold such a model)."""
+    table lacks is a WeightMapError naming it (the format cannot hold such a model).
+    ``extra``: canonical -> (source name, transform) of weights outside the table, taken as
+    they are (a sentence-transformers checkpoint's Dense layers, named by its modules.json)."""
     out = {}
     for canon in contract.weight_shapes(cfg):
+        if extra and canon in extra:
+            out[canon] = extra[canon]
+            continue
         layer, kind = contract.parse_weight_name(canon)
         if kind not in table:
             raise WeightMapError(f"this checkpoint format has no tensor for {kind!r} weights, which this "
@@ -48,12 +53,13 @@ def source_names(table: Table, cfg: GemmaConfig, prefix: str = "") -> dict[str, 
 
 
 def build_map(table: Table, cfg: GemmaConfig, names, ignorable=frozenset(), prefix: str = "",
-              skipped=frozenset()) -> dict[str, tuple[str, str | None]]:
+              skipped=frozenset(), extra=None) -> dict[str, tuple[str, str | None]]:
     """canonical -> (source name, transform). Raises WeightMapError on missing/left-over tensors.
 
     ``ignorable`` names may be present and are not used (a tied LM head); ``skipped`` names
-    are left out on purpose (a multimodal checkpoint's towers: the caller says so)."""
-    mapping = source_names(table, cfg, prefix)
+    are left out on purpose (a multimodal checkpoint's towers: the caller says so); ``extra``
+    as in ``source_names``."""
+    mapping = source_names(table, cfg, prefix, extra)
     names = set(names)
     missing = sorted(src for src, _ in mapping.values() if src not in names)
     used = {src for src, _ in mapping.values()}

@@ -9,6 +9,7 @@ renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import time
@@ -38,6 +39,7 @@ DEFAULT_PREFILL = (8, 32, 128)
 # step took 32 ms, score_4 47, score_8 70, score_32 137 (each signature also costs ~T * 1 MB of
 # LiteRT arena for the 270M's logits, so not every T is shipped).
 DEFAULT_SCORE = (4, 8, 32)
+DEFAULT_EMBED = (32, 128, 512)  # an embedding model's embed_<T> chunk lengths, plus its context
 
 
 def score_lengths(value, context: int) -> list[int]:
@@ -64,9 +66,10 @@ class ConvertResult:
     lora: str | None = None  # the LoRA adapter merged in, if any
     grid_blocks: dict | None = None  # tensor -> {blocks, imported, clipped}, when convert(report=True)
     score_lengths: tuple[int, ...] = ()  # every score_<T>
+    embed_lengths: tuple[int, ...] = ()  # an embedding model's embed_<T> chunk lengths
 
 
-def special_tokens(tok: Tokenizer, cfg: GemmaConfig, declared_stop_ids=()) -> modelfile.TokenizerMeta:
+def special_tokens(tok: Tokenizer, cfg: GemmaConfig, declared_stop_ids=(), add_eos: bool = False) -> modelfile.TokenizerMeta:
     """Special ids, and the stop ids: the checkpoint's own (generation_config.json /
     config.json eos_token_id, GGUF eos/eot ids), the tokenizer's </s>, and the end-of-turn
     marker of its chat format (Gemma 1-3's <end_of_turn>, Gemma 4's <turn|>), which ends every
@@ -76,7 +79,7 @@ def special_tokens(tok: Tokenizer, cfg: GemmaConfig, declared_stop_ids=()) -> mo
     stops = ids(tok.eos_id, *[t for t in declared_stop_ids if t < cfg.vocab_size], eot)
     return modelfile.TokenizerMeta(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, start_of_turn_id=sot,
                                    end_of_turn_id=eot, stop_token_ids=tuple(stops),
-                                   declared_stop_ids=tuple(declared_stop_ids), add_bos=True)
+                                   declared_stop_ids=tuple(declared_stop_ids), add_bos=True, add_eos=add_eos)
 
 
 def _quantization(name: str, recipe: dict[str, str], tensors: dict[str, str]) -> modelfile.Quantization:
@@ -133,7 +136,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
             prefill_lengths=DEFAULT_PREFILL, force: bool = False, progress: bool = True,
             score_length=DEFAULT_SCORE, report: bool = False,
             lora: str | None = None, on_stage=None, notes=None, calibration=None,
-            calibrate: str | None = None) -> ConvertResult:
+            calibrate: str | None = None, embed_lengths=DEFAULT_EMBED) -> ConvertResult:
     """Convert ``source`` (HF checkpoint dir or .gguf) to ``output`` (.tflite).
 
     ``score_length`` (one T or several) adds ``score_<T>`` signatures (logits of every position
@@ -151,6 +154,12 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     ``calibrate`` builds that plan: a UTF-8 text file to calibrate on, or ``"-"`` for sequences
     the model writes itself (from a temporary conversion of the same weights); see
     ``quantize/calibrate.py``.
+
+    An embedding checkpoint (EmbeddingGemma: a sentence-transformers layout, or a
+    gemma-embedding GGUF) gets ``embed_<T>`` signatures for each of ``embed_lengths`` below the
+    context and the context itself (the longest text it embeds) instead of prefill, decode and
+    score; ``prefill_lengths`` and ``score_length`` are not used, and its context is at most the
+    checkpoint's own limit (sentence-transformers' max_seq_length).
     """
     t0 = time.time()
     stage = on_stage or (lambda name: None)
@@ -165,12 +174,21 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         from . import template
 
         cfg = src.config
-        context = min(max_context or DEFAULT_CONTEXT, cfg.max_position)
+        limit = min(cfg.max_position, (src.embedding.max_tokens if src.embedding else 0) or cfg.max_position)
+        context = min(max_context or DEFAULT_CONTEXT, limit)
         if context < 2:
-            given = f"--max-context {max_context}" if max_context else f"the checkpoint's context ({cfg.max_position})"
+            given = f"--max-context {max_context}" if max_context else f"the checkpoint's context ({limit})"
             raise GemmaEdgeError(f"{given} is too small; a file needs a context of at least 2 tokens")
+        embedding = None
+        if src.embedding is not None:  # an embedding model: embed_<T> signatures only
+            if calibrate is not None or calibration is not None:
+                raise GemmaEdgeError("--calibrate measures a causal LM's activations; it does not apply to an "
+                                     "embedding model (convert it without --calibrate)")
+            embedding = dataclasses.replace(
+                src.embedding, lengths=tuple(sorted({int(t) for t in embed_lengths if 0 < int(t) < context} | {context})))
+            prefill_lengths, score_length = (), None
         lengths = sorted({int(t) for t in prefill_lengths if 0 < int(t) <= context})
-        if not lengths:
+        if not lengths and embedding is None:
             raise GemmaEdgeError(f"no prefill length in {list(prefill_lengths)} fits the context {context}")
         score = score_lengths(score_length, context)
         shapes = contract.weight_shapes(cfg)
@@ -203,17 +221,18 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
                     f"tensor {s.name} of shape {s.shape} cannot be stored as {s.scheme.name}: its rows of "
                     f"{s.shape[-1]} values do not fill whole bytes; use --quant int8")
         stage("build template")
-        spans = contract.decode_spans(context)
-        tpl = template.build_template(cfg, context, lengths, score, spans, progress=progress)  # TF in children
+        spans = () if embedding else contract.decode_spans(context)  # no cache, no decode
+        tpl = template.build_template(cfg, context, lengths, score, spans, progress=progress,  # TF in children
+                                      embed_lengths=embedding.lengths if embedding else ())
         meta = modelfile.FileMeta(
             config=cfg, context_length=context, prefill_lengths=tuple(lengths), score_lengths=tuple(score),
             decode_spans=spans,
             quantization=_quantization(quant, recipe, {s.name: s.scheme.name for s in slots}),
-            tokenizer=special_tokens(src.tokenizer, cfg, src.declared_stop_ids),
+            tokenizer=special_tokens(src.tokenizer, cfg, src.declared_stop_ids, src.add_eos),
             chat_template=modelfile.ChatTemplate(kind=chat.format_for(src.tokenizer).name,
                                                  jinja=src.chat_template_jinja),
             source=modelfile.SourceMeta(name=src.path.name, format=src.format, sha256=src.sha256(), lora=src.lora),
-            gemma_edge_version=__version__)
+            gemma_edge_version=__version__, embedding=embedding)
         bar = None
         errors = {} if report else None
         seen = set()
@@ -246,7 +265,8 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
                          score[-1] if score else None,
                          tuple(role_table(errors, meta.quantization.tensors)) if report else None,
                          lora=lora, grid_blocks={s.name: dict(s.grid) for s in slots if s.grid} if report else None,
-                         score_lengths=tuple(score))
+                         score_lengths=tuple(score),
+                         embed_lengths=embedding.lengths if embedding else ())
 
 
 def perplexity_vs_fp32(source: str, result: ConvertResult, text: str, max_tokens: int | None = None,

@@ -1,7 +1,7 @@
 """The weightless template: the graph of every signature, with weights as inputs.
 
 For models over ``ISOLATE_ABOVE_PARAMS`` parameters, each signature (``prefill_<T>``,
-``decode``, ``score_<T>``) is traced and converted by ``graph.py`` in a child process of its
+``decode``, ``score_<T>``, or ``embed_<T>``) is traced and converted by ``graph.py`` in a child process of its
 own, one after another, and the small results are merged here with the flatbuffer object
 API: TensorFlow's converter holds ~0.3-0.8 GB per conversion on top of its ~0.6 GB import
 and never returns it, so in children the converter's peak is one signature's and the
@@ -82,11 +82,12 @@ ISOLATE_ABOVE_PARAMS = 100_000_000  # smaller models (tests) convert in-process:
 
 
 def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], score_lengths=(), spans=(),
-                   isolate: bool | None = None, progress: bool = False) -> bytes:
-    """Convert every signature in its own child process and merge them into one model."""
+                   isolate: bool | None = None, progress: bool = False, embed_lengths=()) -> bytes:
+    """Convert every signature in its own child process and merge them into one model
+    (``embed_lengths``: an embedding model's embed_<T> signatures instead)."""
     from ai_edge_litert import schema_py_generated as fb
 
-    signatures = contract.signature_names(prefill_lengths, score_lengths, spans)
+    signatures = contract.signature_names(prefill_lengths, score_lengths, spans, embed_lengths)
     if isolate is None:
         isolate = cfg.num_params > ISOLATE_ABOVE_PARAMS
     if not isolate:

@@ -1,4 +1,5 @@
-"""Execution of a gemma-edge file on LiteRT: chunked prefill and one-token decode.
+"""Execution of a gemma-edge file on LiteRT: chunked prefill and one-token decode, or an
+embedding model's ``embed_<T>`` chunks (``embed``; no cache).
 
 The KV cache never passes through Python. With ``ai_edge_litert``'s CompiledModel, one
 TensorBuffer per cache tensor is bound as *both* the input and the output of every
@@ -19,15 +20,28 @@ from .errors import GemmaEdgeError, ModelFileError
 from .modelfile import ModelInfo
 
 
+def main_signature(info: ModelInfo) -> str:
+    """The signature ``check_graph`` reads: decode, or an embedding model's longest embed_<T>."""
+    return contract.embed_name(max(info.embed_lengths)) if info.embed_lengths else contract.DECODE
+
+
 def check_graph(info: ModelInfo, signatures, decode_inputs: dict, decode_outputs: dict) -> None:
     """The metadata must describe the graph the file holds: the signatures it names, the KV
-    caches of the contract (``contract.kv_shapes``), and logits over vocab_size."""
+    caches of the contract (``contract.kv_shapes``), and logits over vocab_size; or, for an
+    embedding model, vectors of its size (``decode_*``: then the details of ``main_signature``)."""
     cfg = info.config
-    want = contract.signature_names(info.prefill_lengths, info.score_lengths, info.decode_spans)
+    want = contract.signature_names(info.prefill_lengths, info.score_lengths, info.decode_spans, info.embed_lengths)
     missing = [s for s in want if s not in signatures]
     if missing:
         raise ModelFileError(f"{info.path}: the metadata names signatures {missing} that the graph does not have "
                              f"(it has {sorted(signatures)}); the file is corrupt: convert the checkpoint again")
+    if info.embed_lengths:
+        shape = list(contract.embeddings_shape(cfg, max(info.embed_lengths)))
+        got = list(decode_outputs.get(contract.EMBEDDINGS, {}).get("shape", []))
+        if got != shape:
+            raise ModelFileError(f"{info.path}: the metadata describes vectors {shape} but the graph's are {got}; "
+                                 "the file is corrupt: convert the checkpoint again")
+        return
     kv = contract.kv_shapes(cfg, info.context_length)
     got = {n: list(d.get("shape", [])) for n, d in decode_inputs.items() if contract.parse_kv_name(n)}
     bad = sorted(set(kv) ^ set(got)) or [n for n in kv if got[n] != list(kv[n])]
@@ -82,17 +96,19 @@ class CompiledBackend:
         except Exception as e:  # the native loader reports with RuntimeError/ValueError
             raise ModelFileError(f"{info.path}: LiteRT could not load the model ({e})") from None
         cfg = info.config
+        main = main_signature(info)
+        check_graph(info, self.model.get_signature_list(), self.model.get_input_tensor_details(main),
+                    self.model.get_output_tensor_details(main))
+        self.io = {}  # per signature, built once: (tokens buffer, input_pos buffer, input map, output map)
         decode = contract.DECODE
-        check_graph(info, self.model.get_signature_list(), self.model.get_input_tensor_details(decode),
-                    self.model.get_output_tensor_details(decode))
-        shapes = contract.kv_shapes(cfg, info.context_length)
+        shapes = {} if info.embed_lengths else contract.kv_shapes(cfg, info.context_length)
         self.kv = {n: self.model.create_input_buffer_by_name(decode, n) for n in shapes}
         self._kv_shapes = shapes
         self.clear_cache()
+        if info.embed_lengths:  # an embedding model: no cache, no decode
+            return
         self.logits = self.model.create_output_buffer_by_name(decode, contract.LOGITS)
         self.vocab = cfg.vocab_size
-        # per signature, built once: (tokens buffer, input_pos buffer, input map, output map)
-        self.io = {}
         for T in info.prefill_lengths:
             self.io[contract.prefill_name(T)] = self._bind(contract.prefill_name(T), dict(self.kv))
         for sig in decode_signatures(info):
@@ -161,6 +177,21 @@ class CompiledBackend:
         self._run(sig, tokens, pos)
         return self.io[sig][3][contract.LOGITS].read(T * self.vocab, np.float32).reshape(T, self.vocab)
 
+    def embed(self, tokens: np.ndarray, pos: np.ndarray, segments: np.ndarray) -> np.ndarray:
+        """One chunk through ``embed_<T>``: the pooled vectors [G, E] of the texts it holds."""
+        T = tokens.shape[1]
+        sig = contract.embed_name(T)
+        if sig not in self.io:
+            seg = self.model.create_input_buffer_by_name(sig, contract.SEGMENTS)
+            tok, pos_buf, inputs, _ = self._bind(sig, {})
+            out = self.model.create_output_buffer_by_name(sig, contract.EMBEDDINGS)
+            self.io[sig] = (tok, pos_buf, {**inputs, contract.SEGMENTS: seg}, {contract.EMBEDDINGS: out})
+        tok, pos_buf, inputs, outputs = self.io[sig]
+        inputs[contract.SEGMENTS].write(segments)
+        self._run(sig, tokens, pos)
+        _, G, E = contract.embeddings_shape(self.info.config, T)
+        return outputs[contract.EMBEDDINGS].read(G * E, np.float32).reshape(G, E)
+
 
 class InterpreterBackend:
     """Plain Interpreter (ai_edge_litert or tflite_runtime): caches copied between signatures."""
@@ -190,7 +221,8 @@ class InterpreterBackend:
         except Exception as e:
             raise ModelFileError(f"{info.path}: the LiteRT interpreter could not load it ({e}); "
                                  "files over 2 GB need ai-edge-litert rather than tflite-runtime") from None
-        self.kv = {n: np.zeros(s, np.float32) for n, s in contract.kv_shapes(info.config, info.context_length).items()}
+        shapes = {} if info.embed_lengths else contract.kv_shapes(info.config, info.context_length)
+        self.kv = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
         self.runners = {s: self.interp.get_signature_runner(s) for s in self.interp.get_signature_list()}
 
     def _run(self, sig, tokens, pos):
@@ -208,6 +240,11 @@ class InterpreterBackend:
 
     def score(self, tokens, pos):
         return self._run(contract.score_name(tokens.shape[1]), tokens, pos)[contract.LOGITS].reshape(tokens.shape[1], -1)
+
+    def embed(self, tokens, pos, segments):
+        out = self.runners[contract.embed_name(tokens.shape[1])](
+            **{contract.TOKENS: tokens, contract.INPUT_POS: pos, contract.SEGMENTS: segments})
+        return out[contract.EMBEDDINGS][0]
 
 
 def _cpu_kind(kind: str) -> str:

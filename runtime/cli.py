@@ -130,6 +130,7 @@ def main():
     gemma-edge bench MODEL                            prefill/decode speed, memory
     gemma-edge eval MODEL --text FILE                 perplexity of a text
     gemma-edge info MODEL                             what the file holds
+    gemma-edge embed MODEL "some text"                an embedding model's vectors (JSON lines)
     gemma-edge serve MODEL                            OpenAI-compatible HTTP server
     gemma-edge pack MODEL                             .litertlm for LiteRT-LM (Android, iOS)
 
@@ -347,6 +348,60 @@ def eval_cmd(model, text_file, max_tokens, base, threads, as_json):
                    f"predicted tokens of {r['tokens']} (BOS + text); {r['quant']}; {r['seconds']:.1f} s")
 
 
+def _read_lines(path: str) -> list[str]:
+    """The non-empty lines of a UTF-8 file ('-': stdin), without their line ends."""
+    try:
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        text = data.decode("utf-8")
+    except OSError as e:
+        raise GemmaEdgeError(f"{path}: cannot read it ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise GemmaEdgeError(f"{'stdin' if path == '-' else path} is not valid UTF-8 (byte {e.start}); convert it to "
+                             "UTF-8 first") from None
+    return [line for line in text.splitlines() if line.strip()]
+
+
+@main.command("embed")
+@click.argument("model", type=click.Path())
+@click.argument("texts", nargs=-1)
+@click.option("-f", "--file", "text_file", type=click.Path(), default=None,
+              help="Embed each non-empty line of this UTF-8 file ('-': stdin), after any TEXTS.")
+@click.option("--task", default=None,
+              help="The task prompt put before each text, by name (EmbeddingGemma: query, document, Clustering, "
+                   "...; `gemma-edge info MODEL` lists them). Default: the model's own default (none for EmbeddingGemma).")
+@click.option("--dim", type=click.IntRange(min=1), default=None,
+              help="Keep the first DIM values of each vector and normalise again (Matryoshka; EmbeddingGemma: 512, "
+                   "256 or 128). Default: the full size.")
+@click.option("--truncate", is_flag=True,
+              help="Cut a text longer than the file's context to its first tokens instead of refusing it.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: cores, up to 4).")
+@_handle_errors
+def embed_cmd(model, texts, text_file, task, dim, truncate, threads):
+    """Print the vectors of TEXTS (and of each line of --file) from an embedding MODEL
+    (EmbeddingGemma), one JSON line per text, in order: {"index", "tokens", "embedding"}.
+
+    \b
+    gemma-edge embed embeddinggemma-int8.tflite "Which planet is red?" --task query
+    gemma-edge embed embeddinggemma-int8.tflite -f passages.txt --task document --dim 256
+    """
+    texts = list(texts) + (_read_lines(text_file) if text_file else [])
+    if not texts:
+        raise GemmaEdgeError("nothing to embed: give texts as arguments or a file with -f FILE (one text a line)")
+    from .engine import load
+
+    m = load(model, threads=threads)
+    ids = [m.embedding_ids(t, task=task, truncate=truncate) for t in texts]
+    vectors = m.embed_ids(ids, dim=dim)
+    for i, (tokens, v) in enumerate(zip(ids, vectors)):
+        sys.stdout.write(json.dumps({"index": i, "tokens": len(tokens),
+                                     "embedding": [float(f"{x:.9g}") for x in v.tolist()]}) + "\n")
+    sys.stdout.flush()
+
+
 @main.command()
 @click.argument("model", type=click.Path())
 @click.option("--verify", is_flag=True,
@@ -387,10 +442,22 @@ def info(model, verify, as_json):
             f"embeddings {c.ple_dim} x {c.num_layers} layers ({c.ple_vocab} rows)"
             + ("; double-wide FFN on sharing layers" if c.double_wide_mlp else "")
             + ("; K = V on global layers" if c.k_eq_v else ""))
+    e = m.embedding
+    if e is not None:
+        dense = " -> ".join(map(str, (c.hidden_size, *c.dense_dims)))
+        lines += [
+            f"embedding     {'bidirectional' if c.bidirectional else 'causal'} attention, mean pooling, Dense "
+            f"{dense if c.dense_dims else 'none'}, {'normalised ' if e.normalize else ''}vectors of {e.dim}"
+            + (f" (Matryoshka: {', '.join(map(str, e.matryoshka_dims))})" if e.matryoshka_dims else ""),
+            f"tasks         {', '.join(sorted(e.prompts)) or 'none'}"
+            + (f"; default {e.default_task}" if e.default_task else ""),
+        ]
+    chunks = (f"embed chunks {', '.join(map(str, i.embed_lengths))}" if e is not None else
+              f"prefill chunks {', '.join(map(str, i.prefill_lengths))}; score chunks "
+              f"{', '.join(map(str, i.score_lengths)) or 'none (no eval in chunks, no --draft)'}")
     lines += [
         f"quantization  {m.quantization.name} ({m.quantization.description})",
-        f"context       {i.context_length} tokens; prefill chunks {', '.join(map(str, i.prefill_lengths))}; "
-        f"score chunks {', '.join(map(str, i.score_lengths)) or 'none (no eval in chunks, no --draft)'}",
+        f"context       {i.context_length} tokens; {chunks}",
         f"tokenizer     SentencePiece, {len(i.tokenizer_model) / 1e6:.1f} MB; bos {t.bos_id}, eos "
         f"{t.eos_id}, stop {list(t.stop_token_ids)}",
         f"chat template {m.chat_template.kind}{' (+ checkpoint jinja template)' if m.chat_template.jinja else ''}",
@@ -430,6 +497,7 @@ def serve(model, host, port, api_key, max_queue, model_name, strict_model, max_b
     \b
     POST /v1/chat/completions   chat (the Gemma template), streamed or not
     POST /v1/completions        raw text continuation
+    POST /v1/embeddings         an embedding model's vectors (EmbeddingGemma)
     GET  /v1/models, /health
     \b
     gemma-edge serve model.tflite

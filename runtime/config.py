@@ -53,6 +53,9 @@ class GemmaConfig:
     double_wide_mlp: bool = False    # cache-sharing layers have an FFN of 2 * intermediate_size
     v_norm: bool = False             # V goes through an RMSNorm without a scale
     layer_scale: bool = False        # a learned scalar multiplies the residual stream after each layer
+    # Embedding models (EmbeddingGemma); the defaults leave a causal LM as it is
+    bidirectional: bool = False      # every token attends both ways; a sliding layer sees sliding_window // 2 each way
+    dense_dims: tuple[int, ...] = ()  # out features of each Dense layer after mean pooling (sentence-transformers)
 
     def __post_init__(self):
         for name in _SIZES:
@@ -103,6 +106,9 @@ class GemmaConfig:
             if t not in self.layer_types[:first]:
                 raise UnsupportedModelError(f"the KV-sharing layers include {t} layers, but no earlier {t} layer "
                                             "computes a cache for them to share")
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.dense_dims):
+            raise UnsupportedModelError(f"config dense_dims is {list(self.dense_dims)}, not a list of positive "
+                                        "integers; the config is corrupt")
         if bool(self.ple_dim) != bool(self.ple_vocab):
             raise UnsupportedModelError(f"per-layer embeddings need both a width and a vocabulary (got "
                                         f"{self.ple_dim} and {self.ple_vocab})")
@@ -151,6 +157,15 @@ class GemmaConfig:
         return self.global_kv_heads if self.global_kv_heads and not self.is_sliding(layer) else self.num_kv_heads
 
     @property
+    def embedding_dim(self) -> int:
+        """Size of an embedding model's vector: the last Dense layer's outputs, else d_model."""
+        return self.dense_dims[-1] if self.dense_dims else self.hidden_size
+
+    def dense_shape(self, k: int) -> tuple[int, int]:
+        """[out, in] of the k-th Dense layer after pooling (its input: d_model or the layer before)."""
+        return self.dense_dims[k], (self.dense_dims[k - 1] if k else self.hidden_size)
+
+    @property
     def first_shared_layer(self) -> int:
         return self.num_layers - self.kv_shared_layers
 
@@ -180,12 +195,13 @@ class GemmaConfig:
             h, k = self.head_dim_for(i), self.kv_heads_for(i)
             kv = 0 if self.kv_source(i) != i else (2 if self.has_v_proj(i) else 1) * k * h * d
             total += 2 * n * h * d + kv + 3 * d * self.intermediate_size_for(i) + 2 * self.ple_dim * d
-        return total
+        return total + sum(o * i for o, i in map(self.dense_shape, range(len(self.dense_dims))))
 
     # ---- (de)serialisation ---------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["layer_types"] = list(self.layer_types)
+        d["dense_dims"] = list(self.dense_dims)
         return d
 
     @classmethod
@@ -198,4 +214,5 @@ class GemmaConfig:
                 "gemma-edge; upgrade gemma-edge to read it")
         d = dict(d)
         d["layer_types"] = tuple(d["layer_types"])
+        d["dense_dims"] = tuple(d.get("dense_dims", ()))
         return cls(**d)

@@ -14,6 +14,14 @@ Signatures (LiteRT-LM runs the first two; the others are gemma-edge's own, ignor
 KV caches: ``kv_cache_k_<i>`` / ``kv_cache_v_<i>``, float32 [1, K, S, H], one pair for every
 layer i that owns a cache (``kv_layers``), bound as both input and output (updated in place).
 
+An embedding model (EmbeddingGemma) has only cache-free signatures, one per chunk length T:
+    embed_<T>     tokens [1, T], input_pos [T], segments [T]  -> embeddings [1, G, E]
+A chunk packs up to G = ``embed_slots(T)`` texts: ``segments`` numbers each token's text
+(0 .. G-1; -1 for padding), ``input_pos`` its position within that text; a token attends only
+to the tokens of its own text. Row g of ``embeddings`` is text g's vector: its tokens' mean,
+through the Dense layers (E = ``cfg.embedding_dim``), not yet normalised; rows of absent texts
+are 0. Weights add ``dense_<k>`` [out, in] for each Dense layer.
+
 Weights: canonical names ``embed``, ``final_norm`` and ``l<i>_<kind>`` (``l3_q``, ``l0_down``),
 [out, in] for linear layers; norm weights hold the (1 + w) scale.
 """
@@ -27,13 +35,18 @@ from .config import GemmaConfig
 DECODE = "decode"
 PREFILL = "prefill"
 SCORE = "score"
+EMBED = "embed"
 TOKENS = "tokens"
 INPUT_POS = "input_pos"
+SEGMENTS = "segments"
 LOGITS = "logits"
+EMBEDDINGS = "embeddings"
 KV_PREFIX = "kv_cache_"
+EMBED_TOKENS_PER_SLOT = 8  # embed_<T> holds a text per 8 tokens of T (a text is at least <bos> <eos>)
 
-# What a signature returns besides the caches: nothing, the last token's logits, every token's.
-NO_LOGITS, LAST_LOGITS, ALL_LOGITS = "none", "last", "all"
+# What a signature returns besides the caches: nothing, the last token's logits, every token's;
+# or, without caches, one vector per text.
+NO_LOGITS, LAST_LOGITS, ALL_LOGITS, POOLED = "none", "last", "all", "pooled"
 
 
 def prefill_name(T: int) -> str:
@@ -42,6 +55,15 @@ def prefill_name(T: int) -> str:
 
 def score_name(T: int) -> str:
     return f"{SCORE}_{int(T)}"
+
+
+def embed_name(T: int) -> str:
+    return f"{EMBED}_{int(T)}"
+
+
+def embed_slots(T: int) -> int:
+    """G: how many texts one ``embed_<T>`` call can hold."""
+    return max(1, int(T) // EMBED_TOKENS_PER_SLOT)
 
 
 def decode_span_name(span: int) -> str:
@@ -61,19 +83,25 @@ def decode_spans(context: int) -> tuple[int, ...]:
     return tuple(s for s in DECODE_SPANS if s < int(context))
 
 
-def signature_names(prefill_lengths, score_lengths=(), spans=()) -> list[str]:
-    """Every signature of a file, in the order the converter builds them."""
+def signature_names(prefill_lengths, score_lengths=(), spans=(), embed_lengths=()) -> list[str]:
+    """Every signature of a file, in the order the converter builds them: a causal LM's
+    (prefill, decode, score, decode_s<S'>), or an embedding model's (``embed_lengths``:
+    embed_<T> only; it has no cache, so no decode either)."""
+    if embed_lengths:
+        return [embed_name(T) for T in sorted(set(embed_lengths))]
     return ([prefill_name(T) for T in sorted(set(prefill_lengths))] + [DECODE] +
             [score_name(T) for T in sorted(set(score_lengths))] + [decode_span_name(s) for s in sorted(set(spans))])
 
 
-_SIGNATURE = re.compile(rf"({PREFILL}|{SCORE})_([1-9][0-9]*)")
+_SIGNATURE = re.compile(rf"({PREFILL}|{SCORE}|{EMBED})_([1-9][0-9]*)")
 _SPAN = re.compile(rf"{DECODE}_s([1-9][0-9]*)")
+_OUTPUTS = {PREFILL: NO_LOGITS, SCORE: ALL_LOGITS, EMBED: POOLED}
 
 
 def parse_signature(name: str) -> tuple[int, str, int | None]:
     """``prefill_32`` -> (32, "none", None), ``score_32`` -> (32, "all", None), ``decode`` ->
-    (1, "last", None), ``decode_s2048`` -> (1, "last", 2048): tokens per call, logits, span."""
+    (1, "last", None), ``decode_s2048`` -> (1, "last", 2048), ``embed_64`` -> (64, "pooled",
+    None): tokens per call, outputs, span."""
     if name == DECODE:
         return 1, LAST_LOGITS, None
     m = _SPAN.fullmatch(name)
@@ -81,8 +109,14 @@ def parse_signature(name: str) -> tuple[int, str, int | None]:
         return 1, LAST_LOGITS, int(m.group(1))
     m = _SIGNATURE.fullmatch(name)
     if not m:
-        raise ValueError(f"{name!r} is not a gemma-edge signature (prefill_<T>, decode, score_<T>, decode_s<S>)")
-    return int(m.group(2)), NO_LOGITS if m.group(1) == PREFILL else ALL_LOGITS, None
+        raise ValueError(f"{name!r} is not a gemma-edge signature (prefill_<T>, decode, score_<T>, decode_s<S>, "
+                         "embed_<T>)")
+    return int(m.group(2)), _OUTPUTS[m.group(1)], None
+
+
+def embeddings_shape(cfg: GemmaConfig, T: int) -> tuple[int, int, int]:
+    """[1, G, E]: the output of ``embed_<T>``."""
+    return (1, embed_slots(T), cfg.embedding_dim)
 
 
 # ---- KV caches ---------------------------------------------------------------------------
@@ -128,6 +162,11 @@ EMBED = "embed"
 FINAL_NORM = "final_norm"
 PLE_PROJ = "ple_proj"  # per-layer embeddings: the projection of the token embedding, [L * P, D]
 PLE_PROJ_NORM = "ple_proj_norm"  # and its norm, [P]
+
+
+def dense_name(k: int) -> str:
+    """The k-th Dense layer after pooling (an embedding model's 2_Dense is ``dense_0``)."""
+    return f"dense_{int(k)}"
 
 
 def weight_name(layer: int | None, kind: str) -> str:
@@ -179,4 +218,5 @@ def weight_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
         if cfg.layer_scale:
             w["layer_scale"] = (1,)
         shapes |= {weight_name(i, kind): s for kind, s in w.items()}
+    shapes |= {dense_name(k): cfg.dense_shape(k) for k in range(len(cfg.dense_dims))}
     return shapes

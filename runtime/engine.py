@@ -1,4 +1,5 @@
-"""The Python API: ``load()``, ``Model.stream_generate / generate / chat / benchmark``.
+"""The Python API: ``load()``, ``Model.stream_generate / generate / chat / benchmark``, and for
+an embedding model (EmbeddingGemma) ``Model.embed``.
 
 The model keeps track of which tokens its KV cache holds. A new prompt that starts with
 those tokens prefills only the rest (llama.cpp-style prefix reuse), which is also how a
@@ -18,9 +19,10 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import chat as chat_format
+from . import embedding
 from .backend import make_backend, run_prefill
 from .detokenizer import StreamingDetokenizer
-from .errors import DraftError, GenerationError, TokenizerError
+from .errors import DraftError, EmbeddingError, GenerationError, ModelKindError, TokenizerError
 from .modelfile import read_info
 from .sampling import REPETITION_WINDOW, apply_repetition_penalty, make_sampler, validate_sampling
 from .stopping import StopStringMatcher
@@ -93,6 +95,18 @@ class Model:
             self.set_draft(draft, threads=threads, backend=backend)
         self.load_seconds = time.perf_counter() - t0
 
+    # ---- the kind of model ---------------------------------------------------------
+    @property
+    def is_embedding(self) -> bool:
+        """An embedding model (``embed``), not a causal LM (``generate``, ``chat``, ...)."""
+        return self.info.meta.embedding is not None
+
+    def _require_generative(self) -> None:
+        if self.is_embedding:
+            raise ModelKindError(
+                f"{self.info.path} is an embedding model (no text generation); embed texts with Model.embed, "
+                "gemma-edge embed or the server's POST /v1/embeddings")
+
     @property
     def draft(self) -> "Model | None":
         """The draft model of speculative decoding, if any."""
@@ -112,8 +126,10 @@ class Model:
             if draft is self:
                 raise DraftError("a model cannot be its own draft; load the draft file as a second Model "
                                  "(or pass its path)")
+            self._require_generative()
             if not isinstance(draft, Model):
                 draft = Model(str(draft), threads=threads, backend=backend)
+            draft._require_generative()
             self.speculator = Speculator(self, draft)
 
     def reset(self) -> None:
@@ -215,6 +231,7 @@ class Model:
         keep it inside the schema or grammar (``runtime/constrained.py``), after the repetition
         penalty and before every sampler. Generation then ends ("stop") as soon as the output is
         complete; a bad or unsatisfiable schema raises ``constrained.GrammarError`` at once."""
+        self._require_generative()
         with self._exclusive():
             yield from self._stream(prompt, max_tokens, temperature, top_k, top_p, min_p, repetition_penalty,
                                     seed, stop, stop_tokens, json_schema, grammar)
@@ -338,6 +355,7 @@ class Model:
         ``decode`` call per token.
         ``progress(done, total)`` is called as tokens are scored.
         """
+        self._require_generative()
         with self._exclusive():
             return self._perplexity(text, max_tokens, progress)
 
@@ -395,6 +413,8 @@ class Model:
         (what llama.cpp's ``--kl-divergence`` reports): both perplexities and their ratio, the
         mean and 99th-percentile KL divergence KL(base || this) per token, and how often the two
         agree on the most likely token. Both files must share their tokenizer."""
+        self._require_generative()
+        base._require_generative()
         if base.tokenizer.model_proto != self.tokenizer.model_proto:
             raise GenerationError(f"{base.info.path} and {self.info.path} have different tokenizers; "
                                   "compare files converted from the same checkpoint")
@@ -438,6 +458,7 @@ class Model:
 
     def chat(self, system: str | None = None, thinking: bool = False) -> "Conversation":
         """A multi-turn chat; ``thinking`` asks a model that can think (Gemma 4) to."""
+        self._require_generative()
         return Conversation(self, system, thinking=thinking)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, thinking: bool = False) -> str:
@@ -475,6 +496,7 @@ class Model:
     # ---- benchmark -------------------------------------------------------------------
     def benchmark(self, prompt_tokens: int = 128, gen_tokens: int = 128, runs: int = 5) -> dict:
         """Prefill and decode speed on a fixed synthetic prompt (the cache restarts each run)."""
+        self._require_generative()
         if prompt_tokens + gen_tokens > self.context_length:
             raise GenerationError(f"-p {prompt_tokens} + -n {gen_tokens} exceeds the context {self.context_length}")
         rng = np.random.default_rng(0)
@@ -522,6 +544,84 @@ class Model:
             for f in ("rounds", "drafted", "accepted", "tokens", "plain", "k_total"):
                 setattr(total, f, getattr(total, f) + getattr(s, f))
         return {"model": self.draft.info.path, "quant": self.draft.info.quant, **total.to_dict()}
+
+
+    # ---- embeddings ------------------------------------------------------------------
+    def _embedding(self):
+        emb = self.info.meta.embedding
+        if emb is None:
+            raise ModelKindError(
+                f"{self.info.path} is a causal LM, not an embedding model; convert an embedding checkpoint "
+                "(EmbeddingGemma: its sentence-transformers folder, or a gemma-embedding GGUF) with gemma-convert")
+        return emb
+
+    @property
+    def tasks(self) -> dict[str, str]:
+        """An embedding model's task prompts (name -> the text put before a text), as it was trained."""
+        return dict(self._embedding().prompts)
+
+    def embedding_ids(self, text: str, task: str | None = None, truncate: bool = False) -> list[int]:
+        """The tokens ``text`` is embedded as: ``task``'s prompt and the text, between <bos> and
+        (EmbeddingGemma) <eos>, control strings parsed as the checkpoint's tokenizer parses them.
+        A text over the file's context is an EmbeddingError, or with ``truncate`` cut to its first
+        tokens, <eos> kept last (what sentence-transformers does at its max_seq_length)."""
+        emb = self._embedding()
+        if not isinstance(text, str):
+            raise EmbeddingError(f"a text to embed must be a string, got {type(text).__name__}")
+        if task is None:
+            task = emb.default_task
+        if task is not None and task not in emb.prompts:
+            known = ", ".join(sorted(emb.prompts)) or "none"
+            raise EmbeddingError(f"task {task!r} is not one of this model's task prompts ({known})")
+        ids = self.tokenizer.encode((emb.prompts[task] if task else "") + text, add_bos=self.add_bos,
+                                    parse_special=True)
+        eos = self.info.meta.tokenizer.eos_id
+        if self.info.meta.tokenizer.add_eos and eos is not None:
+            ids.append(eos)
+        n = self.context_length
+        if len(ids) > n:
+            if not truncate:
+                raise EmbeddingError(
+                    f"a text takes {len(ids)} tokens (with its task prompt), more than the {n} this file embeds at "
+                    f"once; split it, or truncate it to its first {n} tokens (truncate=True, --truncate)")
+            ids = ids[:n - 1] + ids[-1:] if self.info.meta.tokenizer.add_eos else ids[:n]
+        return ids
+
+    def embed(self, texts, dim: int | None = None, task: str | None = None, truncate: bool = False) -> np.ndarray:
+        """Vectors of ``texts`` (a string, or a list of them): [dim] for a string, [len(texts), dim]
+        for a list, float32, unit length (when the model normalises, as EmbeddingGemma does).
+
+        ``task`` names the prompt put before each text (``Model.tasks``; EmbeddingGemma's "query"
+        for search queries, "document" for what they search; None: the model's default, for
+        EmbeddingGemma no prompt). ``dim`` keeps the first ``dim`` values and normalises again
+        (Matryoshka: EmbeddingGemma was trained for 768, 512, 256 and 128; any size up to the
+        full one works). Short texts are packed several to one call (``runtime/embedding.py``);
+        ``truncate`` as in ``embedding_ids``."""
+        single = isinstance(texts, str)
+        batch = [texts] if single else list(texts)
+        out = self.embed_ids([self.embedding_ids(t, task, truncate) for t in batch], dim)
+        return out[0] if single else out
+
+    def embed_ids(self, texts: list[list[int]], dim: int | None = None) -> np.ndarray:
+        """``embed`` for texts already tokenized by ``embedding_ids``: [len(texts), dim]."""
+        emb = self._embedding()
+        dim = emb.dim if dim is None else dim
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or not 1 <= dim <= emb.dim:
+            trained = f" (trained for {', '.join(map(str, (emb.dim, *emb.matryoshka_dims)))})" \
+                if emb.matryoshka_dims else ""
+            raise EmbeddingError(f"dim must be an integer from 1 to {emb.dim}{trained}, got {dim!r}")
+        ids = [[int(t) for t in text] for text in texts]
+        for i, text in enumerate(ids):
+            if not text or len(text) > self.context_length:
+                raise EmbeddingError(f"text {i} has {len(text)} tokens; a text has 1 to {self.context_length}")
+            if min(text) < 0 or max(text) >= self.config.vocab_size:
+                raise EmbeddingError(f"text {i} has token ids outside the vocabulary 0..{self.config.vocab_size - 1}")
+        vectors = np.zeros((len(ids), emb.dim), np.float32)
+        with self._exclusive():
+            for T, members in embedding.plan([len(t) for t in ids], list(emb.lengths)):
+                rows = self.backend.embed(*embedding.chunk_inputs(T, [ids[k] for k in members]))
+                vectors[members] = rows[:len(members)]
+        return embedding.finish(vectors, int(dim), emb.normalize)
 
 
 @dataclass

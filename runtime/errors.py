@@ -42,3 +42,11 @@ class GenerationError(GemmaEdgeError):
 
 class DraftError(GemmaEdgeError):
     """A draft model cannot draft for this model (another tokenizer, no score_<T> signature)."""
+
+
+class EmbeddingError(GemmaEdgeError):
+    """Bad embedding request: an unknown task, a dimension out of range, a text over the context."""
+
+
+class ModelKindError(GemmaEdgeError):
+    """The file is the other kind of model: an embedding model asked to generate, or the reverse."""

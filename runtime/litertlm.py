@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 from .chat import chat_format
-from .errors import GemmaEdgeError, ModelFileError, TokenizerError
+from .errors import GemmaEdgeError, ModelFileError, ModelKindError, TokenizerError
 from .fileio import atomic_output, check_output
 from .modelfile import ModelInfo, read_info
 
@@ -134,6 +134,9 @@ def pack(tflite_path, out_path=None, *, force: bool = False, top_k: int = 1, top
     """
     src = Path(tflite_path)
     info = read_info(str(src))  # ModelFileError: missing, not a .tflite, not gemma-edge
+    if info.meta.embedding is not None:
+        raise ModelKindError(f"{src} is an embedding model; LiteRT-LM's .litertlm holds a text generator "
+                             "(prefill and decode), so there is nothing to pack: ship the .tflite itself")
     out = check_output(out_path if out_path is not None else default_output(src), force, inputs=[src],
                        example=src.stem + SUFFIX)
     if not 1 <= int(top_k) or not 0.0 < float(top_p) <= 1.0 or float(temperature) <= 0.0:

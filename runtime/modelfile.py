@@ -5,7 +5,8 @@ A gemma-edge file is a LiteRT flatbuffer (graph and weights, ``runtime/contract.
 TFLite metadata entries describe it:
 
     gemma_edge.config      JSON: FileMeta (config, quantization, context, signatures' chunk
-                           lengths, tokenizer ids, chat template, source)
+                           lengths, tokenizer ids, chat template, source; for an embedding
+                           model its pooling, vector sizes and task prompts)
     gemma_edge.tokenizer   the serialized SentencePiece model
     gemma_edge.checksums   fixed-size: the header's length and sha256 (LiteRT parses the graph
                            without verifying it; a flipped bit there can crash it), the sha256
@@ -59,6 +60,7 @@ class TokenizerMeta:
     declared_stop_ids: tuple[int, ...] = ()  # what the checkpoint itself declared (a subset)
     add_bos: bool = True  # a prompt starts with <bos>
     kind: str = "sentencepiece"
+    add_eos: bool = False  # an embedding model's text ends with <eos> (EmbeddingGemma's tokenizer adds it)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,22 @@ class SourceMeta:
 
 
 @dataclass(frozen=True)
+class EmbeddingMeta:
+    """An embedding model (EmbeddingGemma, from a sentence-transformers layout): how a text
+    becomes a vector. The graph computes the pooled vector through the Dense layers; the
+    runtime normalises it and truncates it (Matryoshka)."""
+
+    lengths: tuple[int, ...]  # chunk lengths T of the embed_<T> signatures
+    dim: int  # the vector's full size
+    pooling: str = "mean"  # over a text's tokens, prompt, <bos> and <eos> included
+    normalize: bool = True  # vectors are scaled to unit length (sentence-transformers' Normalize)
+    matryoshka_dims: tuple[int, ...] = ()  # smaller sizes the model was trained to be truncated to
+    prompts: dict = field(default_factory=dict)  # task name -> the prompt put before a text
+    default_task: str | None = None  # the task whose prompt is used when none is named
+    max_tokens: int = 0  # the checkpoint's own limit (sentence-transformers' max_seq_length); 0: none
+
+
+@dataclass(frozen=True)
 class FileMeta:
     """What a gemma-edge file holds besides its graph, weights and tokenizer bytes."""
 
@@ -99,6 +117,7 @@ class FileMeta:
     source: SourceMeta = SourceMeta()
     gemma_edge_version: str = ""
     format_version: int = FORMAT_VERSION
+    embedding: EmbeddingMeta | None = None  # an embedding model's (embed_<T> signatures, no decode)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -125,6 +144,7 @@ class FileMeta:
         tok = _obj(d, "tokenizer")
         tpl = _obj(d, "chat_template", {})
         src = _obj(d, "source", {})
+        emb = _obj(d, "embedding", None)
         return cls(
             config=GemmaConfig.from_dict(_obj(d, "config")),
             context_length=_count(d["context_length"], "context_length"),
@@ -139,13 +159,34 @@ class FileMeta:
                 bos_id=_id(tok, "bos_id", required=True), eos_id=_id(tok, "eos_id"), pad_id=_id(tok, "pad_id"),
                 start_of_turn_id=_id(tok, "start_of_turn_id"), end_of_turn_id=_id(tok, "end_of_turn_id"),
                 stop_token_ids=_ids(tok, "stop_token_ids"), declared_stop_ids=_ids(tok, "declared_stop_ids"),
-                add_bos=_bool(tok, "add_bos", True), kind=_str(tok, "kind", "sentencepiece")),
+                add_bos=_bool(tok, "add_bos", True), kind=_str(tok, "kind", "sentencepiece"),
+                add_eos=_bool(tok, "add_eos", False)),
             chat_template=ChatTemplate(kind=_str(tpl, "kind", "gemma"), jinja=_str(tpl, "jinja", None)),
             source=SourceMeta(name=_str(src, "name", ""), format=_str(src, "format", ""),
                               sha256=_str(src, "sha256", ""), lora=_obj(src, "lora", None)),
             gemma_edge_version=_str(d, "gemma_edge_version", ""),
             format_version=_count(d.get("format_version", 1), "format_version"),
+            embedding=None if emb is None else _embedding(emb),
         )
+
+
+def _embedding(d: dict) -> EmbeddingMeta:
+    prompts = _obj(d, "prompts", {})
+    if not all(isinstance(v, str) for v in prompts.values()):
+        raise TypeError("embedding prompts are not all strings")
+    default = _str(d, "default_task", None)
+    if default is not None and default not in prompts:
+        raise ValueError(f"embedding default_task {default!r} is not one of the prompts {sorted(prompts)}")
+    pooling = _str(d, "pooling", "mean")
+    if pooling != "mean":
+        raise ValueError(f"embedding pooling {pooling!r} is not 'mean'")
+    limit = d.get("max_tokens")  # absent, null or 0: no limit of the checkpoint's own (not false, not 0.0)
+    return EmbeddingMeta(
+        lengths=tuple(_count(t, "embedding lengths") for t in _list(d, "lengths")),
+        dim=_count(d["dim"], "embedding dim"), pooling=pooling, normalize=_bool(d, "normalize", True),
+        matryoshka_dims=tuple(_count(t, "matryoshka_dims") for t in _list(d, "matryoshka_dims", [])),
+        prompts=dict(prompts), default_task=default,
+        max_tokens=0 if limit is None or (type(limit) is int and limit == 0) else _count(limit, "embedding max_tokens"))
 
 
 def _obj(d: dict, key: str, default=KeyError):
@@ -384,6 +425,11 @@ class ModelInfo:
     def score_lengths(self) -> list[int]:
         """Chunk lengths of ``score_<T>`` signatures (older files have none)."""
         return list(self.meta.score_lengths)
+
+    @property
+    def embed_lengths(self) -> list[int]:
+        """Chunk lengths of an embedding model's ``embed_<T>`` signatures (none for a causal LM)."""
+        return list(self.meta.embedding.lengths) if self.meta.embedding else []
 
     @property
     def decode_spans(self) -> list[int]:

@@ -39,10 +39,19 @@ encoded with control strings parsed, as llama.cpp does: it is the caller's whole
 A prompt is refused with ``context_length_exceeded`` before any tokenizing when its size in
 bytes alone proves it cannot fit (``Model.max_prompt_bytes``), so a huge body costs
 milliseconds, not the tokenizer's time.
+
+``/v1/embeddings`` (an embedding model, ``Model.embed``): ``input`` a string or a list of
+strings (token ids are refused: the model's task prompt and <bos>/<eos> go around text),
+``dimensions`` (Matryoshka truncation, normalised again), ``encoding_format`` "float" or
+"base64" (little-endian float32), and the extensions ``task`` (the task prompt's name,
+EmbeddingGemma's "query", "document", ...) and ``truncate`` (cut a text over the context
+instead of answering ``context_length_exceeded``); ``usage`` counts every token embedded,
+prompts included. A generation request to an embedding model, or the reverse, is a 400.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import numbers
@@ -51,7 +60,7 @@ import time
 from dataclasses import dataclass, field
 
 from .. import __version__
-from .errors import GemmaEdgeError, GenerationError
+from .errors import EmbeddingError, GemmaEdgeError, GenerationError
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -325,9 +334,19 @@ def _check_size(model, n_bytes: int, param: str) -> None:
                    "model with a larger --max-context)", param=param, code="context_length_exceeded")
 
 
+def _check_kind(model, embedding: bool) -> None:
+    if model.is_embedding != embedding:
+        if embedding:
+            raise _bad("the served model generates text; it has no embeddings (serve an embedding model such as "
+                       "EmbeddingGemma for /v1/embeddings)", code="model_not_embedding")
+        raise _bad("the served model is an embedding model: it makes vectors, not text; use POST /v1/embeddings",
+                   code="model_not_generative")
+
+
 def parse_job(body: dict, chat: bool, model, served: str, strict_model: bool = False) -> "Job":
     """A request body -> a Job for ``model`` (a loaded ``Model``). Raises RequestError."""
     check_model(body, served, strict_model)
+    _check_kind(model, embedding=False)
     _refuse_unsupported(body, completions=not chat)
     kwargs = _generation_kwargs(body, completions=not chat)
     stream = body.get("stream") or False
@@ -456,6 +475,72 @@ def chunk(job: Job, text: str | None = None, finish_reason: str | None = None,
     if job.include_usage:
         out["usage"] = usage
     return out
+
+
+# ---- embeddings --------------------------------------------------------------------------------
+
+@dataclass
+class EmbeddingJob:
+    """One parsed /v1/embeddings request: the texts' tokens, ready for ``Model.embed_ids``."""
+
+    ids: list[list[int]]
+    dim: int | None
+    base64: bool
+    model_name: str = ""
+
+
+def parse_embeddings(body: dict, model, served: str, strict_model: bool = False) -> EmbeddingJob:
+    """A /v1/embeddings body -> an EmbeddingJob for ``model``. Raises RequestError."""
+    check_model(body, served, strict_model)
+    _check_kind(model, embedding=True)
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        ids = isinstance(texts, list) and texts and all(_is_int(t) or isinstance(t, list) for t in texts)
+        raise _bad("input must be a non-empty string or a list of them" +
+                   ("; token ids are not taken (the model's task prompt and <bos>/<eos> go around the text): send "
+                    "the text" if ids else f", got {json.dumps(texts)[:60]}"), param="input")
+    empty = [i for i, t in enumerate(texts) if not t]
+    if empty:
+        raise _bad(f"input[{empty[0]}] is an empty string; every input must have text", param="input")
+    dim = body.get("dimensions")
+    if dim is not None and (not _is_int(dim) or not 1 <= dim <= model.info.meta.embedding.dim):
+        raise _bad(f"dimensions must be an integer from 1 to {model.info.meta.embedding.dim}, got {json.dumps(dim)}",
+                   param="dimensions")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise _bad(f'encoding_format must be "float" or "base64", got {json.dumps(fmt)}', param="encoding_format")
+    task, truncate = body.get("task"), body.get("truncate", False)
+    if task is not None and (not isinstance(task, str) or task not in model.tasks):
+        raise _bad(f"task must name one of the model's task prompts ({', '.join(sorted(model.tasks)) or 'none'}), "
+                   f"got {json.dumps(task)}", param="task")
+    if not isinstance(truncate, bool):
+        raise _bad(f"truncate must be true or false, got {json.dumps(truncate)}", param="truncate")
+    ids = []
+    for i, t in enumerate(texts):
+        if not truncate:  # a text whose bytes alone cannot fit is refused before tokenizing
+            _check_size(model, len(t.encode("utf-8", "surrogatepass")), f"input[{i}]")
+        try:
+            ids.append(model.embedding_ids(t, task=task, truncate=truncate))
+        except EmbeddingError as e:  # with the task checked, only a text over the context is left to fail so
+            raise _bad(f"input[{i}]: {e}", param=f"input[{i}]", code="context_length_exceeded") from None
+        except GemmaEdgeError as e:  # text the tokenizer refuses (not UTF-8)
+            raise _bad(f"input[{i}]: {e}", param=f"input[{i}]") from None
+    return EmbeddingJob(ids=ids, dim=dim, base64=fmt == "base64", model_name=served)
+
+
+def embeddings_response(job: EmbeddingJob, vectors) -> dict:
+    """OpenAI's answer: a list of {"object": "embedding", "index", "embedding"}, and usage."""
+    data = []
+    for i, v in enumerate(vectors):
+        if job.base64:  # what OpenAI's clients decode: the little-endian float32 bytes
+            value = base64.b64encode(v.astype("<f4").tobytes()).decode()
+        else:
+            value = [float(x) for x in v.tolist()]
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    n = sum(len(t) for t in job.ids)
+    return {"object": "list", "data": data, "model": job.model_name, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
 
 def model_card(served: str, created: int) -> dict:

@@ -7,6 +7,7 @@ streams events and notices clients that go away.
 
     POST /v1/chat/completions   messages -> the model's chat template -> a reply (streamed or not)
     POST /v1/completions        a raw prompt (text or token ids) -> its continuation
+    POST /v1/embeddings         texts -> an embedding model's vectors (EmbeddingGemma)
     GET  /v1/models             the one model: the file name without .tflite, or --model-name
     GET  /v1/models/{id}
     GET  /health                {"status": "ok", "model", "busy", "waiting"}
@@ -55,6 +56,7 @@ SOCKET_TIMEOUT_SECONDS = 120  # a client that neither sends nor reads for this l
 ROUTES = {  # path without the /v1 prefix -> allowed methods
     "/chat/completions": ("POST",),
     "/completions": ("POST",),
+    "/embeddings": ("POST",),
     "/models": ("GET", "HEAD"),
     "/health": ("GET", "HEAD"),
 }
@@ -240,12 +242,14 @@ class _Handler(BaseHTTPRequestHandler):
                     q = self.server.queue
                     self._send_json(200, {"status": "ok", "model": self.server.model_name, "busy": q.busy,
                                           "waiting": q.waiting})
+                elif route == "/embeddings":
+                    self._embeddings()
                 else:
                     self._generate(chat=route == "/chat/completions")
             else:
                 raise RequestError(404, f"Invalid URL ({self.command} {path or '/'}): the routes are "
-                                        "/v1/chat/completions, /v1/completions, /v1/models and /health",
-                                   code="unknown_url")
+                                        "/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models and "
+                                        "/health", code="unknown_url")
         except RequestError as e:
             self._send_error(e)
         except Exception as e:  # noqa: BLE001 - a bug must answer 500, not drop the connection
@@ -285,9 +289,7 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server
         job = api.parse_job(self._read_json(), chat, srv.model, srv.model_name, srv.strict_model)
         try:
-            with self.server.queue.turn():
-                if self._client_gone():
-                    raise ClientGone
+            with self._turn():
                 gen = self.server.model.stream_generate(job.ids, **job.kwargs)
                 try:
                     try:
@@ -306,9 +308,6 @@ class _Handler(BaseHTTPRequestHandler):
                         last = r
                 finally:
                     gen.close()  # a client that went away frees the model here
-        except QueueFull as e:
-            raise RequestError(503, f"the server is busy: {e}; retry after {RETRY_AFTER_SECONDS} s",
-                               code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         except ClientGone:
             self.close_connection = True
             self._status = "gone"
@@ -317,6 +316,35 @@ class _Handler(BaseHTTPRequestHandler):
         self._note = f" {len(job.ids)}+{last.generation_tokens} tokens"
         self._send_json(200, api.response(job, "".join(parts), last.finish_reason, last.generation_tokens,
                                           reasoning="".join(thoughts)))
+
+    @contextlib.contextmanager
+    def _turn(self):
+        """This request's turn on the model: a 503 at once when the queue is full; ClientGone when
+        the client went away while it waited."""
+        try:
+            with self.server.queue.turn():
+                if self._client_gone():
+                    raise ClientGone
+                yield
+        except QueueFull as e:
+            raise RequestError(503, f"the server is busy: {e}; retry after {RETRY_AFTER_SECONDS} s",
+                               code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+
+    def _embeddings(self) -> None:
+        srv = self.server
+        job = api.parse_embeddings(self._read_json(), srv.model, srv.model_name, srv.strict_model)
+        try:
+            with self._turn():
+                vectors = srv.model.embed_ids(job.ids, dim=job.dim)
+        except ClientGone:
+            self.close_connection = True
+            self._status = "gone"
+            self._note = " (client disconnected)"
+            return
+        except GemmaEdgeError as e:
+            raise _bad(str(e)) from None
+        self._note = f" {len(job.ids)} texts, {sum(map(len, job.ids))} tokens"
+        self._send_json(200, api.embeddings_response(job, vectors))
 
     def _stream(self, job: api.Job, first, gen: Iterator) -> None:
         self._chunked = self.request_version == "HTTP/1.1"

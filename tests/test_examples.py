@@ -5,7 +5,9 @@
   streams the same replies as ``Conversation.ask`` over two turns, keeps the Tk event loop
   running while the model generates, and stops a reply on Stop;
 - the Android sample is only read (it is not built here): it must load the ``.litertlm``
-  that ``gemma-edge pack`` writes, with a pinned LiteRT-LM dependency.
+  that ``gemma-edge pack`` writes, with a pinned LiteRT-LM dependency;
+- ``search.py`` over a folder ranks its passages as ``Model.embed``'s cosines do, and reuses
+  its index while no file changes (the tiny EmbeddingGemma of ``test_embed.py``).
 """
 
 from __future__ import annotations
@@ -230,3 +232,43 @@ def test_android_sample_loads_the_packed_litertlm():
         assert api in kotlin, api
     assert re.search(r'implementation\("com\.google\.ai\.edge\.litertlm:litertlm-android:\d+\.\d+\.\d+"\)', gradle)
     assert "not built here" in readme.lower() and "adb push" in readme
+
+
+# ---- search.py ---------------------------------------------------------------------------
+
+def test_search_ranks_passages_as_the_api_does(tmp_path_factory, tmp_path):
+    import numpy as np
+
+    pytest.importorskip("sentence_transformers")
+    from test_embed import embedding_case, texts
+
+    model_path = str(embedding_case(tmp_path_factory).convert("fp32"))
+    folder = tmp_path / "notes"
+    (folder / "sub").mkdir(parents=True)
+    words = texts(9, seed=11, most=20)
+    (folder / "a.txt").write_text(f"{words[0]}\n{words[1]}\n\n{words[2]}\n", encoding="utf-8")
+    (folder / "sub" / "b.md").write_text("\n\n".join(words[3:8]), encoding="utf-8")
+    (folder / "skip.bin").write_text(words[8])
+    index = tmp_path / "index.npz"
+
+    def run(*query):
+        r = subprocess.run([sys.executable, str(EXAMPLES / "search.py"), model_path, str(folder), *query, "-k", "3",
+                            "--index", str(index)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    query = "the cache of the phone"
+    first = run(query)
+    passages = [" ".join((words[0] + " " + words[1]).split()), words[2], *words[3:8]]
+    where = ["a.txt:1", "a.txt:4"] + [f"sub/b.md:{1 + 2 * i}" for i in range(5)]
+    m = gemma_edge.load(model_path)
+    scores = m.embed(passages, task="document") @ m.embed(query, task="query")
+    best = np.argsort(-scores, kind="stable")[:3]
+    lines = first.stdout.splitlines()[:3]
+    assert [line.split()[1] for line in lines] == [where[i] for i in best], (lines, scores)
+    assert [float(line.split()[0]) for line in lines] == pytest.approx([float(scores[i]) for i in best], abs=2e-3)
+    assert "embedded 7 of 7 passages" in first.stderr
+    again = run(query)  # the index is reused: nothing embedded but the query
+    assert again.stdout == first.stdout and "embedded" not in again.stderr
+    (folder / "a.txt").write_text(words[0], encoding="utf-8")
+    assert "embedded 6 of 6 passages" in run(query).stderr

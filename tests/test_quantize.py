@@ -55,16 +55,27 @@ def test_recipes_and_roles():
     kinds = ("attn_q", "attn_k", "attn_v", "attn_o", "ffn_gate", "ffn_up", "ffn_down")
     ple = {k: "int4-b32" for k in ("ple_embed", "ple_proj", "ple_gate", "ple_out")}  # Gemma 4's per-layer embeddings
     assert role_of("l3_ple_embed") == "ple" and role_of("ple_proj") == "ple" and role_of("l3_ple_norm") is None
-    assert parse_recipe("int4") == {"embedding": "int8", **{k: "int4-b32" if k.startswith("ffn") else "int8"
-                                                          for k in kinds}, **ple}
-    assert parse_recipe("int4-b32,embedding=int8") == parse_recipe("int4-b32-mixed")
+    dense = {"dense_0": "int8", "dense_1": "int8"}  # an embedding model's Dense layers after pooling
+    assert role_of("dense_0") == "dense" and kind_of("dense_1") == "dense_1"
+    # int4: the FFN's gate and up in int4 blocks; its down projection, attention and embedding int8
+    assert parse_recipe("int4") == {"embedding": "int8", **{k: "int4-b32" if k in ("ffn_gate", "ffn_up") else "int8"
+                                                          for k in kinds}, **ple, **dense}
+    assert parse_recipe("int4,ffn_down=int4-b32")["ffn_down"] == "int4-b32"
+    assert parse_recipe("int4,ffn=int4-b64")["ffn_down"] == "int4-b64"  # a role given overrides the preset's kind
+    # the mixed preset keeps the embedding (and an embedding model's small Dense layers) in int8
+    assert parse_recipe("int4-b32,embedding=int8,dense=int8") == parse_recipe("int4-b32-mixed")
     assert parse_recipe("ffn=int4") == {"embedding": "int8", **{k: "int4" if k.startswith("ffn") else "int8"
-                                                                   for k in kinds}, **dict.fromkeys(ple, "int8")}
+                                                                   for k in kinds}, **dict.fromkeys(ple, "int8"),
+                                  **dense}
     # a kind overrides its role whatever the order they are given in
     got = parse_recipe("int4-b32,ffn_down=int8,ffn=int4-b64")
     assert got["ffn_down"] == "int8" and got["ffn_up"] == "int4-b64" and got["attn_q"] == "int4-b32"
     assert recipe_name("int4-b32,ffn_down=int8,embedding=int8") == (
-        "embedding=int8,attention=int4-b32,ffn_gate=int4-b32,ffn_up=int4-b32,ffn_down=int8,ple=int4-b32")
+        "embedding=int8,attention=int4-b32,ffn_gate=int4-b32,ffn_up=int4-b32,ffn_down=int8,ple=int4-b32,"
+        "dense=int4-b32")
+    # a model's file names only the roles it has: a causal LM has no Dense layers
+    present = [k for k in parse_recipe("int8") if not k.startswith("dense")]
+    assert recipe_name("int4-b32,ffn_down=int8,embedding=int8", present).endswith("ffn_down=int8,ple=int4-b32")
     assert recipe_name("int4-b32") == "int4-b32"
     with pytest.raises(QuantizationError, match="int3"):
         parse_recipe("int3")

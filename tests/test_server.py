@@ -384,7 +384,7 @@ def test_bad_json(server, raw):
 
 
 def test_unknown_route_and_wrong_method(server):
-    status, _, body = request(server, "GET", "/v1/embeddings")
+    status, _, body = request(server, "GET", "/v1/images/generations")
     assert_error(status, body, 404, code="unknown_url")
     status, _, body = request(server, "POST", "/v2/chat/completions", {"messages": user("x")})
     assert_error(status, body, 404)
