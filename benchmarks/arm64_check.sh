@@ -24,7 +24,8 @@
 # and debootstrap (installed with apt-get when missing). Not part of the test run: a first
 # run spends about 8 minutes more on the root, pip inside it and the conversions (fp32's
 # takes 3); then each CPU and preset takes 40-140 s on 2 cores (fp32 about 3 minutes).
-# Re-runnable: the root, the venv and the converted files under ARM64_DIR are reused
+# Re-runnable: the root, the venv and the converted files under ARM64_DIR (default
+# ${TMPDIR:-/var/tmp}/gemma-edge-arm64, about 3 GB) are reused
 # (FORCE_CONVERT=1 converts again); all mounts live in a private mount namespace and
 # vanish when the script exits.
 #
@@ -43,7 +44,7 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(dirname "$HERE")
-DIR=${ARM64_DIR:-/work/arm64}
+DIR=${ARM64_DIR:-${TMPDIR:-/var/tmp}/gemma-edge-arm64}
 ROOT=$DIR/root
 PRESETS=${PRESETS:-"int8 int4 int4-emb int4-b32"}
 CPUS=${CPUS:-"cortex-a72 cortex-a76"}

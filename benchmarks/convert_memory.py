@@ -158,7 +158,7 @@ GEMMA_2B = {
 }
 
 # Gemma 4 E2B (google/gemma-4-E2B) text_config, with the keys a transformers 5 save writes
-# (/work/notes/gemma4_spec.md section 6). Layers 0..14 compute their own KV caches; 15..34
+# (transformers.models.gemma4.Gemma4TextConfig). Layers 0..14 compute their own KV caches; 15..34
 # read layer 13's (sliding) or 14's (global) and have no k/v projections or k_norm, and an
 # FFN twice as wide (use_double_wide_mlp).
 E2B_SHARED, E2B_LAYERS = 20, 35
