@@ -25,7 +25,7 @@
 # run spends about 8 minutes more on the root, pip inside it and the conversions (fp32's
 # takes 3); then each CPU and preset takes 40-140 s on 2 cores (fp32 about 3 minutes).
 # Re-runnable: the root, the venv and the converted files under ARM64_DIR (default
-# ${TMPDIR:-/var/tmp}/gemma-edge-arm64, about 3 GB) are reused
+# ${TMPDIR:-/var/tmp}/gemma-edge-arm64; a few GB) are reused
 # (FORCE_CONVERT=1 converts again); all mounts live in a private mount namespace and
 # vanish when the script exits.
 #
