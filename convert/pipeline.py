@@ -117,7 +117,7 @@ def _calibration(src: Source, calibrate: str, out, recipe: dict, context: int, p
             seqs = K.generated_sequences(tmp.path)
     calib = K.Calibration()
     K.forward(src.config, src.read_rows, seqs, calib)
-    return K.make_plan(src.config, calib, src.read_rows)
+    return K.make_plan(src.config, calib, src.read_rows, alpha=K.alpha_for_recipe(recipe))
 
 
 @contextlib.contextmanager

@@ -251,7 +251,19 @@ class Plan:
 
 # ---- the calibrated recipe, as measured on the real 270M (README, the closing note of issue 13) ----
 
-SMOOTH_ALPHA = 0.5  # migration strength: s_j = max|x_j|^a / max|W_:j|^(1-a)
+# Migration strength: s_j = max|x_j|^a / max|W_:j|^(1-a). Swept on the real 270M with statistics on
+# text the model wrote itself, against fp32 on two texts (benchmarks/calibrate_alpha.py, the README):
+# recipes with int4 weights do best at 0.5 (0.25 and 0.65 lose perplexity on both texts, and so does
+# 0.65 for the int8 groups of the int4 preset alone); an all-int8 recipe, whose rounding has room to
+# spare, at 0.65 (KL 0.0159 -> 0.0142 and 0.0142 -> 0.0126 on the two texts; 0.8 loses again).
+SMOOTH_ALPHA = 0.5
+SMOOTH_ALPHA_INT8 = 0.65
+
+
+def alpha_for_recipe(recipe: dict[str, str]) -> float:
+    """The migration strength for a recipe (kind -> scheme): ``SMOOTH_ALPHA_INT8`` when every
+    weight is int8, ``SMOOTH_ALPHA`` otherwise."""
+    return SMOOTH_ALPHA_INT8 if recipe and all(v == "int8" for v in recipe.values()) else SMOOTH_ALPHA
 
 
 def make_plan(cfg: GemmaConfig, calib: Calibration, read, alpha: float = SMOOTH_ALPHA) -> Plan:
@@ -260,7 +272,8 @@ def make_plan(cfg: GemmaConfig, calib: Calibration, read, alpha: float = SMOOTH_
     gate/up into the FFN norm, down into up's rows, o into v's rows (not for Gemma 4, whose V is
     normalized; not for k_eq_v layers); then the importance (mean x^2 of the migrated inputs) of
     every quantized weight for the scale search. The tied embedding / LM head is not migrated
-    (its rows are also the lookup table). ``read`` gives canonical weight rows (for max |W|)."""
+    (its rows are also the lookup table). ``read`` gives canonical weight rows (for max |W|);
+    ``alpha`` is the migration strength (``alpha_for_recipe``)."""
     plan = Plan()
     shapes = C.weight_shapes(cfg)
 
