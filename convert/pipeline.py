@@ -115,9 +115,11 @@ def _calibration(src: Source, calibrate: str, out, recipe: dict, context: int, p
             tmp = convert(str(src.path), os.path.join(d, "m.tflite"), quant=quant, max_context=min(context, 512),
                           prefill_lengths=(8, 32, 128), progress=progress, score_length=None, lora=lora)
             seqs = K.generated_sequences(tmp.path)
-    calib = K.Calibration()
+    search = K.search_alpha(recipe)
+    calib = K.Calibration(keep=256 if search else 0)  # input samples only where the strength is searched
     K.forward(src.config, src.read_rows, seqs, calib)
-    return K.make_plan(src.config, calib, src.read_rows, alpha=K.alpha_for_recipe(recipe))
+    return K.make_plan(src.config, calib, src.read_rows, alpha=K.alpha_for_recipe(recipe),
+                       recipe=recipe if search else None)
 
 
 @contextlib.contextmanager

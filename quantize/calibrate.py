@@ -47,10 +47,14 @@ class Stats:
 
 @dataclass
 class Calibration:
-    """Statistics of the input of every linear weight, by canonical weight name."""
+    """Statistics of the input of every linear weight, by canonical weight name, and a sample of
+    up to ``keep`` of its input rows (fp16, tokens evenly spread) for ``make_plan``'s search of
+    the migration strength: 256 rows cost 40 MB on the 270M, ~210 MB on Gemma 2B."""
 
     stats: dict[str, Stats] = field(default_factory=dict)
     tokens: int = 0
+    keep: int = 256
+    samples: dict[str, np.ndarray] = field(default_factory=dict)
 
     def record(self, names, x: np.ndarray) -> None:
         """``x`` [tokens, in] feeds each weight of ``names`` (q, k and v share their input)."""
@@ -60,8 +64,14 @@ class Calibration:
             n = x.shape[-1]
             s = Stats(np.zeros(n, np.float64), np.zeros(n, np.float32))
         s.add(x)
+        if self.keep and names:
+            rows = np.asarray(x[::max(1, len(x) // self.keep)][:self.keep], np.float16)
+            old = self.samples.get(names[0])
+            rows = rows if old is None else np.concatenate([old, rows])[-self.keep:]
         for name in names:
             self.stats[name] = s  # weights that share an input share its statistics
+            if self.keep:
+                self.samples[name] = rows
 
 
 def _rms(x: np.ndarray, scale, eps: float) -> np.ndarray:
@@ -258,22 +268,64 @@ class Plan:
 # spare, at 0.65 (KL 0.0159 -> 0.0142 and 0.0142 -> 0.0126 on the two texts; 0.8 loses again).
 SMOOTH_ALPHA = 0.5
 SMOOTH_ALPHA_INT8 = 0.65
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+
+def _as_kernels_see(x: np.ndarray) -> np.ndarray:
+    """``x`` [tokens, in] after the kernels' on-the-fly int8 quantization of activations: per
+    token, asymmetric, over the token's range widened to hold 0 (dynamic range quantization)."""
+    lo = np.minimum(x.min(axis=1, keepdims=True), 0.0)
+    hi = np.maximum(x.max(axis=1, keepdims=True), 0.0)
+    scale = (hi - lo) / 255.0
+    scale[scale == 0] = 1.0
+    zero = np.round(-128.0 - lo / scale)
+    return (np.clip(np.round(x / scale) + zero, -128, 127) - zero) * scale
+
+
+def migration_error(x: np.ndarray, weights: list[np.ndarray], schemes: list, s: np.ndarray) -> float:
+    """Squared output error of linear layers ``weights`` ([out, in] each, quantized by ``schemes``)
+    on inputs ``x`` [tokens, in] when their input channels carry the migration ``s``: what the
+    kernels compute, (x / s) quantized per token times (W * s) quantized, against x W^T."""
+    from .reference import dequantize_rows, quantize_rows
+
+    xq = _as_kernels_see(x / s[None, :])
+    err = 0.0
+    for w, scheme in zip(weights, schemes):
+        ws = w * s[None, :]
+        wq = ws if scheme.is_float else dequantize_rows(*quantize_rows(ws, scheme), scheme)
+        err += float(np.sum((xq @ wq.T - x @ w.T) ** 2))
+    return err
 
 
 def alpha_for_recipe(recipe: dict[str, str]) -> float:
     """The migration strength for a recipe (kind -> scheme): ``SMOOTH_ALPHA_INT8`` when every
     weight is int8, ``SMOOTH_ALPHA`` otherwise."""
-    return SMOOTH_ALPHA_INT8 if recipe and all(v == "int8" for v in recipe.values()) else SMOOTH_ALPHA
+    return SMOOTH_ALPHA_INT8 if search_alpha(recipe) else SMOOTH_ALPHA
 
 
-def make_plan(cfg: GemmaConfig, calib: Calibration, read, alpha: float = SMOOTH_ALPHA) -> Plan:
+def search_alpha(recipe: dict[str, str]) -> bool:
+    """Whether ``--calibrate`` searches each group's strength for this recipe: for all-int8 ones.
+    Measured on the real 270M against fp32 (benchmarks/calibrate_alpha.py, README): the search
+    takes int8 from +1.6% / +1.1% perplexity (alpha 0.65) to +0.97% / +0.90% on the two texts, KL
+    0.0142 -> 0.0135; on the int4 preset it lowers KL (0.067 -> 0.062, 0.066 -> 0.060) but not
+    perplexity (+6.1% -> +6.9%, +6.7% -> +6.8%), so int4 keeps the fixed 0.5."""
+    return bool(recipe) and all(v == "int8" for v in recipe.values())
+
+
+def make_plan(cfg: GemmaConfig, calib: Calibration, read, alpha: float = SMOOTH_ALPHA, recipe=None,
+              grid=ALPHA_GRID, sample_rows: int = 1024) -> Plan:
     """SmoothQuant-style migration of every linear input's per-channel range into the weights,
     folded where the model computes the same function in float: q/k/v into the attention norm,
     gate/up into the FFN norm, down into up's rows, o into v's rows (not for Gemma 4, whose V is
     normalized; not for k_eq_v layers); then the importance (mean x^2 of the migrated inputs) of
     every quantized weight for the scale search. The tied embedding / LM head is not migrated
     (its rows are also the lookup table). ``read`` gives canonical weight rows (for max |W|);
-    ``alpha`` is the migration strength (``alpha_for_recipe``)."""
+    ``alpha`` is the migration strength (``alpha_for_recipe``).
+
+    With a ``recipe`` (kind -> scheme name) and the input samples ``calib`` kept, each group's
+    strength is searched instead, over ``grid``: the one whose ``migration_error`` (activations and
+    weights rounded as the file's kernels round them) is least, on up to ``sample_rows`` evenly
+    spread output rows of each weight (AWQ's search, with SmoothQuant's formula)."""
     plan = Plan()
     shapes = C.weight_shapes(cfg)
 
@@ -288,11 +340,34 @@ def make_plan(cfg: GemmaConfig, calib: Calibration, read, alpha: float = SMOOTH_
             out = m if out is None else np.maximum(out, m)
         return out
 
-    def factor(consumers) -> np.ndarray:
+    from .schemes import get_scheme, kind_of
+
+    chosen: list[float] = []
+
+    def strength(consumers, a) -> np.ndarray:
         x = calib.stats[consumers[0]].max_abs.astype(np.float64)
         w = col_max(consumers).astype(np.float64)
-        s = np.maximum(x, 1e-5) ** alpha / np.maximum(w, 1e-5) ** (1 - alpha)
+        s = np.maximum(x, 1e-5) ** a / np.maximum(w, 1e-5) ** (1 - a)
         return (s / np.exp(np.mean(np.log(s)))).astype(np.float32)  # geometric mean 1: ranges stay put
+
+    def factor(consumers, shape=lambda s: s) -> np.ndarray:
+        """The migration of a group's input channels; ``shape`` maps the formula's s to the one
+        applied (o's is shared per KV head)."""
+        sample = calib.samples.get(consumers[0])
+        if recipe is None or sample is None:
+            return shape(strength(consumers, alpha))
+        x = sample.astype(np.float32)
+        schemes = [get_scheme(recipe.get(kind_of(c), "fp32")) for c in consumers]
+        weights = []
+        for c in consumers:
+            rows = shapes[c][0]
+            pick = np.linspace(0, rows - 1, min(rows, sample_rows)).astype(np.int64)
+            weights.append(read(c, 0, rows) if rows <= sample_rows
+                           else np.concatenate([read(c, int(r), int(r) + 1) for r in pick]))
+        errors = {a: migration_error(x, weights, schemes, shape(strength(consumers, a))) for a in grid}
+        best = min(errors, key=errors.get)
+        chosen.append(best)
+        return shape(strength(consumers, best))
 
     for i in range(cfg.num_layers):
         def n(kind):
@@ -315,14 +390,21 @@ def make_plan(cfg: GemmaConfig, calib: Calibration, read, alpha: float = SMOOTH_
             # o's inputs are [heads x H]: one factor per head-dim channel of each KV head, shared by
             # the query heads that read it (the V rows are per KV head)
             N, K, H = cfg.num_heads, cfg.kv_heads_for(i), cfg.head_dim_for(i)
-            s = factor([n("o")]).reshape(K, N // K, H).max(axis=1)  # [K, H]
-            s = s / np.exp(np.mean(np.log(s)))
-            plan.col_scale[n("o")] = np.repeat(s, N // K, axis=0).reshape(-1).astype(np.float32)
-            plan.row_scale[n("v")] = (1 / s).reshape(-1).astype(np.float32)
+
+            def per_kv_head(s):
+                s = s.reshape(K, N // K, H).max(axis=1)  # [K, H]
+                s = s / np.exp(np.mean(np.log(s)))
+                return np.repeat(s, N // K, axis=0).reshape(-1).astype(np.float32)
+
+            s = factor([n("o")], per_kv_head)
+            plan.col_scale[n("o")] = s
+            plan.row_scale[n("v")] = (1 / s.reshape(N, H)[::N // K]).reshape(-1).astype(np.float32)
     for name, st in calib.stats.items():
         s = plan.col_scale.get(name)
         plan.importance[name] = (st.mean_sq / (s.astype(np.float64) ** 2 if s is not None else 1.0)).astype(np.float32)
-    plan.notes.append(f"calibrated on {calib.tokens} tokens: ranges migrated into weights (alpha {alpha}) at every "
+    how = (f"alpha searched per layer input, {min(chosen)}-{max(chosen)}, median {float(np.median(chosen)):.2f}"
+           if chosen else f"alpha {alpha}")
+    plan.notes.append(f"calibrated on {calib.tokens} tokens: ranges migrated into weights ({how}) at every "
                       "linear input but the LM head, scales searched for the least importance-weighted error")
     return plan
 

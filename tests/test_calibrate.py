@@ -41,10 +41,11 @@ def test_numpy_forward_matches_transformers_on_gemma4(tmp_path_factory, g4_token
         assert "ple_proj" in cal.stats and "l5_ple_out" in cal.stats and "l5_k" not in cal.stats  # l5 shares a cache
 
 
-@pytest.mark.parametrize("family", [1, 3])
-def test_calibration_plan_keeps_the_function_in_float(family, tmp_path, sp_model_path):
+@pytest.mark.parametrize("family,search", [(1, False), (3, False), (3, True)])
+def test_calibration_plan_keeps_the_function_in_float(family, search, tmp_path, sp_model_path):
     """The migrations move ranges between norms and weights and between up/v rows and down/o
-    columns: an fp32 file written with the plan computes what transformers computes."""
+    columns: an fp32 file written with the plan computes what transformers computes, also when
+    each group's strength is searched (o's migration shared per KV head, v's rows to match)."""
     from gemma_edge.convert.checkpoint import Source
     from gemma_edge.convert.pipeline import convert
     from gemma_edge.quantize.calibrate import Calibration, forward, make_plan, text_sequences
@@ -54,7 +55,8 @@ def test_calibration_plan_keeps_the_function_in_float(family, tmp_path, sp_model
     src = Source(str(tmp_path / "ckpt"))
     calib = Calibration()
     forward(src.config, src.read_rows, text_sequences(src.tokenizer, "the model and the cache " * 200), calib)
-    plan = make_plan(src.config, calib, src.read_rows)
+    plan = make_plan(src.config, calib, src.read_rows, recipe={"attn_o": "int8", "ffn_gate": "int4-b32"} if search else None)
+    assert ("alpha searched" in plan.notes[-1]) == search
     assert plan.col_scale["l0_q"] is plan.col_scale["l0_k"] and np.allclose(plan.col_scale["l0_attn_norm"] * plan.col_scale["l0_q"], 1)
     assert not np.allclose(plan.col_scale["l0_q"], 1) and "l0_o" in plan.col_scale and "l0_v" in plan.row_scale
     out = tmp_path / "calibrated.tflite"
@@ -84,7 +86,29 @@ def test_calibrate_option_from_a_file_and_from_the_model_itself(tmp_path, sp_mod
                            capture_output=True, text=True, timeout=900)
         assert r.returncode == 0, r.stderr
         assert ("calibrated on" in r.stderr) == bool(extra), r.stderr
+        assert ("alpha 0.5)" in r.stderr) == bool(extra), r.stderr  # int4: the fixed strength
+    # an all-int8 recipe searches each layer input's strength
+    r = subprocess.run([sys.executable, "-m", "gemma_edge.convert.cli", str(tmp_path / "ckpt"), "-o",
+                        str(tmp_path / "int8.tflite"), "--quant", "int8", "--max-context", "64", "-q",
+                        "--calibrate", str(text)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "alpha searched per layer input" in r.stderr, r.stderr
     sizes = {n: p.stat().st_size for n, p in outs.items()}
     assert len(set(sizes.values())) == 1, sizes  # values change, not the layout
     assert read_info(str(outs["self"])).quant == read_info(str(outs["plain"])).quant
     assert outs["file"].read_bytes() != outs["plain"].read_bytes()
+
+
+def test_activations_as_the_kernels_see_them():
+    """Per-token asymmetric int8 over the token's range widened to hold 0: zero stays exact, each
+    value moves at most half a step, and a token's extremes are on the grid."""
+    from gemma_edge.quantize.calibrate import _as_kernels_see
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(8, 64)) * rng.uniform(0.01, 100, size=(8, 1)),
+                        np.abs(rng.normal(size=(1, 64))), np.zeros((1, 64))]).astype(np.float32)
+    x[:, 0] = 0.0
+    q = _as_kernels_see(x)
+    step = (np.maximum(x.max(1), 0) - np.minimum(x.min(1), 0)) / 255
+    assert np.all(np.abs(q - x) <= step[:, None] / 2 + 1e-6 * np.abs(x).max(1, keepdims=True))
+    assert np.all(q[:, 0] == 0) and np.all(q[-1] == 0)
+    assert len(np.unique(np.round((q[0] - q[0].min()) / step[0]))) <= 256
