@@ -24,6 +24,7 @@ import numpy as np
 
 from ..runtime import contract as C
 from ..runtime.config import GemmaConfig
+from .schemes import ROLES
 
 
 @dataclass
@@ -268,6 +269,7 @@ class Plan:
 # spare, at 0.65 (KL 0.0159 -> 0.0142 and 0.0142 -> 0.0126 on the two texts; 0.8 loses again).
 SMOOTH_ALPHA = 0.5
 SMOOTH_ALPHA_INT8 = 0.65
+MIGRATED_KINDS = ROLES["attention"] + ROLES["ffn"]  # the weights make_plan migrates
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
@@ -282,34 +284,37 @@ def _as_kernels_see(x: np.ndarray) -> np.ndarray:
     return (np.clip(np.round(x / scale) + zero, -128, 127) - zero) * scale
 
 
-def migration_error(x: np.ndarray, weights: list[np.ndarray], schemes: list, s: np.ndarray) -> float:
+def migration_error(x: np.ndarray, weights: list[np.ndarray], schemes: list, s: np.ndarray,
+                    exact: list[np.ndarray]) -> float:
     """Squared output error of linear layers ``weights`` ([out, in] each, quantized by ``schemes``)
     on inputs ``x`` [tokens, in] when their input channels carry the migration ``s``: what the
-    kernels compute, (x / s) quantized per token times (W * s) quantized, against x W^T."""
+    kernels compute, (x / s) quantized per token times (W * s) quantized, against ``exact``
+    (x W^T for each weight)."""
     from .reference import dequantize_rows, quantize_rows
 
     xq = _as_kernels_see(x / s[None, :])
     err = 0.0
-    for w, scheme in zip(weights, schemes):
+    for w, scheme, y in zip(weights, schemes, exact):
         ws = w * s[None, :]
         wq = ws if scheme.is_float else dequantize_rows(*quantize_rows(ws, scheme), scheme)
-        err += float(np.sum((xq @ wq.T - x @ w.T) ** 2))
+        err += float(np.sum((xq @ wq.T - y) ** 2))
     return err
 
 
 def alpha_for_recipe(recipe: dict[str, str]) -> float:
-    """The migration strength for a recipe (kind -> scheme): ``SMOOTH_ALPHA_INT8`` when every
-    weight is int8, ``SMOOTH_ALPHA`` otherwise."""
+    """The fixed migration strength for a recipe (kind -> scheme), used where the strength is not
+    searched: ``SMOOTH_ALPHA_INT8`` when every migrated weight is int8, ``SMOOTH_ALPHA`` otherwise."""
     return SMOOTH_ALPHA_INT8 if search_alpha(recipe) else SMOOTH_ALPHA
 
 
 def search_alpha(recipe: dict[str, str]) -> bool:
-    """Whether ``--calibrate`` searches each group's strength for this recipe: for all-int8 ones.
-    Measured on the real 270M against fp32 (benchmarks/calibrate_alpha.py, README): the search
-    takes int8 from +1.6% / +1.1% perplexity (alpha 0.65) to +0.97% / +0.90% on the two texts, KL
-    0.0142 -> 0.0135; on the int4 preset it lowers KL (0.067 -> 0.062, 0.066 -> 0.060) but not
-    perplexity (+6.1% -> +6.9%, +6.7% -> +6.8%), so int4 keeps the fixed 0.5."""
-    return bool(recipe) and all(v == "int8" for v in recipe.values())
+    """Whether ``--calibrate`` searches each group's strength for this recipe: when every weight it
+    migrates (attention and FFN) is int8, whatever the embedding's scheme. Measured on the real
+    270M against fp32 on two texts (benchmarks/calibrate_alpha.py, README): ``int8`` +1.6% / +1.1%
+    perplexity at alpha 0.65 -> +0.97% / +0.90% searched, ``int4-emb`` +8.1% / +12.05% at 0.5 ->
+    +7.7% / +12.0%; on the int4 preset (int4 FFN) the search lowers KL (0.067 -> 0.062, 0.066 ->
+    0.060) but not perplexity (+6.1% -> +6.9%, +6.7% -> +6.8%), so it keeps the fixed 0.5."""
+    return bool(recipe) and all(recipe.get(k, "int8") == "int8" for k in MIGRATED_KINDS)
 
 
 def make_plan(cfg: GemmaConfig, calib: Calibration, read, alpha: float = SMOOTH_ALPHA, recipe=None,
@@ -344,18 +349,19 @@ def make_plan(cfg: GemmaConfig, calib: Calibration, read, alpha: float = SMOOTH_
 
     chosen: list[float] = []
 
-    def strength(consumers, a) -> np.ndarray:
-        x = calib.stats[consumers[0]].max_abs.astype(np.float64)
-        w = col_max(consumers).astype(np.float64)
-        s = np.maximum(x, 1e-5) ** a / np.maximum(w, 1e-5) ** (1 - a)
-        return (s / np.exp(np.mean(np.log(s)))).astype(np.float32)  # geometric mean 1: ranges stay put
-
     def factor(consumers, shape=lambda s: s) -> np.ndarray:
         """The migration of a group's input channels; ``shape`` maps the formula's s to the one
         applied (o's is shared per KV head)."""
+        x_max = np.maximum(calib.stats[consumers[0]].max_abs.astype(np.float64), 1e-5)
+        w_max = np.maximum(col_max(consumers).astype(np.float64), 1e-5)
+
+        def at(a: float) -> np.ndarray:
+            s = x_max ** a / w_max ** (1 - a)
+            return shape((s / np.exp(np.mean(np.log(s)))).astype(np.float32))  # geometric mean 1: ranges stay put
+
         sample = calib.samples.get(consumers[0])
         if recipe is None or sample is None:
-            return shape(strength(consumers, alpha))
+            return at(alpha)
         x = sample.astype(np.float32)
         schemes = [get_scheme(recipe.get(kind_of(c), "fp32")) for c in consumers]
         weights = []
@@ -364,10 +370,11 @@ def make_plan(cfg: GemmaConfig, calib: Calibration, read, alpha: float = SMOOTH_
             pick = np.linspace(0, rows - 1, min(rows, sample_rows)).astype(np.int64)
             weights.append(read(c, 0, rows) if rows <= sample_rows
                            else np.concatenate([read(c, int(r), int(r) + 1) for r in pick]))
-        errors = {a: migration_error(x, weights, schemes, shape(strength(consumers, a))) for a in grid}
+        exact = [x @ w.T for w in weights]
+        errors = {a: migration_error(x, weights, schemes, at(a), exact) for a in grid}
         best = min(errors, key=errors.get)
         chosen.append(best)
-        return shape(strength(consumers, best))
+        return at(best)
 
     for i in range(cfg.num_layers):
         def n(kind):
