@@ -24,7 +24,7 @@ import numpy as np
 
 from ..runtime import contract as C
 from ..runtime.config import GemmaConfig
-from .schemes import ROLES
+from .schemes import ROLES, get_scheme, kind_of
 
 
 @dataclass
@@ -264,9 +264,9 @@ class Plan:
 
 # Migration strength: s_j = max|x_j|^a / max|W_:j|^(1-a). Swept on the real 270M with statistics on
 # text the model wrote itself, against fp32 on two texts (benchmarks/calibrate_alpha.py, the README):
-# recipes with int4 weights do best at 0.5 (0.25 and 0.65 lose perplexity on both texts, and so does
-# 0.65 for the int8 groups of the int4 preset alone); an all-int8 recipe, whose rounding has room to
-# spare, at 0.65 (KL 0.0159 -> 0.0142 and 0.0142 -> 0.0126 on the two texts; 0.8 loses again).
+# recipes with int4 attention or FFN do best at a fixed 0.5 (0.25, 0.65 and the search lose
+# perplexity on both texts); int8 ones at 0.65 among fixed values (KL 0.0159 -> 0.0142 and
+# 0.0142 -> 0.0126; 0.8 loses again), and better still searched per layer input (search_alpha).
 SMOOTH_ALPHA = 0.5
 SMOOTH_ALPHA_INT8 = 0.65
 MIGRATED_KINDS = ROLES["attention"] + ROLES["ffn"]  # the weights make_plan migrates
@@ -344,8 +344,6 @@ def make_plan(cfg: GemmaConfig, calib: Calibration, read, alpha: float = SMOOTH_
                 np.maximum(m, np.abs(read(n, r0, min(rows, r0 + step))).max(axis=0), out=m)
             out = m if out is None else np.maximum(out, m)
         return out
-
-    from .schemes import get_scheme, kind_of
 
     chosen: list[float] = []
 
