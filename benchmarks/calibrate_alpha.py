@@ -64,18 +64,21 @@ def main(argv=None) -> int:
     # the statistics --calibrate gathers with no file: 16 x 128 tokens the fp32 model writes itself
     src = Source(gguf)
     calib = K.Calibration()
-    K.forward(src.config, src.read_rows, K.generated_sequences(str(fp32)), calib)
-    print(f"fp32 file and calibration statistics ({calib.tokens} tokens) in {time.time() - t0:.0f} s",
-          file=sys.stderr, flush=True)
+    seqs = K.generated_sequences(str(fp32))
+    t1 = time.time()
+    K.forward(src.config, src.read_rows, seqs, calib)
+    print(f"fp32 file and calibration text in {t1 - t0:.0f} s; statistics of {calib.tokens} tokens in "
+          f"{time.time() - t1:.1f} s", file=sys.stderr, flush=True)
 
     rows = []
     for preset in presets:
         for alpha in [None] + alphas:
             strength = K.alpha_for_recipe(parse_recipe(preset)) if alpha in ("auto", "search") else alpha
+            t1 = time.time()
             plan = None if alpha is None else K.make_plan(src.config, calib, src.read_rows, alpha=strength,
                                                           recipe=parse_recipe(preset) if alpha == "search" else None)
             if plan is not None:
-                print(plan.notes[-1], file=sys.stderr)
+                print(f"plan in {time.time() - t1:.1f} s: {plan.notes[-1]}", file=sys.stderr)
             out = work / f"{preset}-{'plain' if alpha is None else alpha}.tflite"
             t1 = time.time()
             convert(gguf, str(out), quant=preset, max_context=2048, force=True, progress=False, calibration=plan)

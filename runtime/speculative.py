@@ -47,7 +47,7 @@ with one round after ``PROBE_EVERY`` tokens to measure again, then after twice a
 time it still does not pay (up to ``PROBE_EVERY * MAX_BACKOFF``), since such a round's draft
 steps and score call buy little. A probe also makes the draft prefill the tokens it missed,
 however rarely it comes: a draft close in cost to the model stays slower than the model alone
-(the 270M int8 with an int4-b32 draft, whose step costs ~0.9 of the model's: ~12% slower, see
+(the 270M int8 with an int4-b32 draft, whose step costs ~0.9 of the model's: 0.87x, see
 README), so use none there. Greedy output is the same either way, and a sampled output with a
 seed never pauses (pausing follows timings, so the seed would no longer fix the output). The
 first generated token is decoded plainly (the time to first token stays that of the model
