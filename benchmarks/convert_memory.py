@@ -3,12 +3,16 @@ ceiling, and (Gemma 4) how little of the per-layer embedding tables the runtime 
 
     python benchmarks/convert_memory.py [--model gemma-2b|gemma4-e2b] [--work-dir DIR] [--quant RECIPE ...]
         [--bench-prompt 32] [--bench-gen 32] [--bench-runs 3] [--bandwidth-mib 1024]
-        [--keep] [--reuse-checkpoint] [--timeline] [--json [PATH]]
+        [--keep] [--reuse-checkpoint] [--timeline] [--json [PATH]] [--calibrate [FILE]]
 
     # both int4 presets and a recipe (a recipe's own commas stay inside it):
     python benchmarks/convert_memory.py --quant int4-b32 --quant 'int4-b32,embedding=int8'
     python benchmarks/convert_memory.py --quant int8,int4-b32    # plain presets, comma separated
     python benchmarks/convert_memory.py --model gemma4-e2b --quant 'int4;int8'
+    # calibrated, on text the model writes itself (a temporary int8 conversion above 1B
+    # parameters, run in a child process); the summary gives the calibration's time and
+    # which process held what
+    python benchmarks/convert_memory.py --quant int8 --calibrate --reuse-checkpoint
 
 ``--quant`` may be given several times; each value is one recipe
 (``gemma_edge.quantize.schemes.parse_recipe``), or several separated by ``;``, or plain
@@ -389,12 +393,12 @@ def parse_quants(values: list[str] | None) -> list[str]:
     return out
 
 
-def output_names(quants: list[str], model: str = "gemma-2b") -> dict[str, str]:
+def output_names(quants: list[str], model: str = "gemma-2b", suffix: str = "") -> dict[str, str]:
     """A filesystem-safe, distinct file name per recipe ('int4-b32,embedding=int8' ->
-    'gemma-2b-synthetic-int4-b32_embedding_int8.tflite')."""
+    'gemma-2b-synthetic-int4-b32_embedding_int8.tflite'; ``suffix`` after the recipe)."""
     names: dict[str, str] = {}
     for q in quants:
-        stem = f"{model}-synthetic-" + re.sub(r"[^A-Za-z0-9._-]+", "_", q).strip("_")
+        stem = f"{model}-synthetic-" + re.sub(r"[^A-Za-z0-9._-]+", "_", q).strip("_") + suffix
         name, k = stem + ".tflite", 2
         while name in names.values():
             name, k = f"{stem}-{k}.tflite", k + 1
@@ -613,7 +617,7 @@ def child_convert(spec: dict) -> None:
     t0 = time.time()
     r = convert(spec["source"], spec["output"], quant=spec["quant"], max_context=spec["max_context"],
                 prefill_lengths=tuple(spec["prefill_lengths"]), force=True, progress=spec["progress"],
-                on_stage=on_stage, notes=note)
+                on_stage=on_stage, notes=note, calibrate=spec.get("calibrate"))
     _result({"path": r.path, "file_size": r.file_size, "seconds": r.seconds, "wall_in_child": time.time() - t0,
              "peak_rss_mb": r.peak_rss_mb, "quant": r.quant, "context_length": r.context_length,
              "prefill_lengths": list(r.prefill_lengths), "num_layers": r.config.num_layers,
@@ -768,8 +772,9 @@ def run_child(mode: str, spec: dict, interval: float, verbose: bool) -> dict:
         while not done.is_set():
             st = proc_status(proc.pid)
             if st.get("VmRSS"):
-                kids = [proc_status(k).get("VmRSS", 0.0) for k in descendants(proc.pid)]
-                st["Desc"] = sum(kids)  # VmRSS of the child's own children (e.g. TF template builders)
+                kids = [proc_status(k) for k in descendants(proc.pid)]
+                st["Desc"] = sum(k.get("VmRSS", 0.0) for k in kids)  # the child's own children (TF template builders)
+                st["DescAnon"] = sum(k.get("RssAnon", 0.0) for k in kids)
                 st["Tree"] = st["VmRSS"] + st["Desc"]
                 samples.append((time.monotonic(), st))
             done.wait(interval)
@@ -820,6 +825,7 @@ def stage_table(run: dict) -> list[dict]:
                      "max_anon_mb": max((s.get("RssAnon", 0) for s in inside), default=None),
                      "max_file_mb": max((s.get("RssFile", 0) for s in inside), default=None),
                      "max_desc_mb": max((s.get("Desc", 0) for s in inside), default=None),
+                     "max_desc_anon_mb": max((s.get("DescAnon", 0) for s in inside), default=None),
                      "max_tree_mb": max((s.get("Tree", 0) for s in inside), default=None)})
     return rows
 
@@ -893,6 +899,8 @@ def parse_args(argv=None):
     ap.add_argument("--json", nargs="?", const="-", metavar="PATH",
                     help="also write the figures as JSON to PATH (or stdout without PATH)")
     ap.add_argument("--max-context", type=int, default=2048)
+    ap.add_argument("--calibrate", nargs="?", const="-", default=None, metavar="FILE",
+                    help="convert with --calibrate (FILE, or the model writes its own text); output names get -cal")
     ap.add_argument("--prefill-lengths", default="8,32,128", help="prefill chunk lengths (default: the converter's)")
     ap.add_argument("--decode-steps", type=int, default=5, help="timed decode calls (median reported)")
     ap.add_argument("--threads", type=int, default=None, help="runtime threads (default: the backend's)")
@@ -959,7 +967,7 @@ def main(argv=None) -> int:
     except Exception as e:  # QuantizationError, with the list of presets / schemes
         print(f"error: --quant: {e}", file=sys.stderr)
         return 2
-    names = output_names(quants, model.name)
+    names = output_names(quants, model.name, "-cal" if args.calibrate else "")
     work.mkdir(parents=True, exist_ok=True)
     lengths = [int(x) for x in args.prefill_lengths.split(",") if x.strip()]
     report: dict = {"model": model.name, "work_dir": str(work), "target_peak_rss_mb": TARGET_PEAK_MB, "target_wall_s": TARGET_WALL_S,
@@ -998,7 +1006,7 @@ def main(argv=None) -> int:
             # 2. convert in a child
             print(f"\n[2] converting ({quant}) in a child process -> {out}")
             spec = {"source": str(ckpt), "output": str(out), "quant": quant, "max_context": args.max_context,
-                    "prefill_lengths": lengths,
+                    "prefill_lengths": lengths, "calibrate": args.calibrate,
                     "progress": not args.no_progress and not args.quiet_children and sys.stderr.isatty()}
             run = run_child("convert", spec, args.interval, not args.quiet_children)
             q["convert"] = summarize_run(run)
@@ -1247,6 +1255,17 @@ def print_summary(report: dict, args) -> None:
             (f"[{quant}] RUSAGE_CHILDREN max", fmt_mb(c.get("rusage_children_maxrss_mb")), ""),
             (f"[{quant}] sampled max RssAnon / RssFile", f"{fmt_mb(anon)} / {fmt_mb(fil)}", "(converter process)"),
             (f"[{quant}] sampled max tree RSS", fmt_mb(tree), "(converter + its children, summed)"),
+        ]
+        cal = [st for st in c.get("stages", []) if st["stage"].startswith("calibrate")]
+        if cal:  # --calibrate: its time, and which process held what
+            own = max((st["max_rss_mb"] or 0 for st in c.get("stages", [])), default=None)
+            rows += [(f"[{quant}] calibration time", f"{sum(st['seconds'] for st in cal):.1f} s", "(" + ", ".join(
+                f"{st['stage'][len('calibrate: '):] or 'start'} {st['seconds']:.1f} s" for st in cal) + ")"),
+                (f"[{quant}] converter process max VmRSS", fmt_mb(own), "(sampled; without its children)")]
+            rows += [(f"[{quant}] children during '{st['stage'][len('calibrate: '):]}'", fmt_mb(st.get("max_desc_mb")),
+                      f"(sampled RSS of its children, summed; anonymous {fmt_mb(st.get('max_desc_anon_mb'))})")
+                     for st in cal if st.get("max_desc_mb")]
+        rows += [
             (f"[{quant}] TensorFlow in converter process", str(cr.get("tensorflow_in_converter_process", "-")), ""),
             (f"[{quant}] output size", fmt_bytes(cr["file_size"]) if cr else "-", ""),
         ]

@@ -94,7 +94,7 @@ def _quantization(name: str, recipe: dict[str, str], tensors: dict[str, str]) ->
     return modelfile.Quantization(name=name, description=description, recipe=dict(recipe), tensors=tensors, scheme=row)
 
 
-def _calibration(src: Source, calibrate: str, out, recipe: dict, context: int, progress: bool, lora):
+def _calibration(src: Source, calibrate: str, out, recipe: dict, context: int, progress: bool, lora, stage):
     """The calibration plan for ``src``: statistics gathered layer by layer (quantize/calibrate.py)
     on a text file's tokens, or on sequences the model writes itself from a temporary conversion
     of its weights (fp32 up to 1B parameters, int8 above: bounded disk and time)."""
@@ -112,12 +112,16 @@ def _calibration(src: Source, calibrate: str, out, recipe: dict, context: int, p
     else:
         quant = "fp32" if src.config.num_params <= 1_000_000_000 else "int8"
         with tempfile.TemporaryDirectory(prefix="gemma-edge-calibrate-", dir=os.path.dirname(os.path.abspath(out))) as d:
+            stage(f"calibrate: temporary {quant} conversion")
             tmp = convert(str(src.path), os.path.join(d, "m.tflite"), quant=quant, max_context=min(context, 512),
                           prefill_lengths=(8, 32, 128), progress=progress, score_length=None, lora=lora)
-            seqs = K.generated_sequences(tmp.path)
+            stage("calibrate: the model writes its calibration text")
+            seqs = K.generated_sequences(tmp.path, progress=progress, cache_dir=os.path.join(d, "cache"))
     search = K.search_alpha(recipe)
     calib = K.Calibration(keep=256 if search else 0)  # input samples only where the strength is searched
+    stage("calibrate: statistics, layer by layer")
     K.forward(src.config, src.read_rows, seqs, calib)
+    stage("calibrate: plan" + (" (alpha searched)" if search else ""))
     return K.make_plan(src.config, calib, src.read_rows, alpha=K.alpha_for_recipe(recipe),
                        recipe=recipe if search else None)
 
@@ -148,7 +152,8 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     ``lora`` is a peft LoRA adapter directory merged into the weights as they stream
     (``convert.lora``); the file's ``source.lora`` metadata records it.
     ``on_stage(name)`` is called as each stage starts: ``open checkpoint``, ``build template``,
-    ``write <weight>`` (every canonical weight, in file order), ``finish`` and ``done``.
+    ``write <weight>`` (every canonical weight, in file order), ``finish`` and ``done``;
+    with ``calibrate``, ``calibrate`` and its steps (``calibrate: ...``) come before ``build template``.
     ``notes(line)`` receives one-line remarks for the user (a multimodal checkpoint's towers
     skipped); by default they are warnings. ``calibration`` (a ``quantize.calibrate.Plan``)
     changes values before they are quantized: scales migrated between norms and weights, and
@@ -197,7 +202,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         src.check_shapes(shapes)
         if calibrate is not None and calibration is None:
             stage("calibrate")
-            calibration = _calibration(src, calibrate, out, recipe, context, progress, lora)
+            calibration = _calibration(src, calibrate, out, recipe, context, progress, lora, stage)
             for line in calibration.notes:
                 (notes or (lambda m: warnings.warn(m, stacklevel=3)))(line)
         present = {kind_of(n) for n in shapes} - {None}

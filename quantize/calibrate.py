@@ -10,9 +10,11 @@ records, per input channel, the mean of x^2 (llama.cpp's importance matrix) and 
 per-layer embeddings, layer scales); ``tests/test_calibrate.py`` checks its logits against
 transformers.
 
-Peak memory: one layer's float32 weights plus the activations of the calibration tokens, e.g.
-Gemma 2B (a 2048 x 16384 FFN) with 512 tokens: ~0.5 GB of weights; the tables (embedding,
-per-layer embeddings) are read only at the rows of the calibration tokens.
+Peak memory: weights are read in row chunks of 64 MB, so what is held is the activations of the
+calibration tokens (the FFN's [tokens, F] once: 134 MB for Gemma 2B's 16384 on 2048 tokens), the
+input samples ``make_plan``'s search keeps (``Calibration.keep``) and the statistics; the tables
+(embedding, per-layer embeddings) are read only at the rows of the calibration tokens.
+``benchmarks/convert_memory.py --calibrate`` measures it.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class Stats:
     def add(self, x: np.ndarray) -> None:  # x [tokens, in]
         x = np.asarray(x, np.float32)
         self.sum_sq += np.einsum("ti,ti->i", x, x, dtype=np.float64)
-        np.maximum(self.max_abs, np.abs(x).max(axis=0), out=self.max_abs)
+        np.maximum(self.max_abs, np.maximum(x.max(axis=0), -x.min(axis=0)), out=self.max_abs)  # no |x| copy
         self.count += len(x)
 
     @property
@@ -119,6 +121,19 @@ class _Weights:
         step = max(1, chunk_bytes // (4 * in_dim))
         parts = [x @ self.read(name, r0, min(out_dim, r0 + step)).T for r0 in range(0, out_dim, step)]
         return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+
+    def gated(self, x: np.ndarray, gate: str, up: str, chunk_bytes: int = 64 << 20) -> np.ndarray:
+        """gelu(x @ gate^T) * (x @ up^T), a block of output columns at a time: the [T, F] result
+        is the only array of its size (whole, GELU's temporaries were five more: 0.7 GB for
+        Gemma 2B's FFN on 2048 calibration tokens)."""
+        out_dim, in_dim = self.shapes[gate]
+        step = max(1, chunk_bytes // (4 * max(in_dim, len(x))))
+        m = np.empty((len(x), out_dim), np.float32)
+        for r0 in range(0, out_dim, step):
+            r1 = min(out_dim, r0 + step)
+            m[:, r0:r1] = _gelu(x @ self.read(gate, r0, r1).T)
+            m[:, r0:r1] *= x @ self.read(up, r0, r1).T
+        return m
 
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """Rows ``ids`` of a table (the embedding), read one at a time: the table never is whole."""
@@ -201,7 +216,7 @@ def forward(cfg: GemmaConfig, read, sequences: list[list[int]], calib: Calibrati
         x = x + o
         h = _rms(x, W.full(name("ffn_norm")), eps)
         record(("gate", "up"), h)
-        m = _gelu(W.linear(h, name("gate"))) * W.linear(h, name("up"))
+        m = W.gated(h, name("gate"), name("up"))
         record(("down",), m)
         m = W.linear(m, name("down"))
         if cfg.has_post_norms:
@@ -426,12 +441,79 @@ def text_sequences(tokenizer, text: str, length: int = 128, count: int = 16) -> 
     return seqs
 
 
-def generated_sequences(model_path: str, length: int = 128, count: int = 16, seed: int = 0) -> list[list[int]]:
+def generated_sequences(model_path: str, length: int = 128, count: int = 16, seed: int = 0,
+                        progress: bool = False, cache_dir: str | None = None) -> list[list[int]]:
     """Calibration sequences the model writes itself, unprompted (temperature 1, no top-k/p), from
-    a converted file of its weights: no data set needed, and no evaluation text leaks in."""
+    a converted file of its weights: no data set needed, and no evaluation text leaks in.
+
+    The model runs in a child process of its own, so the runtime (the weights it maps, its arenas
+    and tokenizer) is never held beside the converter's arrays, and its memory is given back
+    before the statistics are gathered. ``cache_dir`` is where that child packs its XNNPACK
+    weight cache (a temporary folder deleted with the temporary file, not the user's cache)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from ..runtime.errors import GemmaEdgeError
+    from ..runtime.process import child_dies_with_parent
+
+    env = dict(os.environ, **({"GEMMA_EDGE_CACHE": cache_dir} if cache_dir else {}))
+    cmd = [sys.executable, "-m", "gemma_edge.quantize.calibrate", model_path, str(length), str(count), str(seed)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=count * (length - 1), unit="tok", leave=False,
+                   desc="calibration text: the model writes its own (a child process)")
+    seqs = []
+    with tempfile.TemporaryFile(mode="w+") as err:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=env, preexec_fn=child_dies_with_parent)
+        try:
+            for line in proc.stdout:
+                seqs.append(json.loads(line))
+                if bar is not None:
+                    bar.update(len(seqs[-1]) - 1)
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:  # Ctrl-C or an error here: the child goes too
+                proc.kill()
+                proc.wait()
+            if bar is not None:
+                bar.close()
+        if rc in (-2, 130):  # Ctrl-C reached the child first
+            raise KeyboardInterrupt
+        if rc != 0 or len(seqs) != count:
+            err.seek(0)
+            tail = "\n".join(err.read().strip().splitlines()[-12:])
+            raise GemmaEdgeError(f"writing the calibration text failed (the child running {model_path} exited with "
+                                 f"{rc} after {len(seqs)} of {count} sequences):\n{tail}\n"
+                                 "give --calibrate a text file instead, or report this with the lines above")
+    return seqs
+
+
+def _write_sequences(model_path: str, length: int, count: int, seed: int) -> None:
+    """The child of ``generated_sequences``: one JSON list of ids per line, as each is written."""
+    import json
+
     from ..runtime.engine import load
 
     m = load(model_path)
     bos = m.bos_id
-    return [[bos] + m.generate([bos], max_tokens=length - 1, temperature=1.0, top_k=0, top_p=1.0,
-                                seed=seed + k, stop_tokens=False).tokens for k in range(count)]
+    for k in range(count):
+        toks = m.generate([bos], max_tokens=length - 1, temperature=1.0, top_k=0, top_p=1.0, seed=seed + k,
+                          stop_tokens=False).tokens
+        print(json.dumps([bos] + [int(t) for t in toks]), flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from ..runtime.errors import GemmaEdgeError
+
+    try:
+        _write_sequences(sys.argv[1], *(int(a) for a in sys.argv[2:5]))
+    except GemmaEdgeError as e:  # the parent shows the message; a traceback would only hide it
+        sys.exit(f"{e}")

@@ -3,6 +3,8 @@ for every family, and a calibrated conversion that keeps the model's function in
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -79,12 +81,18 @@ def test_calibrate_option_from_a_file_and_from_the_model_itself(tmp_path, sp_mod
     text = tmp_path / "calib.txt"
     text.write_text("the model token gemma edge phone laptop raspberry cache layer weight quantize " * 60)
     outs = {}
+    cache = tmp_path / "user-cache"
     for name, extra in (("plain", []), ("file", ["--calibrate", str(text)]), ("self", ["--calibrate"])):
         outs[name] = tmp_path / f"{name}.tflite"
         r = subprocess.run([sys.executable, "-m", "gemma_edge.convert.cli", str(tmp_path / "ckpt"), "-o",
                             str(outs[name]), "--quant", "int4-b32", "--max-context", "64", "-q", *extra],
-                           capture_output=True, text=True, timeout=900)
+                           capture_output=True, text=True, timeout=900, env={**os.environ, "GEMMA_EDGE_CACHE": str(cache)})
         assert r.returncode == 0, r.stderr
+        # the temporary model that wrote the calibration text leaves nothing: no file beside the
+        # output, and no weight cache in the user's cache folder
+        assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tflite" or p.name.startswith("gemma-edge")) \
+            == sorted(f"{n}.tflite" for n in outs), list(tmp_path.iterdir())
+        assert not (cache.exists() and list(cache.iterdir())), list(cache.iterdir())
         assert ("calibrated on" in r.stderr) == bool(extra), r.stderr
         assert ("alpha 0.5)" in r.stderr) == bool(extra), r.stderr  # int4: the fixed strength
     # an all-int8 recipe searches each layer input's strength
@@ -112,3 +120,16 @@ def test_activations_as_the_kernels_see_them():
     assert np.all(np.abs(q - x) <= step[:, None] / 2 + 1e-6 * np.abs(x).max(1, keepdims=True))
     assert np.all(q[:, 0] == 0) and np.all(q[-1] == 0)
     assert len(np.unique(np.round((q[0] - q[0].min()) / step[0]))) <= 256
+
+
+def test_a_failed_calibration_writer_is_a_clear_error(tmp_path):
+    """The child that writes the calibration text failing is a GemmaEdgeError (exit 2 at the
+    command line) carrying the child's last lines, not a traceback or a hang."""
+    from gemma_edge.quantize.calibrate import generated_sequences
+    from gemma_edge.runtime.errors import GemmaEdgeError
+
+    bad = tmp_path / "not-a-model.tflite"
+    bad.write_bytes(b"this is not a flatbuffer" * 10)
+    with pytest.raises(GemmaEdgeError, match="writing the calibration text failed") as e:
+        generated_sequences(str(bad), length=8, count=2)
+    assert "not-a-model.tflite" in str(e.value) and "give --calibrate a text file" in str(e.value)
