@@ -307,8 +307,10 @@ def plan_prefill(n: int, start: int, lengths: list[int], context: int) -> list[t
     return plan
 
 
-def run_prefill(backend, token_ids, start: int) -> None:
-    """Prefill ``token_ids`` at positions start.. (the caller holds back the last token)."""
+def run_prefill(backend, token_ids, start: int, on_chunk=None) -> None:
+    """Prefill ``token_ids`` at positions start.. (the caller holds back the last token).
+    ``on_chunk(pos)`` is called after each chunk with the position the cache now holds up to
+    (``Model`` gives back sliding-window slots as a long prompt goes by)."""
     info = backend.info
     pos = start
     ids = list(token_ids)
@@ -326,3 +328,5 @@ def run_prefill(backend, token_ids, start: int) -> None:
         backend.prefill_chunk(T, tokens, positions)
         i += count
         pos += count
+        if on_chunk is not None:
+            on_chunk(pos)
