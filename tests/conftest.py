@@ -3,8 +3,10 @@ SentencePiece model trained in the test), and the real Gemma 3 270M GGUF."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,6 +175,55 @@ def make_hf_checkpoint(family: int, out_dir, sp_model_path: str, seed: int = 0, 
     model.save_pretrained(out_dir, safe_serialization=True)
     shutil.copy(sp_model_path, os.path.join(out_dir, "tokenizer.model"))
     return model
+
+
+# The tiny Gemma 3 that most runtime tests share: context 64, prefill chunks 8 and 32.
+CONTEXT, PREFILL = 64, (8, 32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyGemma3:
+    checkpoint: Path  # Hugging Face directory (config.json, model.safetensors, tokenizer.model)
+    model_file: Path  # its fp32 gemma-edge .tflite, context 64, prefill chunks 8 and 32
+
+
+def tiny_gemma3(tmp_path_factory, sp_model_path: str) -> TinyGemma3:
+    """Make the checkpoint and its conversion once per session (every test module that needs it calls this).
+
+    The result lives under the session's base temp directory; the .tflite is renamed into
+    place by ``convert`` only when complete, so its existence means both steps finished.
+    """
+    root = tmp_path_factory.getbasetemp() / "tiny_gemma3"
+    made = TinyGemma3(root / "ckpt", root / "model_fp32.tflite")
+    if made.model_file.exists():
+        return made
+    import torch
+
+    from gemma_edge.convert.pipeline import convert
+
+    root.mkdir(exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the model is tiny: one thread trains it 3x faster on a busy machine
+    try:
+        make_hf_checkpoint(3, made.checkpoint, sp_model_path, seed=3, std=0.1, train_steps=100)
+    finally:
+        torch.set_num_threads(threads)
+    convert(str(made.checkpoint), str(made.model_file), quant="fp32", max_context=CONTEXT,
+            prefill_lengths=PREFILL, progress=False)
+    return made
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, sp_model_path) -> TinyGemma3:
+    """The tiny trained Gemma 3 and its fp32 file, shared by every module (one may define its own
+    ``tiny`` instead, as test_tokenizer.py does)."""
+    return tiny_gemma3(tmp_path_factory, sp_model_path)
+
+
+@pytest.fixture(scope="session")
+def path(tiny) -> str:
+    """The tiny Gemma 3's fp32 .tflite."""
+    return str(tiny.model_file)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,8 @@ from gemma_edge.runtime import chat
 from gemma_edge.runtime.chat import ChatTemplateError, ChatTemplateWarning, render, render_chat, render_jinja
 from gemma_edge.runtime.errors import GemmaEdgeError, GenerationError
 from test_hardening import with_meta, write_gemma3_gguf
-from test_runtime import CONTEXT, EOT, tiny_gemma3
+from conftest import CONTEXT
+from test_runtime import EOT
 
 # Gemma 3's chat template, as the instruction-tuned checkpoints ship it in tokenizer_config.json
 # (google/gemma-3-4b-it and its siblings), verbatim.
@@ -184,11 +185,6 @@ def test_runtime_loads_jinja2_only_to_render_a_template():
 
 
 # ---- templates, from the model file ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, sp_model_path):
-    return tiny_gemma3(tmp_path_factory, sp_model_path)
 
 
 def _with_template(tiny, tmp_path_factory, name: str, template: str | None) -> str:

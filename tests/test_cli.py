@@ -19,22 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from test_runtime import CONTEXT, tiny_gemma3
+from conftest import CONTEXT
 
 BIN = Path(sys.executable).parent  # the console scripts of this environment
 GEMMA_EDGE, GEMMA_CONVERT = str(BIN / "gemma-edge"), str(BIN / "gemma-convert")
 PROMPT = "the model and the cache"
 LONG_PROMPT = " ".join(["model"] * 100)  # more tokens than the context (64)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, sp_model_path):
-    return tiny_gemma3(tmp_path_factory, sp_model_path)
-
-
-@pytest.fixture(scope="module")
-def path(tiny) -> str:
-    return str(tiny.model_file)
 
 
 def cli(*args, stdin: str | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ import pytest
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
 
-from test_runtime import EOT, tiny_gemma3  # noqa: E402
+from test_runtime import EOT  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -68,11 +68,6 @@ SAMPLERS = {
     "min_p": dict(temperature=1.5, min_p=0.1, seed=4),
     "repetition": dict(temperature=0.9, repetition_penalty=1.3, seed=5),
 }
-
-
-@pytest.fixture(scope="module")
-def path(tmp_path_factory, sp_model_path) -> str:
-    return str(tiny_gemma3(tmp_path_factory, sp_model_path).model_file)
 
 
 @pytest.fixture(scope="module")

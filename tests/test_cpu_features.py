@@ -21,7 +21,7 @@ from gemma_edge.runtime.cpu_features import (CpuInfo, Plan, UnsupportedCpuError,
                                              plan)
 from gemma_edge.runtime.errors import GemmaEdgeError
 from gemma_edge.runtime.modelfile import read_info
-from test_runtime import tiny_gemma3
+from conftest import tiny_gemma3
 
 
 def _cores(features: str, variant: str, part: str, revision: int, n: int = 4) -> str:

@@ -429,7 +429,7 @@ def fp32(case) -> Path:
 
 @pytest.fixture(scope="module")
 def generative(tmp_path_factory, sp_model_path) -> Path:
-    from test_runtime import tiny_gemma3
+    from conftest import tiny_gemma3
 
     return tiny_gemma3(tmp_path_factory, sp_model_path).model_file
 

@@ -27,7 +27,7 @@ import pytest
 
 import gemma_edge
 from gemma_edge.runtime.litertlm import default_output
-from test_runtime import tiny_gemma3
+from conftest import tiny_gemma3
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PROMPT = "the model token"  # words of the tiny model's training corpus

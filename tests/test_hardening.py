@@ -110,7 +110,6 @@ import pytest
 
 from test_cli import (GEMMA_CONVERT, GEMMA_EDGE, PROMPT, assert_convert_failed, assert_user_error, cli, convert_cli,
                       temp_files)
-from test_runtime import tiny_gemma3
 
 # ---- helpers: editing a gemma-edge file's metadata ---------------------------------------------
 
@@ -273,11 +272,6 @@ def gguf_tensor_info(data: bytes, name: bytes) -> int:
 
 
 # ---- fixtures ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, sp_model_path):
-    return tiny_gemma3(tmp_path_factory, sp_model_path)
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MODEL_VOCAB, SP_VOCAB
+from conftest import CONTEXT, MODEL_VOCAB, SP_VOCAB
 from test_cli import tiny_tflite
-from test_runtime import BOS, CONTEXT, EOS, EOT, SOT, prompt_ids, tiny_gemma3
+from test_runtime import BOS, EOS, EOT, SOT, prompt_ids
 
 from gemma_edge.runtime.errors import GemmaEdgeError, ModelFileError, OutputExistsError
 from gemma_edge.runtime.cli import pack_cmd
@@ -64,11 +64,6 @@ NEAR_TIE = 0.05
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, sp_model_path):
-    return tiny_gemma3(tmp_path_factory, sp_model_path)
-
 
 @pytest.fixture(scope="module")
 def packed(tiny, tmp_path_factory) -> Path:

@@ -1,7 +1,7 @@
 """The Python API (``gemma_edge.load``) on a real converted file, run by the real LiteRT runtime.
 
 One tiny Gemma 3 (briefly trained, so its next-token distributions are peaked) is made and
-converted at fp32 once per session; ``test_cli.py`` shares it through ``tiny_gemma3()``.
+converted at fp32 once per session (``conftest.tiny_gemma3``, the ``tiny`` and ``path`` fixtures).
 Greedy output is checked against transformers: every generated token must be its argmax
 given the same ids before it.
 """
@@ -17,56 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import corpus_ids, hf_logits, make_hf_checkpoint
+from conftest import CONTEXT, PREFILL, TinyGemma3, corpus_ids, hf_logits, tiny_gemma3  # noqa: F401 (re-exported)
 
-CONTEXT, PREFILL = 64, (8, 32)
 BOS, EOS, SOT, EOT = 2, 1, 4, 5  # ids fixed by the test tokenizer (conftest.sp_model_path)
 
 # Logits closer than this are a tie: fp32 LiteRT and transformers differ by ~1e-5 relative,
 # so either token of a closer pair is a correct greedy choice.
 TIE = 1e-3
-
-
-@dataclasses.dataclass(frozen=True)
-class TinyGemma3:
-    checkpoint: Path  # Hugging Face directory (config.json, model.safetensors, tokenizer.model)
-    model_file: Path  # its fp32 gemma-edge .tflite, context 64, prefill chunks 8 and 32
-
-
-def tiny_gemma3(tmp_path_factory, sp_model_path: str) -> TinyGemma3:
-    """Make the checkpoint and its conversion once per session (both test modules call this).
-
-    The result lives under the session's base temp directory; the .tflite is renamed into
-    place by ``convert`` only when complete, so its existence means both steps finished.
-    """
-    root = tmp_path_factory.getbasetemp() / "tiny_gemma3"
-    made = TinyGemma3(root / "ckpt", root / "model_fp32.tflite")
-    if made.model_file.exists():
-        return made
-    import torch
-
-    from gemma_edge.convert.pipeline import convert
-
-    root.mkdir(exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the model is tiny: one thread trains it 3x faster on a busy machine
-    try:
-        make_hf_checkpoint(3, made.checkpoint, sp_model_path, seed=3, std=0.1, train_steps=100)
-    finally:
-        torch.set_num_threads(threads)
-    convert(str(made.checkpoint), str(made.model_file), quant="fp32", max_context=CONTEXT,
-            prefill_lengths=PREFILL, progress=False)
-    return made
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, sp_model_path) -> TinyGemma3:
-    return tiny_gemma3(tmp_path_factory, sp_model_path)
-
-
-@pytest.fixture(scope="module")
-def path(tiny) -> str:
-    return str(tiny.model_file)
 
 
 @pytest.fixture(scope="module")

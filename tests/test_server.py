@@ -25,7 +25,7 @@ import pytest
 from gemma_edge.runtime.chat import render
 from gemma_edge.runtime.cli import serve
 from gemma_edge.runtime.server import make_server
-from test_runtime import CONTEXT, tiny_gemma3
+from conftest import CONTEXT
 
 KEY = "sk-test-key"
 GREEDY = dict(temperature=0)
@@ -36,11 +36,6 @@ HANG = 300  # seconds: a hang guard, never a measure of speed
 
 
 # ---- fixtures and helpers --------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def path(tmp_path_factory, sp_model_path) -> str:
-    return str(tiny_gemma3(tmp_path_factory, sp_model_path).model_file)
-
 
 @pytest.fixture(scope="module")
 def ref(path):

@@ -1,6 +1,6 @@
 """Speculative decoding (``runtime/speculative.py``) on tiny real files run by LiteRT.
 
-The model is the session's tiny Gemma 3 (fp32, context 64; ``test_runtime.tiny_gemma3``). Two
+The model is the session's tiny Gemma 3 (fp32, context 64; ``conftest.tiny_gemma3``). Two
 drafts share its tokenizer: its own int8 conversion (a draft of itself: mostly right), and a
 smaller Gemma 3 of another shape, trained briefly on the same text, at a shorter context (the
 "270M drafting for 1B" pairing: often wrong, so rounds are rejected and the caches roll back).
@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import _train, corpus_ids
-from test_runtime import CONTEXT, PREFILL, tiny_gemma3
+from conftest import CONTEXT, PREFILL, _train, corpus_ids
 
 DRAFT_CONTEXT = 48  # shorter than the model's: the last positions decode without the draft
 
@@ -31,16 +30,6 @@ def never_pause(monkeypatch):
     from gemma_edge.runtime import speculative
 
     monkeypatch.setattr(speculative, "PROBE_EVERY", 0)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, sp_model_path):
-    return tiny_gemma3(tmp_path_factory, sp_model_path)
-
-
-@pytest.fixture(scope="module")
-def path(tiny) -> str:
-    return str(tiny.model_file)
 
 
 @pytest.fixture(scope="module")
