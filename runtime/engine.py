@@ -195,22 +195,25 @@ class Model:
         self._cached = self._cached[:keep]
         todo = ids[keep:-1]
         if todo:
-            # slots that leave the window go back chunk by chunk, not after the whole prompt: a
-            # 32k-token prompt would otherwise hold every sliding layer's full cache at its end
-            run_prefill(self.backend, todo, keep, on_chunk=self._release_window)
+            def advanced(pos: int) -> None:
+                # the cache holds ids[:pos] after each chunk, so an interrupted prefill leaves
+                # ``_cached`` true to it; slots that leave the window go back chunk by chunk, not
+                # after the whole prompt (a 32k-token prompt held every sliding slot at its end)
+                self._cached = ids[:pos]
+                self._release_window()
+
+            run_prefill(self.backend, todo, keep, on_chunk=advanced)
             self._cached = ids[:-1]
-            self._release_window()
         return len(todo)
 
-    def _release_window(self, pos: int | None = None) -> None:
+    def _release_window(self) -> None:
         """Give back sliding-layer cache slots that have left the window (with a margin for
-        rewinds such as a speculative draft's), in steps of ``RELEASE_STEP`` slots. ``pos``: the
-        position the cache holds up to (default: what ``_cached`` holds)."""
+        rewinds such as a speculative draft's), in steps of ``RELEASE_STEP`` slots."""
         W = self.config.sliding_window
         release = getattr(self.backend, "release_window", None)
         if not W or release is None:
             return
-        upto = (len(self._cached) if pos is None else pos) - W - RELEASE_MARGIN
+        upto = len(self._cached) - W - RELEASE_MARGIN
         if upto - self.backend.released >= RELEASE_STEP:
             release(upto)
 

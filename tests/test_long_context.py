@@ -251,3 +251,40 @@ def test_litert_lm_runs_a_file_with_span_signatures(long, sp_model_path, tmp_pat
         assert theirs == ours.text, explain_divergence(m, m.encode(text), ours, theirs)
     finally:
         engine.close()
+
+
+def test_an_interrupted_long_prefill_leaves_a_cache_that_says_what_it_holds(tmp_path, sp_model_path, monkeypatch):
+    """Slots leave the window while a long prompt is prefilled. If that prefill is interrupted
+    (Ctrl-C, a closed stream), the model must not go on believing the cache holds the tokens
+    before it: the next prompt that shares them starts over instead of attending to slots that
+    were given back (zeros), and its logits still match transformers'. (1 KB slots, so that
+    whole pages of a window are given back.)"""
+    import gemma_edge
+    from gemma_edge.convert.pipeline import convert
+    from gemma_edge.runtime import engine
+
+    monkeypatch.setattr(engine, "RELEASE_MARGIN", 16)
+    monkeypatch.setattr(engine, "RELEASE_STEP", 64)
+    hf = _checkpoint(tmp_path / "ckpt", sp_model_path, head_dim=256, kv_heads=1)
+    path = str(tmp_path / "wide.tflite")
+    convert(str(tmp_path / "ckpt"), path, quant="fp32", max_context=4096, prefill_lengths=(8, 128), progress=False)
+    ids = [2] + [int(t) for t in np.random.default_rng(1).integers(10, 500, 2299)]
+    m = gemma_edge.load(path)
+    m.generate(ids[:1000], max_tokens=1, temperature=0.0, stop_tokens=False)  # the cache holds 999
+    real, calls = m.backend.prefill_chunk, []
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(m.backend, "prefill_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        m.generate(ids[:2250], max_tokens=1, temperature=0.0, stop_tokens=False)
+    assert m.backend.released > 1000  # the window moved past what the first prompt left
+    monkeypatch.setattr(m.backend, "prefill_chunk", real)
+    prompt = ids[:1100]  # shares its first 999 tokens with both earlier prompts
+    m._prefill(prompt)  # what generate() does first; then the logits of the prompt's last token
+    got = m._decode(prompt[-1], full_vocab=True)
+    _close(got, hf_logits(hf, prompt)[-1], "the logits after the interrupted prefill")
