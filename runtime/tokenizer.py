@@ -16,6 +16,8 @@ them literally, as llama.cpp does.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import os
 import re
 from collections.abc import Iterable
@@ -58,15 +60,20 @@ class Tokenizer:
         if self._vocab_size <= 0:
             raise TokenizerError("the tokenizer model has no pieces; re-run gemma-convert")
 
-        # Control and unknown pieces: the strings parse_special turns into ids.
+        # Control and unknown pieces: the strings parse_special turns into ids. One pass of the
+        # bound native IsControl over every id (map + compress, no Python-level test per id: 0.02 s
+        # for Gemma 3's 262k pieces, against 0.04 s testing IsControl and IsUnknown in a loop);
+        # SentencePiece models have exactly one UNKNOWN piece, unk_id.
         specials: dict[str, int] = {}
         native = getattr(sp, "_processor", sp)  # the bound native methods: half the time of the wrappers'
-        is_control, is_unknown = native.IsControl, native.IsUnknown
-        for i in range(self._vocab_size):
-            if is_control(i) or is_unknown(i):
-                piece = sp.IdToPiece(i)
-                if piece:
-                    specials.setdefault(piece, i)
+        ids = list(itertools.compress(range(self._vocab_size), map(native.IsControl, range(self._vocab_size))))
+        unk = sp.unk_id()
+        if 0 <= unk < self._vocab_size and not native.IsControl(unk):
+            bisect.insort(ids, unk)
+        for i in ids:
+            piece = sp.IdToPiece(i)
+            if piece:
+                specials.setdefault(piece, i)
         self._special_ids = frozenset(specials.values())
         self._specials = specials
         # where a special may start: its first character -> the lengths of those starting with it,
