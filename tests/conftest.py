@@ -6,12 +6,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# A suite started in the background (`cmd &` in a script, nohup) has SIGINT ignored, and children
+# inherit an ignored signal across exec: the tests' Ctrl-C to a child would then do nothing (and
+# a server would never stop). A handler here is reset to the default in every child instead.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 if "GEMMA_EDGE_CACHE" not in os.environ:  # XNNPACK weight caches of test models stay out of ~/.cache
     import atexit
     import shutil
