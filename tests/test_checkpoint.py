@@ -137,7 +137,8 @@ def test_scattered_row_reads_leave_the_file_out_of_rss(tmp_path, fmt):
         g.write_kv_data_to_file()
         g.write_tensors_to_file()
         g.close()
-    fd = os.open(path, os.O_RDONLY)  # clean pages, as a checkpoint's are: dirty ones were not mapped around a fault here
+    # clean pages, as a downloaded checkpoint's are (freshly written dirty ones were not mapped around a fault here)
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

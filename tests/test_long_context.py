@@ -270,7 +270,7 @@ def test_an_interrupted_long_prefill_leaves_a_cache_that_says_what_it_holds(tmp_
     convert(str(tmp_path / "ckpt"), path, quant="fp32", max_context=4096, prefill_lengths=(8, 128), progress=False)
     ids = [2] + [int(t) for t in np.random.default_rng(1).integers(10, 500, 2299)]
     m = gemma_edge.load(path)
-    m.generate(ids[:1000], max_tokens=1, temperature=0.0, stop_tokens=False)  # the cache holds 999
+    m.generate(ids[:1000], max_tokens=1, temperature=0.0, stop_tokens=False)  # the cache holds that prompt
     real, calls = m.backend.prefill_chunk, []
 
     def interrupted(*a):
