@@ -44,6 +44,26 @@ def _linear(x, w):
     return tf.matmul(x, w, transpose_b=True)
 
 
+def _lookup(cfg: GemmaConfig, w: dict, ids):
+    """The embedding rows of ``ids`` [T]. A split embedding (``embed_hot_rows`` N) looks each id up
+    in both tables, clamped into range, and keeps the row of the table that holds it: two
+    EMBEDDING_LOOKUPs of T rows and a select, so each table keeps its own scheme."""
+    N = cfg.embed_hot_rows
+    if not N:
+        return tf.gather(w[C.EMBED], ids)
+    hot = tf.gather(w[C.EMBED_HOT], tf.minimum(ids, N - 1))
+    cold = tf.gather(w[C.EMBED_COLD], tf.maximum(ids - N, 0))
+    return tf.where((ids < N)[:, None], hot, cold)
+
+
+def _lm_head(cfg: GemmaConfig, w: dict, h):
+    """[T, D] -> logits [T, V] on the tied embedding; a split one is two FULLY_CONNECTED and a
+    concatenation in vocabulary order."""
+    if not cfg.embed_hot_rows:
+        return _linear(h, w[C.EMBED])
+    return tf.concat([_linear(h, w[C.EMBED_HOT]), _linear(h, w[C.EMBED_COLD])], axis=-1)
+
+
 def _rope(x, cos, sin):
     """Half-split RoPE: pairs (j, j + H/2). x: [T, n, H]; cos, sin: [T, 1, H/2]."""
     x1, x2 = tf.split(x, 2, axis=-1)
@@ -87,7 +107,7 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
     ids = tokens[0]
     G_SPAN = span or S  # slots a global layer attends to
 
-    x = tf.gather(w[C.EMBED], ids) * np.float32(cfg.embed_scale)  # [T, D]
+    x = _lookup(cfg, w, ids) * np.float32(cfg.embed_scale)  # [T, D]
 
     if cfg.ple_dim:  # per-layer embeddings: a row of each layer's table plus a projection of x
         P = cfg.ple_dim
@@ -198,7 +218,7 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
     out = dict(new_caches)
     if logits != C.NO_LOGITS:
         h = _rms_norm(x[-1:] if logits == C.LAST_LOGITS else x, w[C.FINAL_NORM], eps)  # [1 or T, D]
-        z = _linear(h, w[C.EMBED])  # [1 or T, V]
+        z = _lm_head(cfg, w, h)  # [1 or T, V]
         if cfg.final_softcap:
             z = tf.tanh(z / cfg.final_softcap) * cfg.final_softcap
         out[C.LOGITS] = tf.reshape(z, [1, -1, cfg.vocab_size])

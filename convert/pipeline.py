@@ -205,6 +205,12 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
             calibration = _calibration(src, calibrate, out, recipe, context, progress, lora, stage)
             for line in calibration.notes:
                 (notes or (lambda m: warnings.warn(m, stacklevel=3)))(line)
+        # the file's own config: the tied embedding in two tables when its first rows have a scheme
+        # of their own (a causal LM's LM head; an embedding model only looks rows up)
+        hot = contract.hot_rows(cfg.vocab_size)
+        if embedding is None and hot and recipe.get("embedding_hot", recipe["embedding"]) != recipe["embedding"]:
+            cfg = dataclasses.replace(cfg, embed_hot_rows=hot)
+            shapes = contract.weight_shapes(cfg)
         present = {kind_of(n) for n in shapes} - {None}
         quant = recipe_name(quant, present)
         recipe = {k: v for k, v in recipe.items() if k in present}
@@ -213,10 +219,11 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         slots = [WeightSlot(n, s, get_scheme(recipe[kind_of(n)]) if kind_of(n) else SCHEMES["fp32"])
                  for n, s in shapes.items()]
         for s in slots:  # the per-layer tables are one packed source table: written from one pass over it
-            if src.map[s.name][1] == PLE_COLUMNS:
+            source = contract.embed_rows(s.name, cfg)[0]
+            if src.map[source][1] == PLE_COLUMNS:
                 s.group, s.read_cols = "ple_embed", cfg.ple_dim * cfg.num_layers
             if calibration is not None and not s.scheme.is_float:
-                s.importance = calibration.importance.get(s.name)
+                s.importance = calibration.importance.get(source)
         for s in slots:
             if s.scheme.block_size and s.shape[-1] % s.scheme.block_size:
                 raise QuantizationError(
@@ -244,12 +251,13 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         errors = {} if report else None
         seen = set()
 
-        def read_rows(canon, r0, r1):
-            if canon not in seen:  # once per weight (grouped weights are read chunk by chunk in turn)
-                seen.add(canon)
-                stage(f"write {canon}")
-            w = src.read_rows(canon, r0, r1)
-            return w if calibration is None else calibration.apply(canon, w, r0, r1)
+        def read_rows(name, r0, r1):
+            if name not in seen:  # once per weight (grouped weights are read chunk by chunk in turn)
+                seen.add(name)
+                stage(f"write {name}")
+            canon, at = contract.embed_rows(name, cfg)  # a split embedding's tables are rows of embed
+            w = src.read_rows(canon, r0 + at, r1 + at)
+            return w if calibration is None else calibration.apply(canon, w, r0 + at, r1 + at)
 
         try:
             with atomic_output(out, force, inputs=src.files()) as tmp, _non_finite_names(src):

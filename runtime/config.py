@@ -56,6 +56,10 @@ class GemmaConfig:
     # Embedding models (EmbeddingGemma); the defaults leave a causal LM as it is
     bidirectional: bool = False      # every token attends both ways; a sliding layer sees sliding_window // 2 each way
     dense_dims: tuple[int, ...] = ()  # out features of each Dense layer after mean pooling (sentence-transformers)
+    # How a file stores the tied embedding (not the architecture): N > 0 stores rows 0..N-1 (the
+    # tokenizer's most frequent pieces) and the rest as two tables with schemes of their own
+    # (contract.EMBED_HOT / EMBED_COLD); 0 stores one table
+    embed_hot_rows: int = 0
 
     def __post_init__(self):
         for name in _SIZES:
@@ -66,7 +70,7 @@ class GemmaConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise UnsupportedModelError(f"config {name} is {v!r}, not a positive integer; the config is corrupt")
-        for name in ("kv_shared_layers", "ple_dim", "ple_vocab"):
+        for name in ("kv_shared_layers", "ple_dim", "ple_vocab", "embed_hot_rows"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise UnsupportedModelError(f"config {name} is {v!r}, not an integer >= 0; the config is corrupt")
@@ -109,6 +113,9 @@ class GemmaConfig:
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.dense_dims):
             raise UnsupportedModelError(f"config dense_dims is {list(self.dense_dims)}, not a list of positive "
                                         "integers; the config is corrupt")
+        if self.embed_hot_rows >= self.vocab_size:
+            raise UnsupportedModelError(f"config embed_hot_rows is {self.embed_hot_rows}, not below the vocabulary "
+                                        f"({self.vocab_size}); the config is corrupt")
         if bool(self.ple_dim) != bool(self.ple_vocab):
             raise UnsupportedModelError(f"per-layer embeddings need both a width and a vocabulary (got "
                                         f"{self.ple_dim} and {self.ple_vocab})")
@@ -202,6 +209,8 @@ class GemmaConfig:
         d = dataclasses.asdict(self)
         d["layer_types"] = list(self.layer_types)
         d["dense_dims"] = list(self.dense_dims)
+        if not self.embed_hot_rows:  # files with one embedding table stay readable by earlier versions
+            del d["embed_hot_rows"]
         return d
 
     @classmethod

@@ -159,6 +159,10 @@ def kv_shapes(cfg: GemmaConfig, context: int) -> dict[str, tuple[int, int, int, 
 # ---- weights -----------------------------------------------------------------------------
 
 EMBED = "embed"
+# The tied embedding split in two tables (GemmaConfig.embed_hot_rows = N): rows 0..N-1, which a
+# SentencePiece vocabulary orders first as its most frequent pieces, and rows N.. (a scheme each)
+EMBED_HOT = "embed_hot"
+EMBED_COLD = "embed_cold"
 FINAL_NORM = "final_norm"
 PLE_PROJ = "ple_proj"  # per-layer embeddings: the projection of the token embedding, [L * P, D]
 PLE_PROJ_NORM = "ple_proj_norm"  # and its norm, [P]
@@ -183,13 +187,32 @@ def parse_weight_name(name: str) -> tuple[int | None, str]:
     return (int(m.group(1)), m.group(2)) if m else (None, name)
 
 
+def hot_rows(vocab_size: int) -> int:
+    """How many rows a split embedding stores apart: the first sixteenth of the vocabulary, at most
+    16384 (Gemma's 262144: 16384 rows, +4.7 MB at int8 beside int4 blocks)."""
+    return min(16384, vocab_size // 16)
+
+
+def embed_rows(name: str, cfg: GemmaConfig) -> tuple[str, int]:
+    """The checkpoint weight a file weight's rows come from, and the row it starts at: a split
+    embedding's tables are rows of ``embed``; every other weight is itself from row 0."""
+    if name == EMBED_HOT:
+        return EMBED, 0
+    if name == EMBED_COLD:
+        return EMBED, cfg.embed_hot_rows
+    return name, 0
+
+
 def weight_shapes(cfg: GemmaConfig) -> dict[str, tuple[int, ...]]:
     """Canonical weight names and shapes ([out, in] for linear layers), in file order. Norm
     weights hold the multiplier (Gemma 1-3's 1 + w). The per-layer embedding table is stored
     as one [ple_vocab, P] table per layer (``l<i>_ple_embed``): each lookup then touches one
-    row of one table, and no tensor passes the 2**31-byte offsets of LiteRT's lookup kernel."""
+    row of one table, and no tensor passes the 2**31-byte offsets of LiteRT's lookup kernel.
+    With ``cfg.embed_hot_rows`` the tied embedding is two tables, ``embed_hot`` and ``embed_cold``
+    (``embed_rows`` says which checkpoint rows each holds)."""
     d, n = cfg.hidden_size, cfg.num_heads
-    shapes = {EMBED: (cfg.vocab_size, d)}
+    N = cfg.embed_hot_rows
+    shapes = {EMBED_HOT: (N, d), EMBED_COLD: (cfg.vocab_size - N, d)} if N else {EMBED: (cfg.vocab_size, d)}
     if cfg.ple_dim:
         P = cfg.ple_dim
         shapes |= {PLE_PROJ: (cfg.num_layers * P, d), PLE_PROJ_NORM: (P,)}

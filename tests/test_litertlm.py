@@ -39,7 +39,7 @@ NO_LITERT_LM = ("litert-lm (LiteRT-LM's Python Engine, pip install litert-lm) is
 
 # int4 presets checked against LiteRT-LM on the real model, next to int8. The default int4
 # preset is not decided yet: put it here when it is.
-REAL_QUANTS = ("int8", "int4")  # int8 and the default int4 preset
+REAL_QUANTS = ("int8", "int4", "int4-emb")  # int8, the default int4 preset, and the split embedding
 REAL_CONTEXT, REAL_PREFILL = 256, (8, 32, 128)
 REAL_NEW_TOKENS = 24
 REAL_PROMPTS = {

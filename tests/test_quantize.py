@@ -58,13 +58,20 @@ def test_recipes_and_roles():
     dense = {"dense_0": "int8", "dense_1": "int8"}  # an embedding model's Dense layers after pooling
     assert role_of("dense_0") == "dense" and kind_of("dense_1") == "dense_1"
     # int4: the FFN's gate and up in int4 blocks; its down projection, attention and embedding int8
-    assert parse_recipe("int4") == {"embedding": "int8", **{k: "int4-b32" if k in ("ffn_gate", "ffn_up") else "int8"
-                                                          for k in kinds}, **ple, **dense}
+    assert parse_recipe("int4") == {"embedding": "int8", "embedding_hot": "int8",
+                                    **{k: "int4-b32" if k in ("ffn_gate", "ffn_up") else "int8" for k in kinds},
+                                    **ple, **dense}
+    # int4-emb: the embedding in int4 blocks but its first (most frequent) rows, a table of their own
+    assert role_of("embed_hot") == role_of("embed_cold") == "embedding"
+    assert kind_of("embed_hot") == "embedding_hot" and kind_of("embed_cold") == "embedding"
+    got = parse_recipe("int4-emb")
+    assert (got["embedding"], got["embedding_hot"], got["ffn_up"]) == ("int4-b32", "int8", "int8")
+    assert parse_recipe("int4-emb,embedding=int4-b32")["embedding_hot"] == "int4-b32"  # the role sets both
     assert parse_recipe("int4,ffn_down=int4-b32")["ffn_down"] == "int4-b32"
     assert parse_recipe("int4,ffn=int4-b64")["ffn_down"] == "int4-b64"  # a role given overrides the preset's kind
     # the mixed preset keeps the embedding (and an embedding model's small Dense layers) in int8
     assert parse_recipe("int4-b32,embedding=int8,dense=int8") == parse_recipe("int4-b32-mixed")
-    assert parse_recipe("ffn=int4") == {"embedding": "int8", **{k: "int4" if k.startswith("ffn") else "int8"
+    assert parse_recipe("ffn=int4") == {"embedding": "int8", "embedding_hot": "int8", **{k: "int4" if k.startswith("ffn") else "int8"
                                                                    for k in kinds}, **dict.fromkeys(ple, "int8"),
                                   **dense}
     # a kind overrides its role whatever the order they are given in
@@ -341,3 +348,51 @@ def test_q4_0_gguf_converts_at_int4_b32_with_its_own_blocks(tmp_path, capsys):
         assert match, t.name
         checked += 1
     assert checked == len(source) and info.quant == "int4-b32"
+
+
+def test_a_split_embedding_looks_up_and_scores_every_row_where_it_belongs(tmp_path, tiny):
+    """``int4-emb`` stores the tied embedding's first rows (``contract.hot_rows``) as a table of
+    their own (int8) beside the rest (int4 blocks). Here the rest stays fp32
+    (``fp32,embedding_hot=int8``), so the oracle is exact: transformers with those rows rounded
+    to int8. Tokens of both tables are looked up in the prompt and while decoding; the logits of
+    the other table's rows must match to float precision (a misplaced column or row would not),
+    the int8 rows' to the kernel's on-the-fly rounding of the final hidden state."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import CONTEXT, PREFILL, corpus_ids, hf_logits
+    from gemma_edge.convert.pipeline import convert
+    from gemma_edge.runtime.backend import make_backend, run_prefill
+    from gemma_edge.runtime.contract import hot_rows
+    from gemma_edge.runtime.modelfile import read_info
+
+    out = tmp_path / "split.tflite"
+    convert(str(tiny.checkpoint), str(out), quant="fp32,embedding_hot=int8", max_context=CONTEXT,
+            prefill_lengths=PREFILL, progress=False)
+    info = read_info(str(out))
+    V = info.config.vocab_size
+    N = info.config.embed_hot_rows
+    assert N == hot_rows(V) == V // 16 and N > 4
+    tensors = info.meta.quantization.tensors
+    assert (tensors["embed_hot"], tensors["embed_cold"]) == ("int8", "fp32") and "embed" not in tensors
+    # one table when the rows share a scheme: int8 and the fp32 conversion keep "embed"
+    assert read_info(str(tiny.model_file)).config.embed_hot_rows == 0
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny.checkpoint), dtype=torch.float32).eval()
+    emb = model.get_input_embeddings().weight  # tied: also the LM head
+    with torch.no_grad():
+        rows = emb[:N].numpy()
+        q, s = quantize_per_channel(rows, 8)
+        emb[:N] = torch.from_numpy(dequantize_per_channel(q, s))
+    seq = [2] + corpus_ids(str(tiny.checkpoint / "tokenizer.model"), 55, seed=21)
+    for at, tok in ((3, 5), (17, N - 1), (30, 7), (41, N - 2), (44, 9), (50, N), (52, 11)):
+        seq[at] = tok  # ids of the first table in the prompt and in the decoded part; N is the other's first
+    want = hf_logits(model, seq)
+
+    backend = make_backend(info)
+    run_prefill(backend, seq[:39], 0)
+    got = np.stack([backend.decode(seq[p], p).copy() for p in range(39, len(seq))])
+    want = want[39:]
+    scale = np.max(np.abs(want))
+    assert np.max(np.abs(got[:, N:] - want[:, N:])) < 1e-4 * scale
+    assert np.max(np.abs(got[:, :N] - want[:, :N])) < 2e-2 * scale
