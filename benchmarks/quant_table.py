@@ -12,10 +12,10 @@ calibration text. Each file is scored on the first ``--tokens`` tokens of both t
 text, one window; llama.cpp gives the GGUF's own Q4_K_M weights 15.90 on the GPL text)
 against the fp32 file on identical tokens (``Model.compare``: perplexity ratio, mean and
 99th-percentile KL(fp32 || file), top-1 agreement), and benchmarked with
-``Model.benchmark`` (what ``gemma-edge bench`` runs: 128-token prompt, 128 decoded tokens,
-median of ``--runs``; 0 skips it). fp32 is the baseline, converted in the same run. Prints a
-Markdown table (the README's) and, with --json, the raw figures. Decode speed is noisy on a
-shared 2-core VM: run it on a quiet machine.
+``Model.benchmark`` (what ``gemma-edge bench`` runs: 128-token prompt, 128 decoded tokens):
+``--runs`` rounds of one run per file in turn, medians (0 skips it). fp32 is the baseline,
+converted in the same run. Prints a Markdown table (the README's) and, with --json, the raw
+figures. Decode speed is noisy on a shared 2-core VM: run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 DEFAULT_PRESETS = "fp32;int8;int8+cal;int8-attn-fp32;int4;int4+cal;int4-emb;int4-emb+cal;int4-b32-mixed;int4-b32"
 HERE = Path(__file__).resolve().parent
@@ -66,7 +68,7 @@ def main(argv=None) -> int:
     recipes = [r.strip() for r in args.presets.split(";") if r.strip()]
     recipes = ["fp32"] + [r for r in recipes if r != "fp32"]
     texts = {"text": Path(args.text).read_text(encoding="utf-8"), "text2": Path(args.text2).read_text(encoding="utf-8")}
-    rows, base = [], None
+    rows, base, loaded = [], None, []
     for recipe in recipes:
         quant, calibrated = (recipe[:-4], True) if recipe.endswith("+cal") else (recipe, False)
         out = work / f"gemma3-270m-{safe_name(recipe)}.tflite"
@@ -85,31 +87,45 @@ def main(argv=None) -> int:
                             "top1_agreement": 1.0, "predicted": ppl["predicted"]}
             else:
                 row[key] = m.compare(base, text, max_tokens=args.tokens)
-        if args.runs:
-            bench = m.benchmark(prompt_tokens=128, gen_tokens=128, runs=args.runs)
-            row.update(decode_tps=bench["decode_tps"]["median"], prefill_tps=bench["prefill_tps"]["median"],
-                       decode_tps_range=[bench["decode_tps"]["min"], bench["decode_tps"]["max"]],
-                       threads=bench["threads"])
         rows.append(row)
         t1, t2 = row["text"], row["text2"]
         print(f"{recipe}: {row['file_mb']:.1f} MB, PPL {t1['perplexity']:.3f} ({t1['perplexity_ratio'] - 1:+.2%}), "
               f"KL {t1['kl_mean']:.4f}, top-1 {t1['top1_agreement']:.1%}; text2 PPL {t2['perplexity']:.3f} "
               f"({t2['perplexity_ratio'] - 1:+.2%}), KL {t2['kl_mean']:.4f}"
-              + (f"; decode {row['decode_tps']:.1f} tok/s" if args.runs else "")
               + f"; {'reused the file' if args.reuse and convert_s < 1 else f'converted in {convert_s:.0f} s'}",
               file=sys.stderr, flush=True)
         if base is None:
             base = m  # fp32, kept for the comparisons
+        if args.runs:
+            loaded.append(m)  # benchmarked below, alternating
         else:
             del m
-            if not args.keep:
+            if not args.keep and row is not rows[0]:
                 out.unlink(missing_ok=True)
+    # decode speed: rounds of one `gemma-edge bench` run per file in turn, so that a machine whose
+    # speed drifts (a shared VM) moves every file's figures alike; medians of the rounds
+    for k in range(args.runs):
+        for row, m in zip(rows, loaded):
+            b = m.benchmark(prompt_tokens=128, gen_tokens=128, runs=1)
+            row.setdefault("decode_runs", []).append(b["decode_tps"]["median"])
+            row.setdefault("prefill_runs", []).append(b["prefill_tps"]["median"])
+            row["threads"] = b["threads"]
+        print(f"round {k + 1}/{args.runs}: " + ", ".join(f"{r['recipe']} {r['decode_runs'][-1]:.1f}" for r in rows)
+              + " decode tok/s", file=sys.stderr, flush=True)
+    for row in rows:
+        if args.runs:
+            row.update(decode_tps=float(np.median(row["decode_runs"])), prefill_tps=float(np.median(row["prefill_runs"])),
+                       decode_tps_range=[min(row["decode_runs"]), max(row["decode_runs"])])
+    del loaded
+    if args.runs and not args.keep:
+        for r in rows[1:]:
+            (work / f"gemma3-270m-{safe_name(r['recipe'])}.tflite").unlink(missing_ok=True)
     first = rows[0]
     print(f"\nReal Gemma 3 270M, context 2048, against the fp32 file on identical tokens: the first "
           f"{first['text']['predicted'] + 1} tokens of {os.path.basename(args.text)} (llama.cpp on the Q4_K_M "
           f"source: 15.90) and of {os.path.basename(args.text2)}; `+cal` = `--calibrate` on the model's own "
           f"text" + (f"; decode = median of {args.runs} `gemma-edge bench` runs (128 + 128 tokens, "
-                     f"{first['threads']} threads)" if args.runs else "") + "\n")
+                     f"{first['threads']} threads), the files in turn" if args.runs else "") + "\n")
     speed = " decode tok/s |" if args.runs else ""
     print(f"| preset | file MB | perplexity | vs fp32 | KL mean | KL p99 | top-1 | 2nd text vs fp32 | 2nd KL |{speed}")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if args.runs else ""))

@@ -350,13 +350,15 @@ def test_q4_0_gguf_converts_at_int4_b32_with_its_own_blocks(tmp_path, capsys):
     assert checked == len(source) and info.quant == "int4-b32"
 
 
-def test_a_split_embedding_looks_up_and_scores_every_row_where_it_belongs(tmp_path, tiny):
+@pytest.mark.parametrize("kind", ["compiled", "interpreter"])
+def test_a_split_embedding_looks_up_and_scores_every_row_where_it_belongs(tmp_path, tiny, kind):
     """``int4-emb`` stores the tied embedding's first rows (``contract.hot_rows``) as a table of
     their own (int8) beside the rest (int4 blocks). Here the rest stays fp32
     (``fp32,embedding_hot=int8``), so the oracle is exact: transformers with those rows rounded
     to int8. Tokens of both tables are looked up in the prompt and while decoding; the logits of
     the other table's rows must match to float precision (a misplaced column or row would not),
-    the int8 rows' to the kernel's on-the-fly rounding of the final hidden state."""
+    the int8 rows' to the kernel's on-the-fly rounding of the final hidden state. Both backends:
+    the Interpreter (a Pi 4's) runs the lookups, select and concatenation with builtin kernels."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -389,7 +391,7 @@ def test_a_split_embedding_looks_up_and_scores_every_row_where_it_belongs(tmp_pa
         seq[at] = tok  # ids of the first table in the prompt and in the decoded part; N is the other's first
     want = hf_logits(model, seq)
 
-    backend = make_backend(info)
+    backend = make_backend(info, kind=kind)
     run_prefill(backend, seq[:39], 0)
     got = np.stack([backend.decode(seq[p], p).copy() for p in range(39, len(seq))])
     want = want[39:]
