@@ -82,8 +82,9 @@ def special_tokens(tok: Tokenizer, cfg: GemmaConfig, declared_stop_ids=(), add_e
                                    declared_stop_ids=tuple(declared_stop_ids), add_bos=True, add_eos=add_eos)
 
 
-def _quantization(name: str, recipe: dict[str, str], tensors: dict[str, str]) -> modelfile.Quantization:
-    """The file-level entry: the scheme table's row when one scheme covers every kind."""
+def _quantization(name: str, recipe: dict[str, str], tensors: dict[str, str], hot: int = 0) -> modelfile.Quantization:
+    """The file-level entry: the scheme table's row when one scheme covers every kind. ``hot``: the
+    rows of a split embedding's first table, which the description counts."""
     schemes = set(recipe.values())
     if len(schemes) == 1:
         row = get_scheme(schemes.pop()).to_dict()
@@ -91,6 +92,8 @@ def _quantization(name: str, recipe: dict[str, str], tensors: dict[str, str]) ->
     else:
         spelled = recipe_name(",".join(f"{k}={v}" for k, v in recipe.items()), recipe)
         description, row = "mixed: " + spelled.replace(",", ", ").replace("=", " "), {}
+        if hot:
+            description = description.replace("embedding_hot ", f"embedding's first {hot} rows ")
     return modelfile.Quantization(name=name, description=description, recipe=dict(recipe), tensors=tensors, scheme=row)
 
 
@@ -241,7 +244,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         meta = modelfile.FileMeta(
             config=cfg, context_length=context, prefill_lengths=tuple(lengths), score_lengths=tuple(score),
             decode_spans=spans,
-            quantization=_quantization(quant, recipe, {s.name: s.scheme.name for s in slots}),
+            quantization=_quantization(quant, recipe, {s.name: s.scheme.name for s in slots}, cfg.embed_hot_rows),
             tokenizer=special_tokens(src.tokenizer, cfg, src.declared_stop_ids, src.add_eos),
             chat_template=modelfile.ChatTemplate(kind=chat.format_for(src.tokenizer).name,
                                                  jinja=src.chat_template_jinja),

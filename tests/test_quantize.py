@@ -377,6 +377,7 @@ def test_a_split_embedding_looks_up_and_scores_every_row_where_it_belongs(tmp_pa
     assert N == hot_rows(V) == V // 16 and N > 4
     tensors = info.meta.quantization.tensors
     assert (tensors["embed_hot"], tensors["embed_cold"]) == ("int8", "fp32") and "embed" not in tensors
+    assert f"embedding's first {N} rows int8" in info.meta.quantization.description  # what `gemma-edge info` says
     # one table when the rows share a scheme: int8 and the fp32 conversion keep "embed"
     assert read_info(str(tiny.model_file)).config.embed_hot_rows == 0
 
