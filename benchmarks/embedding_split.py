@@ -9,7 +9,9 @@ the tests), so only the embedding's rounding is measured, not the kernels' on-th
 activations: every other weight is the checkpoint's own. The embedding is rounded as the file's
 writer rounds it (int4 blocks of 32 with fp16 scales, or int8 per row, no calibration) and used
 rounded (a) both as the lookup table and as the LM head, (b) as the lookup only, (c) as the head
-only, and (d) both, with rows below each ``--hot`` count int8 and the rest int4. Each row is
+only, and (d) both, with rows below each ``--hot`` count int8 and the rest int4, and (e) with the
+rows ``int4-emb`` keeps int8 (``contract.hot_ranges``: the first 16384 and 1024 from the first
+single character on) int8 and the rest int4. Each row is
 scored against the unrounded model on identical tokens: perplexity ratio, mean KL(float || rounded)
 and top-1 agreement, on the first ``--tokens`` tokens (with BOS) of the two texts quant_table.py
 uses. About 80 s per row on 2 cores; 24 GiB is plenty (the log-probabilities of a text are
@@ -96,6 +98,12 @@ def main(argv=None) -> int:
         mixed = E4.copy()
         mixed[:n] = E8[:n]
         cases.append((f"rows < {n} int8, the rest int4", mixed, mixed))
+    ranges = C.hot_ranges(V, src.tokenizer.piece_to_id)
+    mixed = E4.copy()
+    for a, b in zip(ranges[0::2], ranges[1::2]):
+        mixed[a:b] = E8[a:b]
+    spans = ", ".join(f"{a}..{b - 1}" for a, b in zip(ranges[0::2], ranges[1::2]))
+    cases.append((f"rows {spans} int8 (int4-emb's), the rest int4", mixed, mixed))
     for label, lookup, head in cases:
         got = score(lookup, head)
         cells = []

@@ -45,23 +45,38 @@ def _linear(x, w):
 
 
 def _lookup(cfg: GemmaConfig, w: dict, ids):
-    """The embedding rows of ``ids`` [T]. A split embedding (``embed_hot_rows`` N) looks each id up
-    in both tables, clamped into range, and keeps the row of the table that holds it: two
-    EMBEDDING_LOOKUPs of T rows and a select, so each table keeps its own scheme."""
-    N = cfg.embed_hot_rows
-    if not N:
+    """The embedding rows of ``ids`` [T]. A split embedding (``cfg.embed_hot``) looks each id up in
+    both tables, at its row in each (clamped into range: the other table's row is not used), and
+    keeps the row of the table that holds it: two EMBEDDING_LOOKUPs of T rows and a select, so
+    each table keeps its own scheme."""
+    if not cfg.embed_hot:
         return tf.gather(w[C.EMBED], ids)
-    hot = tf.gather(w[C.EMBED_HOT], tf.minimum(ids, N - 1))
-    cold = tf.gather(w[C.EMBED_COLD], tf.maximum(ids - N, 0))
-    return tf.where((ids < N)[:, None], hot, cold)
+    H = cfg.embed_hot_rows
+    hot_row, below, is_hot, at = tf.zeros_like(ids), tf.zeros_like(ids), tf.zeros_like(ids, dtype=tf.bool), 0
+    for a, b in C.embed_segments(C.EMBED_HOT, cfg):
+        inside = (ids >= a) & (ids < b)
+        is_hot = is_hot | inside
+        hot_row = tf.where(inside, ids - a + at, hot_row)
+        below = below + tf.clip_by_value(ids - a, 0, b - a)  # hot rows before the id: a cold id's offset
+        at += b - a
+    hot = tf.gather(w[C.EMBED_HOT], hot_row)
+    cold = tf.gather(w[C.EMBED_COLD], tf.clip_by_value(ids - below, 0, cfg.vocab_size - H - 1))
+    return tf.where(is_hot[:, None], hot, cold)
 
 
 def _lm_head(cfg: GemmaConfig, w: dict, h):
-    """[T, D] -> logits [T, V] on the tied embedding; a split one is two FULLY_CONNECTED and a
-    concatenation in vocabulary order."""
-    if not cfg.embed_hot_rows:
+    """[T, D] -> logits [T, V] on the tied embedding; a split one is two FULLY_CONNECTED whose
+    columns are put back in vocabulary order (slices and a concatenation)."""
+    if not cfg.embed_hot:
         return _linear(h, w[C.EMBED])
-    return tf.concat([_linear(h, w[C.EMBED_HOT]), _linear(h, w[C.EMBED_COLD])], axis=-1)
+    z = {C.EMBED_HOT: _linear(h, w[C.EMBED_HOT]), C.EMBED_COLD: _linear(h, w[C.EMBED_COLD])}
+    segments = sorted((a, b, name) for name in z for a, b in C.embed_segments(name, cfg))
+    parts, at = [], {name: 0 for name in z}
+    for a, b, name in segments:
+        n, t = b - a, z[name]
+        parts.append(t if n == t.shape[-1] else t[:, at[name]:at[name] + n])
+        at[name] += n
+    return tf.concat(parts, axis=-1)
 
 
 def _rope(x, cos, sin):

@@ -16,6 +16,8 @@ import time
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import __version__
 from ..quantize.report import role_table
 from ..quantize.schemes import SCHEMES, get_scheme, kind_of, parse_recipe, recipe_name
@@ -93,7 +95,7 @@ def _quantization(name: str, recipe: dict[str, str], tensors: dict[str, str], ho
         spelled = recipe_name(",".join(f"{k}={v}" for k, v in recipe.items()), recipe)
         description, row = "mixed: " + spelled.replace(",", ", ").replace("=", " "), {}
         if hot:
-            description = description.replace("embedding_hot ", f"embedding's first {hot} rows ")
+            description = description.replace("embedding_hot ", f"embedding's {hot} frequent-piece rows ")
     return modelfile.Quantization(name=name, description=description, recipe=dict(recipe), tensors=tensors, scheme=row)
 
 
@@ -210,9 +212,9 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
                 (notes or (lambda m: warnings.warn(m, stacklevel=3)))(line)
         # the file's own config: the tied embedding in two tables when its first rows have a scheme
         # of their own (a causal LM's LM head; an embedding model only looks rows up)
-        hot = contract.hot_rows(cfg.vocab_size)
+        hot = contract.hot_ranges(cfg.vocab_size, src.tokenizer.piece_to_id)
         if embedding is None and hot and recipe.get("embedding_hot", recipe["embedding"]) != recipe["embedding"]:
-            cfg = dataclasses.replace(cfg, embed_hot_rows=hot)
+            cfg = dataclasses.replace(cfg, embed_hot=hot)
             shapes = contract.weight_shapes(cfg)
         present = {kind_of(n) for n in shapes} - {None}
         quant = recipe_name(quant, present)
@@ -222,7 +224,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         slots = [WeightSlot(n, s, get_scheme(recipe[kind_of(n)]) if kind_of(n) else SCHEMES["fp32"])
                  for n, s in shapes.items()]
         for s in slots:  # the per-layer tables are one packed source table: written from one pass over it
-            source = contract.embed_rows(s.name, cfg)[0]
+            source = contract.source_rows(s.name, cfg, 0, 0)[0]
             if src.map[source][1] == PLE_COLUMNS:
                 s.group, s.read_cols = "ple_embed", cfg.ple_dim * cfg.num_layers
             if calibration is not None and not s.scheme.is_float:
@@ -258,9 +260,10 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
             if name not in seen:  # once per weight (grouped weights are read chunk by chunk in turn)
                 seen.add(name)
                 stage(f"write {name}")
-            canon, at = contract.embed_rows(name, cfg)  # a split embedding's tables are rows of embed
-            w = src.read_rows(canon, r0 + at, r1 + at)
-            return w if calibration is None else calibration.apply(canon, w, r0 + at, r1 + at)
+            canon, ranges = contract.source_rows(name, cfg, r0, r1)  # a split embedding's are rows of embed
+            parts = [src.read_rows(canon, a, b) if calibration is None
+                     else calibration.apply(canon, src.read_rows(canon, a, b), a, b) for a, b in ranges]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
         try:
             with atomic_output(out, force, inputs=src.files()) as tmp, _non_finite_names(src):

@@ -76,7 +76,7 @@ def get_scheme(name: str) -> Scheme:
 # canonical weight names of the graph) its scheme; roles name groups of kinds.
 KINDS = {  # recipe key -> canonical weight suffix
     "embedding": "embed",  # the tied input embedding / LM head
-    # its first rows (contract.hot_rows: the tokenizer's most frequent pieces), stored as a table
+    # its frequent rows (contract.hot_ranges: the tokenizer's most frequent pieces), stored as a table
     # of their own when their scheme differs from the rest's (which keep the "embedding" kind)
     "embedding_hot": "embed_hot",
     "attn_q": "q", "attn_k": "k", "attn_v": "v", "attn_o": "o",
@@ -120,9 +120,10 @@ PRESETS: dict[str, dict[str, str]] = {
     "int4": {"embedding": "int8", "attention": "int8", "ffn": "int4-b32", "ffn_down": "int8", "ple": "int4-b32",
              "dense": "int8"},
     # the tied embedding / LM head in int4 blocks, the body int8: smallest and fastest when
-    # the embedding dominates (the 270M: 63% of its weights). Its first rows, the most frequent
-    # pieces, stay int8: the LM head's rounding is nearly all of the cost, and most of it is in
-    # those rows (270M: +11.2% -> +3.9% in float arithmetic, for 2% more file)
+    # the embedding dominates (the 270M: 63% of its weights). Its rows of frequent pieces
+    # (contract.hot_ranges) stay int8: the LM head's rounding is nearly all of the cost, and most
+    # of it is in those rows (270M: +12.1% -> +4.0% perplexity, calibrated +7.7% -> +2.4%, for 2.5%
+    # more file; benchmarks/embedding_split.py)
     "int4-emb": {"embedding": "int4-b32", "embedding_hot": "int8", "attention": "int8", "ffn": "int8",
                  "ple": "int4-b32", "dense": "int8"},
     "int4-b32-mixed": {"embedding": "int8", "attention": "int4-b32", "ffn": "int4-b32", "ple": "int4-b32",

@@ -56,10 +56,10 @@ class GemmaConfig:
     # Embedding models (EmbeddingGemma); the defaults leave a causal LM as it is
     bidirectional: bool = False      # every token attends both ways; a sliding layer sees sliding_window // 2 each way
     dense_dims: tuple[int, ...] = ()  # out features of each Dense layer after mean pooling (sentence-transformers)
-    # How a file stores the tied embedding (not the architecture): N > 0 stores rows 0..N-1 (the
-    # tokenizer's most frequent pieces) and the rest as two tables with schemes of their own
-    # (contract.EMBED_HOT / EMBED_COLD); 0 stores one table
-    embed_hot_rows: int = 0
+    # How a file stores the tied embedding (not the architecture): row ranges [a0, b0, a1, b1, ...)
+    # (contract.hot_ranges: the tokenizer's most frequent pieces) stored as one table, the other rows
+    # as another, each with its own scheme (contract.EMBED_HOT / EMBED_COLD); () stores one table
+    embed_hot: tuple[int, ...] = ()
 
     def __post_init__(self):
         for name in _SIZES:
@@ -70,7 +70,7 @@ class GemmaConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise UnsupportedModelError(f"config {name} is {v!r}, not a positive integer; the config is corrupt")
-        for name in ("kv_shared_layers", "ple_dim", "ple_vocab", "embed_hot_rows"):
+        for name in ("kv_shared_layers", "ple_dim", "ple_vocab"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise UnsupportedModelError(f"config {name} is {v!r}, not an integer >= 0; the config is corrupt")
@@ -113,14 +113,22 @@ class GemmaConfig:
         if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.dense_dims):
             raise UnsupportedModelError(f"config dense_dims is {list(self.dense_dims)}, not a list of positive "
                                         "integers; the config is corrupt")
-        if self.embed_hot_rows >= self.vocab_size:
-            raise UnsupportedModelError(f"config embed_hot_rows is {self.embed_hot_rows}, not below the vocabulary "
-                                        f"({self.vocab_size}); the config is corrupt")
+        h = self.embed_hot
+        if (len(h) % 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in h)
+                or any(a >= b for a, b in zip(h, h[1:])) or (h and (h[0] < 0 or h[-1] > self.vocab_size))
+                or self.embed_hot_rows >= self.vocab_size):
+            raise UnsupportedModelError(f"config embed_hot is {list(h)}, not increasing row ranges of a part of the "
+                                        f"vocabulary ({self.vocab_size}); the config is corrupt")
         if bool(self.ple_dim) != bool(self.ple_vocab):
             raise UnsupportedModelError(f"per-layer embeddings need both a width and a vocabulary (got "
                                         f"{self.ple_dim} and {self.ple_vocab})")
 
     # ---- derived facts -------------------------------------------------------
+    @property
+    def embed_hot_rows(self) -> int:
+        """Rows of a split embedding's first table (``embed_hot``'s ranges), 0 for one table."""
+        return sum(b - a for a, b in zip(self.embed_hot[0::2], self.embed_hot[1::2]))
+
     @property
     def has_post_norms(self) -> bool:
         """Gemma 2+: post-attention and post-FFN norms around each block."""
@@ -209,8 +217,9 @@ class GemmaConfig:
         d = dataclasses.asdict(self)
         d["layer_types"] = list(self.layer_types)
         d["dense_dims"] = list(self.dense_dims)
-        if not self.embed_hot_rows:  # files with one embedding table stay readable by earlier versions
-            del d["embed_hot_rows"]
+        d["embed_hot"] = list(self.embed_hot)
+        if not self.embed_hot:  # files with one embedding table stay readable by earlier versions
+            del d["embed_hot"]
         return d
 
     @classmethod
@@ -224,4 +233,6 @@ class GemmaConfig:
         d = dict(d)
         d["layer_types"] = tuple(d["layer_types"])
         d["dense_dims"] = tuple(d.get("dense_dims", ()))
+        if isinstance(d.get("embed_hot"), list):
+            d["embed_hot"] = tuple(d["embed_hot"])
         return cls(**d)

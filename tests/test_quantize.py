@@ -352,44 +352,52 @@ def test_q4_0_gguf_converts_at_int4_b32_with_its_own_blocks(tmp_path, capsys):
 
 @pytest.mark.parametrize("kind", ["compiled", "interpreter"])
 def test_a_split_embedding_looks_up_and_scores_every_row_where_it_belongs(tmp_path, tiny, kind):
-    """``int4-emb`` stores the tied embedding's first rows (``contract.hot_rows``) as a table of
-    their own (int8) beside the rest (int4 blocks). Here the rest stays fp32
-    (``fp32,embedding_hot=int8``), so the oracle is exact: transformers with those rows rounded
-    to int8. Tokens of both tables are looked up in the prompt and while decoding; the logits of
-    the other table's rows must match to float precision (a misplaced column or row would not),
-    the int8 rows' to the kernel's on-the-fly rounding of the final hidden state. Both backends:
-    the Interpreter (a Pi 4's) runs the lookups, select and concatenation with builtin kernels."""
+    """``int4-emb`` stores the tied embedding's frequent rows (``contract.hot_ranges``: the first
+    ones, and a block from the first single character on) as a table of their own (int8) beside
+    the rest (int4 blocks). Here the rest stays fp32 (``fp32,embedding_hot=int8``), so the oracle
+    is exact: transformers with those rows rounded to int8. Tokens of every range of both tables
+    are looked up, in the prompt and while decoding; the logits of the fp32 rows must match to
+    float precision (a misplaced column or row would not), the int8 rows' to the kernel's
+    on-the-fly rounding of the final hidden state. Both backends: the Interpreter (a Pi 4's) runs
+    the lookups, select, slices and concatenation with builtin kernels."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from conftest import CONTEXT, PREFILL, corpus_ids, hf_logits
     from gemma_edge.convert.pipeline import convert
     from gemma_edge.runtime.backend import make_backend, run_prefill
-    from gemma_edge.runtime.contract import hot_rows
+    from gemma_edge.runtime.contract import hot_ranges
     from gemma_edge.runtime.modelfile import read_info
+    from gemma_edge.runtime.tokenizer import Tokenizer
 
     out = tmp_path / "split.tflite"
     convert(str(tiny.checkpoint), str(out), quant="fp32,embedding_hot=int8", max_context=CONTEXT,
             prefill_lengths=PREFILL, progress=False)
     info = read_info(str(out))
     V = info.config.vocab_size
-    N = info.config.embed_hot_rows
-    assert N == hot_rows(V) == V // 16 and N > 4
+    tok = Tokenizer.from_file(tiny.checkpoint / "tokenizer.model")
+    ranges = info.config.embed_hot
+    assert ranges == hot_ranges(V, tok.piece_to_id)
+    (a0, b0), (a1, b1) = zip(ranges[0::2], ranges[1::2])  # the tiny vocabulary has its characters after its merges
+    assert a0 == 0 and b0 == V // 16 < a1 < b1 < V and tok.id_to_piece(a1) in ("\u2581", ".", ",", "e", "t")
+    hot = np.zeros(V, bool)
+    hot[a0:b0] = hot[a1:b1] = True
     tensors = info.meta.quantization.tensors
     assert (tensors["embed_hot"], tensors["embed_cold"]) == ("int8", "fp32") and "embed" not in tensors
-    assert f"embedding's first {N} rows int8" in info.meta.quantization.description  # what `gemma-edge info` says
+    assert f"embedding's {hot.sum()} frequent-piece rows int8" in info.meta.quantization.description  # `gemma-edge info`
     # one table when the rows share a scheme: int8 and the fp32 conversion keep "embed"
-    assert read_info(str(tiny.model_file)).config.embed_hot_rows == 0
+    assert read_info(str(tiny.model_file)).config.embed_hot == ()
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny.checkpoint), dtype=torch.float32).eval()
     emb = model.get_input_embeddings().weight  # tied: also the LM head
     with torch.no_grad():
-        rows = emb[:N].numpy()
-        q, s = quantize_per_channel(rows, 8)
-        emb[:N] = torch.from_numpy(dequantize_per_channel(q, s))
+        q, s = quantize_per_channel(emb[hot].numpy(), 8)
+        emb[torch.from_numpy(hot)] = torch.from_numpy(dequantize_per_channel(q, s))
     seq = [2] + corpus_ids(str(tiny.checkpoint / "tokenizer.model"), 55, seed=21)
-    for at, tok in ((3, 5), (17, N - 1), (30, 7), (41, N - 2), (44, 9), (50, N), (52, 11)):
-        seq[at] = tok  # ids of the first table in the prompt and in the decoded part; N is the other's first
+    edges = (5, b0 - 1, b0, a1 - 1, a1, b1 - 1, b1, V - 1)  # first and last rows of every range of both tables
+    for k, t in enumerate(edges):
+        seq[3 + 4 * k] = t  # in the prompt
+        seq[40 + 2 * k] = t  # and decoded
     want = hf_logits(model, seq)
 
     backend = make_backend(info, kind=kind)
@@ -397,5 +405,5 @@ def test_a_split_embedding_looks_up_and_scores_every_row_where_it_belongs(tmp_pa
     got = np.stack([backend.decode(seq[p], p).copy() for p in range(39, len(seq))])
     want = want[39:]
     scale = np.max(np.abs(want))
-    assert np.max(np.abs(got[:, N:] - want[:, N:])) < 1e-4 * scale
-    assert np.max(np.abs(got[:, :N] - want[:, :N])) < 2e-2 * scale
+    assert np.max(np.abs(got[:, ~hot] - want[:, ~hot])) < 1e-4 * scale
+    assert np.max(np.abs(got[:, hot] - want[:, hot])) < 2e-2 * scale

@@ -41,6 +41,29 @@ def test_config_from_hf_gemma3_old_format():
     assert GemmaConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
+def test_a_split_embedding_is_part_of_the_file_config():
+    """``embed_hot`` (row ranges of the split embedding's first table) round-trips, is left out of a
+    one-table file's config (earlier versions read it), and a corrupt one is refused."""
+    from gemma_edge.runtime.contract import EMBED_COLD, EMBED_HOT, embed_segments, source_rows, weight_shapes
+    from gemma_edge.runtime.errors import UnsupportedModelError
+
+    c = config_from_hf(GEMMA3_270M_HF)
+    assert "embed_hot" not in c.to_dict() and c.embed_hot_rows == 0
+    s = dataclasses.replace(c, embed_hot=(0, 16384, 236743, 237767))
+    assert GemmaConfig.from_dict(json.loads(json.dumps(s.to_dict()))) == s and s.embed_hot_rows == 17408
+    shapes = weight_shapes(s)
+    assert shapes[EMBED_HOT] == (17408, 640) and shapes[EMBED_COLD] == (262144 - 17408, 640) and "embed" not in shapes
+    assert embed_segments(EMBED_COLD, s) == [(16384, 236743), (237767, 262144)]
+    # rows of a table as checkpoint rows: a chunk across two ranges reads both
+    assert source_rows(EMBED_HOT, s, 16000, 16500) == ("embed", [(16000, 16384), (236743, 236859)])
+    assert source_rows(EMBED_COLD, s, 220000, 220359) == ("embed", [(236384, 236743), ])
+    assert source_rows(EMBED_COLD, s, 220359, 220360) == ("embed", [(237767, 237768)])
+    assert source_rows("l0_q", s, 3, 9) == ("l0_q", [(3, 9)])
+    for bad in ((0,), (0, 16384, 100, 200), (5, 5), (-1, 3), (0, 262145), (0, 262144), (0, True)):
+        with pytest.raises(UnsupportedModelError, match="embed_hot"):
+            dataclasses.replace(c, embed_hot=bad)
+
+
 def test_config_matches_between_hf_and_gguf(real_gguf):
     with gguf_checkpoint.GGUFCheckpoint(real_gguf) as ck:
         g = config_from_gguf(ck.metadata(), vocab_size=262144)
