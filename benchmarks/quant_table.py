@@ -114,8 +114,9 @@ def main(argv=None) -> int:
               + " decode tok/s", file=sys.stderr, flush=True)
     for row in rows:
         if args.runs:
-            row.update(decode_tps=float(np.median(row["decode_runs"])), prefill_tps=float(np.median(row["prefill_runs"])),
-                       decode_tps_range=[min(row["decode_runs"]), max(row["decode_runs"])])
+            runs = row["decode_runs"]
+            row.update(decode_tps=float(np.median(runs)), prefill_tps=float(np.median(row["prefill_runs"])),
+                       decode_tps_range=[min(runs), max(runs)])
     del loaded
     if args.runs and not args.keep:
         for r in rows[1:]:

@@ -210,8 +210,8 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
             calibration = _calibration(src, calibrate, out, recipe, context, progress, lora, stage)
             for line in calibration.notes:
                 (notes or (lambda m: warnings.warn(m, stacklevel=3)))(line)
-        # the file's own config: the tied embedding in two tables when its first rows have a scheme
-        # of their own (a causal LM's LM head; an embedding model only looks rows up)
+        # the file's own config: the tied embedding in two tables when its rows of frequent pieces
+        # have a scheme of their own (a causal LM's LM head; an embedding model only looks rows up)
         hot = contract.hot_ranges(cfg.vocab_size, src.tokenizer.piece_to_id)
         if embedding is None and hot and recipe.get("embedding_hot", recipe["embedding"]) != recipe["embedding"]:
             cfg = dataclasses.replace(cfg, embed_hot=hot)

@@ -327,8 +327,9 @@ def search_alpha(recipe: dict[str, str]) -> bool:
     migrates (attention and FFN) is int8, whatever the embedding's scheme. Measured on the real
     270M against fp32 on two texts (benchmarks/calibrate_alpha.py, README): ``int8`` +1.6% / +1.1%
     perplexity at alpha 0.65 -> +0.97% / +0.90% searched, ``int4-emb`` (with its embedding in one
-    int4 table, before the split) +8.1% / +12.05% at 0.5 -> +7.7% / +12.0%; on the int4 preset (int4 FFN) the search lowers KL (0.067 -> 0.062, 0.066 ->
-    0.060) but not perplexity (+6.1% -> +6.9%, +6.7% -> +6.8%), so it keeps the fixed 0.5."""
+    int4 table, before the split) +8.1% / +12.05% at 0.5 -> +7.7% / +12.0%; on the int4 preset
+    (int4 FFN) the search lowers KL (0.067 -> 0.062, 0.066 -> 0.060) but not perplexity (+6.1% ->
+    +6.9%, +6.7% -> +6.8%), so it keeps the fixed 0.5."""
     return bool(recipe) and all(recipe.get(k, "int8") == "int8" for k in MIGRATED_KINDS)
 
 

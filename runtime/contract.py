@@ -197,9 +197,10 @@ def hot_ranges(vocab_size: int, piece_to_id=None) -> tuple[int, ...]:
     first 16384 hold 73-74% of the tokens of English text and Python), and its single characters
     after all merges, the commonest first (Gemma 3: ids 236743.., '.' ',' '"' ')' among them, 12-14%
     of the tokens). So: the first sixteenth of the vocabulary (at most HOT_FIRST rows) and, when
-    ``piece_to_id`` (a tokenizer's) finds '▁' or a printable ASCII character beyond those, as many
-    rows again (at most HOT_CHARS) from the first of them. Gemma's 262144: 17408 rows, +4.9 MB at
-    int8 beside int4 blocks. () when the vocabulary is too small to split."""
+    ``piece_to_id`` (a tokenizer's) finds '▁' or a printable ASCII character beyond those, the
+    rows from the first of them on (a sixteenth of the vocabulary, at most HOT_CHARS). Gemma's
+    262144: 17408 rows, +5.0 MB at int8 beside int4 blocks. () when the vocabulary is too small
+    to split."""
     n = min(HOT_FIRST, vocab_size // 16)
     if not n:
         return ()

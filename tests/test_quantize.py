@@ -71,9 +71,9 @@ def test_recipes_and_roles():
     assert parse_recipe("int4,ffn=int4-b64")["ffn_down"] == "int4-b64"  # a role given overrides the preset's kind
     # the mixed preset keeps the embedding (and an embedding model's small Dense layers) in int8
     assert parse_recipe("int4-b32,embedding=int8,dense=int8") == parse_recipe("int4-b32-mixed")
-    assert parse_recipe("ffn=int4") == {"embedding": "int8", "embedding_hot": "int8", **{k: "int4" if k.startswith("ffn") else "int8"
-                                                                   for k in kinds}, **dict.fromkeys(ple, "int8"),
-                                  **dense}
+    assert parse_recipe("ffn=int4") == {"embedding": "int8", "embedding_hot": "int8",
+                                        **{k: "int4" if k.startswith("ffn") else "int8" for k in kinds},
+                                        **dict.fromkeys(ple, "int8"), **dense}
     # a kind overrides its role whatever the order they are given in
     got = parse_recipe("int4-b32,ffn_down=int8,ffn=int4-b64")
     assert got["ffn_down"] == "int8" and got["ffn_up"] == "int4-b64" and got["attn_q"] == "int4-b32"
