@@ -61,7 +61,7 @@ def test_recipes_and_roles():
     assert parse_recipe("int4") == {"embedding": "int8", "embedding_hot": "int8",
                                     **{k: "int4-b32" if k in ("ffn_gate", "ffn_up") else "int8" for k in kinds},
                                     **ple, **dense}
-    # int4-emb: the embedding in int4 blocks but its first (most frequent) rows, a table of their own
+    # int4-emb: the embedding in int4 blocks but its rows of frequent pieces, a table of their own
     assert role_of("embed_hot") == role_of("embed_cold") == "embedding"
     assert kind_of("embed_hot") == "embedding_hot" and kind_of("embed_cold") == "embedding"
     got = parse_recipe("int4-emb")

@@ -56,7 +56,7 @@ def test_a_split_embedding_is_part_of_the_file_config():
     assert embed_segments(EMBED_COLD, s) == [(16384, 236743), (237767, 262144)]
     # rows of a table as checkpoint rows: a chunk across two ranges reads both
     assert source_rows(EMBED_HOT, s, 16000, 16500) == ("embed", [(16000, 16384), (236743, 236859)])
-    assert source_rows(EMBED_COLD, s, 220000, 220359) == ("embed", [(236384, 236743), ])
+    assert source_rows(EMBED_COLD, s, 220000, 220359) == ("embed", [(236384, 236743)])
     assert source_rows(EMBED_COLD, s, 220359, 220360) == ("embed", [(237767, 237768)])
     assert source_rows("l0_q", s, 3, 9) == ("l0_q", [(3, 9)])
     for bad in ((0,), (0, 16384, 100, 200), (5, 5), (-1, 3), (0, 262145), (0, 262144), (0, True)):
