@@ -273,7 +273,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
                     bar = tqdm(total=sum(s.nbytes for s in slots), unit="B", unit_scale=True,
                                desc=f"writing {out.name} ({quant})", leave=False)
                 size = write_model(tpl, slots, read_rows, modelfile.metadata_entries(meta, src.tokenizer_model),
-                                   str(tmp), progress=bar.update if bar else None, errors=errors,
+                                   str(tmp), progress=bar.update if bar is not None else None, errors=errors,
                                    on_finish=lambda: stage("finish"))
         finally:
             if bar is not None:
@@ -319,7 +319,8 @@ def perplexity_vs_fp32(source: str, result: ConvertResult, text: str, max_tokens
                                    max_context=result.context_length, prefill_lengths=result.prefill_lengths,
                                    progress=progress, score_length=result.score_lengths, lora=result.lora).path
             model, base = load(result.path), load(ref_path)  # two instances even of one file
-            return {"comparison": model.compare(base, text, max_tokens=max_tokens, progress=tick if bar else None)}
+            tick_or_none = tick if bar is not None else None  # a tqdm without a total has no truth value
+            return {"comparison": model.compare(base, text, max_tokens=max_tokens, progress=tick_or_none)}
     finally:
         if bar is not None:
             bar.close()

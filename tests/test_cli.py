@@ -371,6 +371,17 @@ def test_eval_reports_the_api_perplexity(path, tmp_path):
     assert_user_error(cli(GEMMA_EDGE, "eval", path, "--text", str(bad)), "gemma-edge", "UTF-8")
 
 
+def test_convert_eval_text_with_its_progress_bar(tiny, tmp_path):
+    """Without -q the comparison with fp32 shows a progress bar. Its tqdm starts without a total,
+    and testing it for truth (``if bar``) raised TypeError: the README's own example crashed."""
+    text = tmp_path / "text.txt"
+    text.write_text("the model token gemma edge phone laptop raspberry cache layer weight " * 3, encoding="utf-8")
+    proc = cli(GEMMA_CONVERT, tiny.checkpoint, "-o", tmp_path / "m.tflite", "--quant", "int4-emb",
+               "--max-context", "32", "--prefill-lengths", "8", "--eval-text", text)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "KL divergence from base" in proc.stdout and "comparing int4-emb with fp32" in proc.stderr
+
+
 def test_convert_report_with_eval_text(tiny, tmp_path):
     """--report prints the per-role error table and the perplexity of the new file next to an
     fp32 conversion's; each figure equals what `gemma-edge eval` says of a file made alone."""
