@@ -114,9 +114,7 @@ class GemmaConfig:
             raise UnsupportedModelError(f"config dense_dims is {list(self.dense_dims)}, not a list of positive "
                                         "integers; the config is corrupt")
         h = self.embed_hot
-        if (len(h) % 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in h)
-                or any(a >= b for a, b in zip(h, h[1:])) or (h and (h[0] < 0 or h[-1] > self.vocab_size))
-                or self.embed_hot_rows >= self.vocab_size):
+        if not are_ranges(h, self.vocab_size) or self.embed_hot_rows >= self.vocab_size:
             raise UnsupportedModelError(f"config embed_hot is {list(h)}, not increasing row ranges of a part of the "
                                         f"vocabulary ({self.vocab_size}); the config is corrupt")
         if bool(self.ple_dim) != bool(self.ple_vocab):
@@ -236,3 +234,28 @@ class GemmaConfig:
         if isinstance(d.get("embed_hot"), list):
             d["embed_hot"] = tuple(d["embed_hot"])
         return cls(**d)
+
+
+# ---- id ranges: how a file spells a set of rows or token ids -------------------------------
+
+def are_ranges(r, limit: int) -> bool:
+    """``r`` is flattened half-open ranges [a0, b0, a1, b1, ...) of ids in 0..limit-1, increasing
+    and apart (a0 < b0 < a1 < b1 ...): what ``to_ranges`` writes."""
+    return (len(r) % 2 == 0 and all(type(v) is int for v in r) and all(a < b for a, b in zip(r, r[1:]))
+            and (not r or (r[0] >= 0 and r[-1] <= limit)))
+
+
+def to_ranges(ids) -> tuple[int, ...]:
+    """Distinct ids as flattened half-open ranges: {0, 1, 2, 7} -> (0, 3, 7, 8)."""
+    out: list[int] = []
+    for i in sorted(set(ids)):
+        if out and out[-1] == i:
+            out[-1] = i + 1
+        else:
+            out += [i, i + 1]
+    return tuple(out)
+
+
+def from_ranges(r) -> list[int]:
+    """The ids of flattened half-open ranges, ascending (``to_ranges`` undone)."""
+    return [i for a, b in zip(r[0::2], r[1::2]) for i in range(a, b)]

@@ -32,7 +32,7 @@ import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from .config import GemmaConfig
+from .config import GemmaConfig, are_ranges
 from .errors import GemmaEdgeError, ModelFileError
 
 FORMAT = "gemma-edge"
@@ -61,6 +61,9 @@ class TokenizerMeta:
     add_bos: bool = True  # a prompt starts with <bos>
     kind: str = "sentencepiece"
     add_eos: bool = False  # an embedding model's text ends with <eos> (EmbeddingGemma's tokenizer adds it)
+    # The ids parse_special cuts out of text (CONTROL pieces and UNKNOWN) as config.to_ranges
+    # spells them, so a load need not test all 262k pieces (0.03 s); () in older files: it does.
+    special_ranges: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,7 @@ class FileMeta:
                 start_of_turn_id=_id(tok, "start_of_turn_id"), end_of_turn_id=_id(tok, "end_of_turn_id"),
                 stop_token_ids=_ids(tok, "stop_token_ids"), declared_stop_ids=_ids(tok, "declared_stop_ids"),
                 add_bos=_bool(tok, "add_bos", True), kind=_str(tok, "kind", "sentencepiece"),
-                add_eos=_bool(tok, "add_eos", False)),
+                add_eos=_bool(tok, "add_eos", False), special_ranges=_ranges(tok, "special_ranges")),
             chat_template=ChatTemplate(kind=_str(tpl, "kind", "gemma"), jinja=_str(tpl, "jinja", None)),
             source=SourceMeta(name=_str(src, "name", ""), format=_str(src, "format", ""),
                               sha256=_str(src, "sha256", ""), lora=_obj(src, "lora", None)),
@@ -236,6 +239,13 @@ def _id(d: dict, key: str, required: bool = False) -> int | None:
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise ValueError(f"tokenizer {key} is {v!r}, not a token id")
     return v
+
+
+def _ranges(d: dict, key: str) -> tuple[int, ...]:
+    v = d.get(key) or []
+    if not isinstance(v, list) or not are_ranges(v, 1 << 31):
+        raise ValueError(f"tokenizer {key} is {v!r}, not increasing ranges of token ids")
+    return tuple(v)
 
 
 def _ids(d: dict, key: str) -> tuple[int, ...]:
@@ -390,13 +400,48 @@ def _parse(buf, size: int) -> tuple[dict[str, bytes], list[tuple[int, int]]]:
             if vec + 4 + n > size:
                 raise ModelFileError(f"metadata {name!r} runs past the end of the file")
             out[name] = bytes(buf[vec + 4:vec + 4 + n])
-    regions = []  # checked against the file's size by read_info, after the header's checksum
-    for i, b in enumerate(buffers):
-        if i not in meta_buffers:
-            offset, n = fbuf.scalar(b, 1, "<Q"), fbuf.scalar(b, 2, "<Q")
-            if offset > 1 and n:
-                regions.append((offset, n))
-    return out, sorted(regions)
+    stored = _stored_buffers(buf, size, buffers)
+    if stored is None:  # an offset out of bounds: reading one by one names it
+        stored = [(i, fbuf.scalar(b, 1, "<Q"), fbuf.scalar(b, 2, "<Q")) for i, b in enumerate(buffers)]
+    # checked against the file's size by read_info, after the header's checksum
+    return out, sorted((offset, n) for i, offset, n in stored if i not in meta_buffers and offset > 1 and n)
+
+
+def _stored_buffers(buf, size: int, buffers: list[int]) -> list[tuple[int, int, int]] | None:
+    """(index, Buffer.offset, Buffer.size) of every buffer stored after the header (offset > 1,
+    size > 0), read for all buffers at once: the 270M has 13,000 buffers, 0.03 s of its load
+    read one by one with ``_FlatBuffer.scalar``. None if any position lies outside the file (the
+    caller then reads them one by one, which names it)."""
+    import numpy as np
+
+    if not buffers:
+        return []
+    data = np.frombuffer(buf, np.uint8, size)
+    try:
+        def read(at, dtype):  # little-endian values of ``dtype`` at byte positions ``at``
+            width = np.dtype(dtype).itemsize
+            return np.ascontiguousarray(data[at[:, None] + np.arange(width)]).view("<" + dtype).ravel()
+
+        table = np.asarray(buffers, np.int64)
+        if not ((table >= 0) & (table <= size - 4)).all():
+            return None
+        vtable = table - read(table, "i4").astype(np.int64)
+        if not ((vtable >= 0) & (vtable <= size - 4)).all():
+            return None
+        vsize = read(vtable, "u2").astype(np.int64)
+        values = []
+        for index in (1, 2):  # Buffer.offset, Buffer.size (uint64; absent or 0: none)
+            present = (4 + 2 * index + 2 <= vsize) & (vtable + vsize <= size)
+            slot = np.where(present, vtable + 4 + 2 * index, 0)
+            rel = np.where(present, read(slot, "u2").astype(np.int64), 0)
+            at = np.where(rel > 0, table + rel, 0)
+            if not (at <= size - 8).all():
+                return None
+            values.append(np.where(rel > 0, read(at, "u8"), np.uint64(0)))
+        keep = np.flatnonzero((values[0] > 1) & (values[1] > 0))
+        return list(zip(keep.tolist(), values[0][keep].tolist(), values[1][keep].tolist()))
+    finally:
+        del data  # the caller's mmap closes after this: no view of it may outlive the call
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,39 @@ def test_a_split_embedding_is_part_of_the_file_config():
             dataclasses.replace(c, embed_hot=bad)
 
 
+
+def test_id_ranges_round_trip_and_are_checked():
+    """The file's spelling of id sets (a split embedding's rows, the tokenizer's control ids)."""
+    from gemma_edge.runtime.config import are_ranges, from_ranges, to_ranges
+
+    for ids in ([], [7], [0, 1, 2, 7], [5, 3, 4, 4, 9, 10, 11], list(range(100)) + [262143]):
+        r = to_ranges(ids)
+        assert from_ranges(r) == sorted(set(ids)) and are_ranges(r, 262144)
+    assert to_ranges([0, 1, 2, 7]) == (0, 3, 7, 8)
+    for bad in ((0,), (3, 3), (0, 4, 4, 6), (5, 2), (-1, 2), (0, 11), (0, True), (0, 2.0)):
+        assert not are_ranges(bad, 10), bad
+
+
+def test_a_file_records_its_tokenizer_control_ids(path):
+    """The converter writes the tokenizer's control ids into the file's metadata as ranges; a file
+    without them (an earlier version's) reads as () and its load tests every piece; corrupt ranges
+    are refused."""
+    from gemma_edge.runtime import modelfile
+    from gemma_edge.runtime.config import from_ranges
+    from gemma_edge.runtime.tokenizer import Tokenizer
+
+    info = modelfile.read_info(path)
+    recorded = info.meta.tokenizer.special_ranges
+    assert recorded and from_ranges(recorded) == list(Tokenizer(info.tokenizer_model).control_ids)
+    d = json.loads(info.meta.to_json())
+    assert modelfile.FileMeta.from_dict(d) == info.meta
+    del d["tokenizer"]["special_ranges"]
+    assert modelfile.FileMeta.from_dict(d).tokenizer.special_ranges == ()
+    for bad in ([3], [4, 2], [0, 2, 1, 5], "0-5", [0, True]):
+        d["tokenizer"]["special_ranges"] = bad
+        with pytest.raises(ValueError, match="special_ranges"):
+            modelfile.FileMeta.from_dict(d)
+
 def test_config_matches_between_hf_and_gguf(real_gguf):
     with gguf_checkpoint.GGUFCheckpoint(real_gguf) as ck:
         g = config_from_gguf(ck.metadata(), vocab_size=262144)
@@ -179,6 +212,53 @@ def small_model_file(tmp_path_factory) -> bytes:
                    lambda n, a, b: np.ones((b - a, shapes[n][-1]), np.float32),
                    modelfile.metadata_entries(meta, b"sp"), str(path))
     return path.read_bytes()
+
+
+def test_weight_regions_are_the_buffers_the_schema_names(small_model_file, path, tmp_path_factory):
+    """read_info's (offset, size) of every stored weight buffer, read for all buffers at once, are
+    those the TFLite schema (ai_edge_litert's generated reader) gives; under bit flips of the
+    header, that reading agrees with the buffer-by-buffer one, or both refuse the file."""
+    from unittest import mock
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from ai_edge_litert import schema_py_generated as fb
+    from gemma_edge.runtime import modelfile
+
+    d = tmp_path_factory.mktemp("regions")
+    for i, data in enumerate((small_model_file, open(path, "rb").read())):
+        m = fb.Model.GetRootAs(data, 0)
+        meta = {m.Metadata(j).Buffer() for j in range(m.MetadataLength())}
+        want = sorted((m.Buffers(k).Offset(), m.Buffers(k).Size()) for k in range(m.BuffersLength())
+                      if k not in meta and m.Buffers(k).Offset() > 1 and m.Buffers(k).Size())
+        p = d / f"{i}.tflite"
+        p.write_bytes(data)
+        assert want and list(modelfile.read_info(str(p)).weight_regions) == want
+
+    def regions(p, one_by_one: bool):
+        try:
+            if not one_by_one:
+                return modelfile._read(str(p))[1]
+            with mock.patch.object(modelfile, "_stored_buffers", lambda *a: None):
+                return modelfile._read(str(p))[1]
+        except ModelFileError:
+            return ModelFileError
+
+    data = small_model_file
+    header = int.from_bytes(data[:4], "little") + 4096
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(st.integers(0, min(header, len(data)) - 1), st.integers(1, 255)), min_size=1, max_size=6))
+    def check(flips):
+        b = bytearray(data)
+        for at, x in flips:
+            b[at] ^= x
+        p = d / "case.tflite"
+        p.write_bytes(bytes(b))
+        assert regions(p, False) == regions(p, True)
+
+    check()
 
 
 def test_metadata_reader_fuzz(small_model_file, tmp_path_factory):
