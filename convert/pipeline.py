@@ -22,7 +22,7 @@ from .. import __version__
 from ..quantize.report import role_table
 from ..quantize.schemes import SCHEMES, get_scheme, kind_of, parse_recipe, recipe_name
 from ..runtime import chat, contract, modelfile
-from ..runtime.config import GemmaConfig
+from ..runtime.config import GemmaConfig, to_ranges
 from ..runtime.errors import GemmaEdgeError, QuantizationError, SourceError
 from ..runtime.fileio import atomic_output, check_output
 from ..runtime.tokenizer import Tokenizer
@@ -81,7 +81,8 @@ def special_tokens(tok: Tokenizer, cfg: GemmaConfig, declared_stop_ids=(), add_e
     stops = ids(tok.eos_id, *[t for t in declared_stop_ids if t < cfg.vocab_size], eot)
     return modelfile.TokenizerMeta(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, start_of_turn_id=sot,
                                    end_of_turn_id=eot, stop_token_ids=tuple(stops),
-                                   declared_stop_ids=tuple(declared_stop_ids), add_bos=True, add_eos=add_eos)
+                                   declared_stop_ids=tuple(declared_stop_ids), add_bos=True, add_eos=add_eos,
+                                   special_ranges=to_ranges(tok.control_ids))
 
 
 def _quantization(name: str, recipe: dict[str, str], tensors: dict[str, str], hot: int = 0) -> modelfile.Quantization:

@@ -189,6 +189,30 @@ def test_gemma3_special_ids_and_types(gemma):
     assert gemma.encode("<bos><eos>x", add_bos=False, parse_special=True) == [2, 1, gemma.piece_to_id("x")]
 
 
+
+@pytest.mark.parametrize("which", ["gemma3", "trained"])
+def test_recorded_control_ids_give_the_same_specials(which, gemma_model_proto, trained_model):
+    """A file records its tokenizer's control ids (TokenizerMeta.special_ranges) so a load skips
+    testing every piece: given them, the Tokenizer finds the same specials as SentencePiece's own
+    IsControl/IsUnknown over every id; ids that do not match the model are ignored, not trusted."""
+    import sentencepiece as spm
+
+    from gemma_edge.runtime.config import from_ranges, to_ranges
+
+    proto = gemma_model_proto if which == "gemma3" else trained_model.read_bytes()
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto)
+    truth = tuple(i for i in range(sp.GetPieceSize()) if sp.IsControl(i) or sp.IsUnknown(i))
+    scanned = Tokenizer(proto)
+    assert scanned.control_ids == truth
+    recorded = Tokenizer(proto, special_ids=from_ranges(to_ranges(truth)))
+    assert recorded.control_ids == truth and recorded.special_ids == scanned.special_ids
+    text = "".join(f"x{sp.IdToPiece(i)}" for i in truth) + TURN_MARKERS[0] + "y"
+    assert recorded.encode(text, parse_special=True) == scanned.encode(text, parse_special=True)
+    normal = next(i for i in range(sp.GetPieceSize()) if i not in truth)
+    for lie in ([*truth, normal], [i for i in truth if i != sp.unk_id()], [*truth, sp.GetPieceSize()], [], [-1]):
+        assert Tokenizer(proto, special_ids=lie).control_ids == truth, lie
+
 def test_gemma3_rebuild_keeps_gguf_vocab(gemma_ckpt, gemma):
     meta = gemma_ckpt.metadata()
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
