@@ -8,10 +8,13 @@ by EMBEDDING_LOOKUP (Gemma 4's per-layer embeddings, about half of an E2B file) 
 prints how much of them is resident ("lookup", page by page from /proc/self/pagemap): a
 token reads one row of each, so they should stay almost entirely on disk. Cases: no
 weight cache; weight cache, first load (packs and writes it); weight cache, second load
-(maps it). Median of --runs for load time. The weight cache is built in a temporary folder
-beside the model and removed at the end.
+(maps it). Then the baseline, Google's LiteRT-LM on the same file packed into a .litertlm,
+through the same stages (engine and session, a prefill of as many tokens, a decode), with its
+own weight cache: first load, later loads. Median of --runs for load time. The weight caches
+are built in a temporary folder beside the model and removed at the end.
 
     python benchmarks/runtime_memory.py MODEL.tflite [--runs 3] [--prompt-tokens 600] [--skip-no-cache]
+                                        [--skip-litert-lm] [--threads N]
 
 ``--skip-no-cache`` leaves out the first case, where every signature packs its own copy of
 the weights (several times the file: too much for a multi-GB model on a small machine).
@@ -59,6 +62,50 @@ b.decode(5, n); out['decode'] = st(); maps['decode'] = snapshot(path, regions)
 print(json.dumps({'load_s': load, 'stages': out, 'maps': maps, 'lookup_tables': reads['lookup_tables']}))
 """
 
+LITERT_LM_CHILD = r"""
+import json, re, sys, time
+def st():
+    s = open('/proc/self/status').read()
+    return {k: int(re.search(k + r':\s+(\d+)', s).group(1)) // 1024 for k in ('VmRSS', 'RssAnon', 'RssFile', 'VmHWM')}
+def maps(path, cache):
+    rss, now = {'model_map_rss': 0, 'cache_map_rss': 0}, None
+    for line in open('/proc/self/smaps'):
+        head = line.split()
+        if re.match(r'^[0-9a-f]+-[0-9a-f]+$', head[0]):
+            name = head[5] if len(head) > 5 else ''
+            now = 'model_map_rss' if name == path else 'cache_map_rss' if name.startswith(cache) else None
+        elif now and head[0] == 'Rss:':
+            rss[now] += int(head[1]) * 1024
+    return rss
+path, cache, n, threads, context = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+out, snap = {'start': st()}, {}
+import litert_lm
+out['imports'] = st()
+litert_lm.set_min_log_severity(litert_lm.LogSeverity.ERROR)
+t = time.perf_counter()
+engine = litert_lm.Engine(path, backend=litert_lm.Backend.CPU(thread_count=threads), max_num_tokens=context,
+                          cache_dir=cache)
+session = engine.create_session(apply_prompt_template=False, max_output_tokens=context)
+load = time.perf_counter() - t
+out['engine'] = st(); snap['engine'] = maps(path, cache)
+numbers = []
+while len(engine.tokenize(' '.join(numbers))) < n - 1:  # numbers: one token per digit, whatever the vocabulary
+    numbers.append(str(1000 + len(numbers)))
+text = ' '.join(numbers)
+tokens = len(engine.tokenize(text)) + 1  # and <bos>
+session.run_prefill([text]); out[f'prefill {tokens}'] = st(); snap[f'prefill {tokens}'] = maps(path, cache)
+session.run_decode(); out['decode'] = st(); snap['decode'] = maps(path, cache)
+print(json.dumps({'load_s': load, 'stages': out, 'maps': snap, 'lookup_tables': 0}))
+"""
+
+
+def run_litert_lm(packed: str, n: int, threads: int, context: int, cache_dir: str) -> dict:
+    p = subprocess.run([sys.executable, "-c", LITERT_LM_CHILD, packed, cache_dir, str(n), str(threads), str(context)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        raise SystemExit(f"the LiteRT-LM child failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
 
 def run_case(model: str, weight_cache: bool, n: int, cache_dir: str) -> dict:
     env = {**os.environ, "GEMMA_EDGE_CACHE": cache_dir}
@@ -76,6 +123,10 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=600)
     ap.add_argument("--skip-no-cache", action="store_true",
                     help="leave out the case without a weight cache (every signature packs its own weights)")
+    ap.add_argument("--skip-litert-lm", action="store_true",
+                    help="leave out the baseline: Google's LiteRT-LM running the same file (packed into a .litertlm)")
+    ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 4),
+                    help="LiteRT-LM's CPU threads (default: gemma-edge's default, cores up to 4)")
     args = ap.parse_args()
     size_mb = os.path.getsize(args.model) / 1e6
     where = os.path.dirname(os.path.abspath(args.model))  # the cache is about the file's size: beside it
@@ -87,6 +138,18 @@ def main():
         cases["weight cache, first load"] = [run_case(args.model, True, args.prompt_tokens, cache)]
         cases["weight cache, later loads"] = [run_case(args.model, True, args.prompt_tokens, cache)
                                               for _ in range(args.runs)]
+        if not args.skip_litert_lm:
+            from gemma_edge.runtime.litertlm import pack
+            from gemma_edge.runtime.modelfile import read_info
+
+            packed = pack(args.model, os.path.join(cache, "model.litertlm"))
+            lm_cache = os.path.join(cache, "litert-lm")
+            os.makedirs(lm_cache)
+            context = read_info(args.model).context_length
+            runs = [run_litert_lm(packed, args.prompt_tokens, args.threads, context, lm_cache)
+                    for _ in range(args.runs + 1)]
+            cases["LiteRT-LM, same file, first load"] = runs[:1]
+            cases["LiteRT-LM, same file, later loads"] = runs[1:]
     print(f"{args.model}: {size_mb:.0f} MB")
     for name, runs in cases.items():
         last = runs[-1]["stages"]
