@@ -5,7 +5,8 @@ the very same graph and weights. Each round (the order alternates) starts fresh 
 processes that import the runtime, load the model and produce the first token of a short
 prompt, with ``--threads`` threads:
 
-- ``gemma-edge``: ``import gemma_edge``, ``gemma_edge.load``, the first streamed token;
+- ``gemma-edge``: ``import gemma_edge`` and the runtime it loads on first use (numpy,
+  SentencePiece), ``gemma_edge.load``, the first streamed token;
 - ``LiteRT-LM``: ``import litert_lm``, ``Engine(...)`` and a session, prefill and one decode;
 - ``gemma-edge run``: the command a user types (``gemma-edge run MODEL -p ... -n 1``), whole
   process, as wall time from spawn to exit.
@@ -39,6 +40,7 @@ GEMMA_EDGE_CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
 import gemma_edge
+import gemma_edge.runtime.engine  # what gemma_edge.load imports on its first call (numpy, SentencePiece)
 t1 = time.perf_counter()
 m = gemma_edge.load(sys.argv[1], threads=int(sys.argv[2]))
 t2 = time.perf_counter()

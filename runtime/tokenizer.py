@@ -67,11 +67,9 @@ class Tokenizer:
         # Control and unknown pieces: the strings parse_special turns into ids.
         native = getattr(sp, "_processor", sp)  # the bound native methods: half the time of the wrappers'
         unk = sp.unk_id()
-        ids = sorted(set(special_ids)) if special_ids is not None else None
-        if ids is not None and not (ids and all(0 <= i < self._vocab_size and (i == unk or native.IsControl(i))
-                                                for i in ids) and (unk in ids or not 0 <= unk < self._vocab_size)):
-            ids = None
-        if ids is None:
+        ids = sorted(set(special_ids)) if special_ids is not None else []
+        has_unk = not 0 <= unk < self._vocab_size or unk in ids  # the full test below always finds it
+        if not (ids and has_unk and all(0 <= i < self._vocab_size and (i == unk or native.IsControl(i)) for i in ids)):
             # One pass of the bound native IsControl over every id (map + compress, no Python-level
             # test per id: 0.03 s for Gemma 3's 262k pieces, against 0.04 s testing IsControl and
             # IsUnknown in a loop); SentencePiece models have exactly one UNKNOWN piece, unk_id.
