@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import chat as chat_format
-from . import embedding
+from . import embedding, weight_cache
 from .backend import make_backend, run_prefill
 from .config import from_ranges
 from .detokenizer import StreamingDetokenizer
@@ -100,7 +100,7 @@ class Model:
         """``draft``: a smaller file (path) or loaded Model with the same tokenizer, for speculative
         decoding (``runtime/speculative.py``); None decodes one token per call."""
         t0 = time.perf_counter()
-        self.info = read_info(str(path))
+        self.info = read_info(str(path), checked_before=weight_cache.checked_before)
         self.config = self.info.config
         self.tokenizer, self.backend = _tokenizer_beside(self.info, lambda: make_backend(self.info, threads, backend))
         if self.tokenizer.vocab_size > self.config.vocab_size:

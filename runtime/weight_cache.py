@@ -60,14 +60,30 @@ def note(message: str) -> None:
 
 def _key(info: ModelInfo) -> tuple[str, str]:
     """(stem shared by every version of this model path, key of this version's content)."""
-    real = os.path.realpath(info.path)
-    st = os.stat(info.path)
+    return _key_of(info.path, info.checksums)
+
+
+def _key_of(model_path: str, checksums: bytes) -> tuple[str, str]:
+    real = os.path.realpath(model_path)
     place = hashlib.sha256(real.encode()).hexdigest()[:8]
-    if info.checksums:  # the file's own digests: the same content always finds the same cache
-        content = hashlib.sha256(info.checksums).hexdigest()[:16]
+    if checksums:  # the file's own digests: the same content always finds the same cache
+        content = hashlib.sha256(checksums).hexdigest()[:16]
     else:  # format 1: its identity on disk
+        st = os.stat(model_path)
         content = hashlib.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    return f"{os.path.basename(info.path)}.{place}", content
+    return f"{os.path.basename(model_path)}.{place}", content
+
+
+def checked_before(model_path: str, checksums: bytes, identity) -> bool:
+    """Did a load that built or checked this model's cache also check these header and metadata
+    digests on the file while it had this ``identity`` (modelfile.file_identity)? Its record says
+    so (``model_identity``); read_info then need not hash them again. False when unsure."""
+    try:
+        stem, key = _key_of(model_path, checksums)
+        record = _read_record(cache_dir() / f"{stem}.{key}{SUFFIX}")
+    except (OSError, ValueError):
+        return False
+    return bool(record) and record.get("key") == key and record.get("model_identity") == list(identity)
 
 
 def crc32_file(path: Path, chunk: int = 16 << 20) -> int:
@@ -116,6 +132,18 @@ def _valid(path: Path, key: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def _vouch(path: Path, info: ModelInfo) -> None:
+    """Record that ``info``'s file, under the identity it had when read_info checked (or was
+    vouched for) its digests, has them right: the next load of the unchanged file skips them."""
+    record = _read_record(path)
+    if record is None or not info.identity or record.get("model_identity") == list(info.identity):
+        return
+    try:
+        _write_record(path, {**record, "model_identity": list(info.identity)})
+    except OSError:
+        pass  # the next load checks the digests again
 
 
 def _prune(folder: Path, stem: str, keep: Path) -> None:
@@ -169,6 +197,7 @@ def prepare(info: ModelInfo, threads: int) -> str | None:
     path = folder / f"{stem}.{key}{SUFFIX}"
     if path.exists():
         if _valid(path, key):
+            _vouch(path, info)
             return str(path)
         note(f"the XNNPACK weight cache {path} does not match its record (damaged or cut short); rebuilding it")
         _remove(path)
@@ -196,7 +225,7 @@ def prepare(info: ModelInfo, threads: int) -> str | None:
                  "without it (every signature packs its own weights: more memory)")
             return None
         record = {"size": tmp.stat().st_size, "crc32": crc32_file(tmp), "key": key,
-                  "model": os.path.realpath(info.path)}
+                  "model": os.path.realpath(info.path), "model_identity": list(info.identity)}
         os.replace(tmp, path)  # a cache without a record is rebuilt, so the record goes last
         _write_record(path, record)
         return str(path)

@@ -848,6 +848,43 @@ def test_an_untouched_cache_is_not_read_again(tiny, tmp_path, monkeypatch):
     assert weight_cache.prepare(info, 1) == str(path) and len(reads) == 2
 
 
+def test_an_unchanged_model_is_not_hashed_again(model_bytes, tmp_path, monkeypatch):
+    """Start-up: a model whose header and metadata digests a load checked, and whose file is as it
+    was then (modelfile.file_identity: inode, size, mtime, ctime), is not hashed again by the next
+    load (the weight cache's record vouches for it); a file written to since is, and damage made
+    in place, size and inode kept, is found."""
+    from gemma_edge.runtime import modelfile, weight_cache
+    from gemma_edge.runtime.errors import ModelFileError
+
+    monkeypatch.setenv("GEMMA_EDGE_CACHE", str(tmp_path / "cache"))
+    model = _model_file(tmp_path, model_bytes, "m.tflite")
+    checks = []
+    check = modelfile._check_header
+    monkeypatch.setattr(modelfile, "_check_header", lambda *a: (checks.append(a[0]), check(*a))[1])
+
+    def load():
+        info = modelfile.read_info(str(model), checked_before=weight_cache.checked_before)
+        assert weight_cache.prepare(info, 1)
+        return info
+
+    load()
+    assert len(checks) == 1  # checked, the cache built, the file's identity recorded with it
+    load()
+    assert len(checks) == 1
+    assert len(modelfile.read_info(str(model)).checksums) and len(checks) == 2  # without the record's word
+    os.utime(model, ns=(0, 0))  # touched: another identity
+    load()
+    assert len(checks) == 3
+    load()
+    assert len(checks) == 3
+    at = model_bytes.find(b'"format"') + 2  # inside the metadata JSON, covered by its digest
+    with open(model, "r+b") as f:
+        f.seek(at)
+        f.write(bytes([model_bytes[at] ^ 0x20]))
+    with pytest.raises(ModelFileError, match="damaged"):
+        load()
+
+
 def test_stale_weight_cache_temporaries_are_removed(tiny, tmp_path, greedy_text):
     """An unfinished cache of a process that was killed is removed when a cache is next built; one
     of a process that still runs is left alone."""
