@@ -504,7 +504,7 @@ def read_info(path: str, checked_before=None) -> ModelInfo:
 
     ``checked_before(path, checksums, identity)``: True when these digests were checked on this
     file under this ``file_identity`` by an earlier load (the weight cache's record says so);
-    the header and metadata are then not hashed again (10 MB for the 270M: 15 ms here, several
+    the header and metadata are then not hashed again (10 MB for the 270M: 6-15 ms here, several
     times that on a core without SHA instructions, as a Raspberry Pi 4's)."""
     try:
         identity = file_identity(path)

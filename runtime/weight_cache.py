@@ -13,12 +13,13 @@ The cache must never make a run fail or lie, so:
 - before building, the free space and the file size limit are checked against the model's size;
 - while the child packs, the parent reads every weight of the model against the file's checksum
   (the first load of a file on a machine checks its weights once; later loads check its header
-  and metadata); damaged weights stop the child and keep no cache;
+  and metadata, unless the record below says a load already did with the file unchanged since);
+  damaged weights stop the child and keep no cache;
 - a built cache is renamed into place with a record beside it (size and CRC-32 of the packed
-  bytes, the model it belongs to, and the cache file's identity: inode, size, mtime and
-  ctime). A load whose cache still has that identity (nothing has written to it since its
-  bytes were checked; ctime cannot be set back) maps it at once; any other reads the whole
-  cache against the CRC first (0.15 s for the 270M here, seconds from an SD card), and rebuilds
+  bytes, the model it belongs to and that model file's identity when its digests were checked,
+  and the cache file's identity: inode, size, mtime and ctime). A load whose cache still has
+  that identity (nothing has written to it since its bytes were checked; ctime cannot be set
+  back) maps it at once; any other reads the whole cache against the CRC first (0.15 s for the 270M here, seconds from an SD card), and rebuilds
   a cache that does not match (a truncated, damaged or foreign file) instead of trusting it;
 - caches of an earlier version of the same model path, and of models that no longer exist,
   are removed when a new one is built.
