@@ -19,8 +19,9 @@ The cache must never make a run fail or lie, so:
   bytes, the model it belongs to and that model file's identity when its digests were checked,
   and the cache file's identity: inode, size, mtime and ctime). A load whose cache still has
   that identity (nothing has written to it since its bytes were checked; ctime cannot be set
-  back) maps it at once; any other reads the whole cache against the CRC first (0.15 s for the 270M here, seconds from an SD card), and rebuilds
-  a cache that does not match (a truncated, damaged or foreign file) instead of trusting it;
+  back) maps it at once; any other reads the whole cache against the CRC first (0.15 s for the
+  270M here, seconds from an SD card), and rebuilds a cache that does not match (a truncated,
+  damaged or foreign file) instead of trusting it;
 - caches of an earlier version of the same model path, and of models that no longer exist,
   are removed when a new one is built.
 
