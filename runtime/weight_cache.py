@@ -41,7 +41,6 @@ import sys
 import zlib
 from pathlib import Path
 
-from .errors import ModelFileError
 from .modelfile import ModelInfo, verify_weights
 
 SUFFIX = ".xnnpack"
