@@ -67,7 +67,8 @@ class Tokenizer:
         # Control and unknown pieces: the strings parse_special turns into ids.
         native = getattr(sp, "_processor", sp)  # the bound native methods: half the time of the wrappers'
         unk = sp.unk_id()
-        ids = sorted(set(special_ids)) if special_ids is not None else []
+        ids = list(special_ids) if special_ids is not None else []
+        ids = sorted(set(ids)) if all(type(i) is int for i in ids) else []  # anything else: not this model's
         has_unk = not 0 <= unk < self._vocab_size or unk in ids  # the full test below always finds it
         if not (ids and has_unk and all(0 <= i < self._vocab_size and (i == unk or native.IsControl(i)) for i in ids)):
             # One pass of the bound native IsControl over every id (map + compress, no Python-level

@@ -210,7 +210,7 @@ def test_recorded_control_ids_give_the_same_specials(which, gemma_model_proto, t
     text = "".join(f"x{sp.IdToPiece(i)}" for i in truth) + TURN_MARKERS[0] + "y"
     assert recorded.encode(text, parse_special=True) == scanned.encode(text, parse_special=True)
     normal = next(i for i in range(sp.GetPieceSize()) if i not in truth)
-    for lie in ([*truth, normal], [i for i in truth if i != sp.unk_id()], [*truth, sp.GetPieceSize()], [], [-1]):
+    for lie in ([*truth, normal], [i for i in truth if i != sp.unk_id()], [*truth, sp.GetPieceSize()], [], [-1], [*truth, "x"], [*truth, 1.5]):
         assert Tokenizer(proto, special_ids=lie).control_ids == truth, lie
 
 def test_gemma3_rebuild_keeps_gguf_vocab(gemma_ckpt, gemma):
