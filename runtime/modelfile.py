@@ -345,9 +345,17 @@ class _FlatBuffer:
             return []
         vec = at + self.u32(at)
         n = self.u32(vec)
-        if n > (self.size - vec) // 4:
+        if n > (self.size - vec - 4) // 4:
             raise ModelFileError(f"vector of {n} entries at {vec} runs past the end of the file")
-        return [vec + 4 + 4 * i + self.u32(vec + 4 + 4 * i) for i in range(n)]
+        if n < 64:
+            return [vec + 4 + 4 * i + self.u32(vec + 4 + 4 * i) for i in range(n)]
+        import numpy as np  # Model.buffers of the 270M: 13,500 entries, 4 ms one by one
+
+        rel = np.frombuffer(self.buf, "<u4", n, vec + 4)
+        try:
+            return (np.arange(vec + 4, vec + 4 + 4 * n, 4, dtype=np.int64) + rel).tolist()
+        finally:
+            del rel  # the caller's mmap closes after this: no view of it may outlive the call
 
     def string(self, table: int, index: int) -> str:
         at = self.field(table, index)
