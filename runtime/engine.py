@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import resource
-import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -554,6 +553,8 @@ class Model:
                          "decode_tps": (n - 1) / decode_time if decode_time > 0 else 0.0,
                          "total_s": time.perf_counter() - t0})
         self._cached = []
+
+        import statistics  # only bench uses it: not imported at start-up
 
         def stat(key):
             vals = [r[key] for r in rows]

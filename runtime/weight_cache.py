@@ -36,7 +36,6 @@ import json
 import os
 import re
 import resource
-import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -210,6 +209,8 @@ def prepare(info: ModelInfo, threads: int) -> str | None:
         return None
     _prune(folder, stem, path)
     tmp = folder / f"{stem}.{key}.tmp{os.getpid()}"
+    import subprocess  # only a cold load packs: a warm one does not import it (3 ms at start-up)
+
     proc = None
     try:
         proc = subprocess.Popen([sys.executable, "-m", "gemma_edge.runtime.weight_cache", info.path, str(tmp), str(threads)],
