@@ -59,7 +59,9 @@ def _score_lengths(ctx, param, value: str) -> tuple[int, ...]:
               show_default=True, callback=_score_lengths,
               help="Tokens per call of the score_<T> signatures (logits for every position): `gemma-edge eval` "
                    "uses the longest, speculative decoding (--draft) the shortest that holds its drafted "
-                   "tokens; 0 leaves them out.")
+                   "tokens; 0 leaves them out. Every signature is compiled at each load: on the 270M a "
+                   "score signature costs ~7 MB and ~13 ms of load at int8, ~75 ms at int4-b32 (XNNPACK checks "
+                   "every block scale), so a file that only chats, or only drafts, loads faster with 0.")
 @click.option("--embed-lengths", default=",".join(map(str, DEFAULT_EMBED)), show_default=True, callback=_lengths,
               help="An embedding model's chunk lengths, one embed_<T> signature each, besides the context "
                    "(the longest text it embeds); short texts are packed together into one chunk.")
