@@ -315,6 +315,9 @@ def _read(path: str) -> tuple[dict[str, bytes], list[tuple[int, int]]]:
         raise ModelFileError(f"{path}: cannot be read as a .tflite file ({e})") from None
 
 
+_VECTOR_AT_ONCE = 64  # a vector of offsets at least this long is read with numpy, in one go
+
+
 class _FlatBuffer:
     """Just enough of the flatbuffer wire format to read Model.metadata and Model.buffers,
     with every offset bounds-checked: no dependency on a generated schema module, so the
@@ -347,7 +350,7 @@ class _FlatBuffer:
         n = self.u32(vec)
         if n > (self.size - vec - 4) // 4:
             raise ModelFileError(f"vector of {n} entries at {vec} runs past the end of the file")
-        if n < 64:
+        if n < _VECTOR_AT_ONCE:
             return [vec + 4 + 4 * i + self.u32(vec + 4 + 4 * i) for i in range(n)]
         import numpy as np  # Model.buffers of the 270M: 13,500 entries, 4 ms one by one
 

@@ -217,7 +217,8 @@ def small_model_file(tmp_path_factory) -> bytes:
 def test_weight_regions_are_the_buffers_the_schema_names(small_model_file, path, tmp_path_factory):
     """read_info's (offset, size) of every stored weight buffer, read for all buffers at once, are
     those the TFLite schema (ai_edge_litert's generated reader) gives; under bit flips of the
-    header, that reading agrees with the buffer-by-buffer one, or both refuse the file."""
+    header, that reading (and its metadata) agrees with the entry-by-entry one, or both refuse the
+    file."""
     from unittest import mock
 
     from hypothesis import HealthCheck, given, settings
@@ -235,13 +236,15 @@ def test_weight_regions_are_the_buffers_the_schema_names(small_model_file, path,
         p = d / f"{i}.tflite"
         p.write_bytes(data)
         assert want and list(modelfile.read_info(str(p)).weight_regions) == want
+        assert m.BuffersLength() >= modelfile._VECTOR_AT_ONCE  # Model.buffers is read at once
 
     def regions(p, one_by_one: bool):
         try:
             if not one_by_one:
-                return modelfile._read(str(p))[1]
-            with mock.patch.object(modelfile, "_stored_buffers", lambda *a: None):
-                return modelfile._read(str(p))[1]
+                return modelfile._read(str(p))
+            with mock.patch.object(modelfile, "_stored_buffers", lambda *a: None), \
+                    mock.patch.object(modelfile, "_VECTOR_AT_ONCE", 1 << 62):
+                return modelfile._read(str(p))
         except ModelFileError:
             return ModelFileError
 
