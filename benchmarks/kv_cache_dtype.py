@@ -22,13 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import numpy as np
-
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def build(dtype, slots: int, head_dim: int, heads: int, path: str, layout: str = "shipped") -> None:
@@ -79,7 +76,6 @@ def build(dtype, slots: int, head_dim: int, heads: int, path: str, layout: str =
 def time_calls(path: str, np_dtype, slots: int, head_dim: int, heads: int, calls: int, threads: int,
                layout: str = "shipped") -> tuple[float, np.ndarray]:
     """(median seconds a call, the last call's output): every layout gets the same caches."""
-    sys.path.insert(0, os.path.dirname(HERE))
     from gemma_edge.runtime import litert
 
     model = litert.compile_file(path, threads, "")
