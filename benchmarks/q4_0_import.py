@@ -151,7 +151,7 @@ class Snapped:
         return {n for n in self.source if kind_of(n) is not None}
 
 
-def _metadata_with_types(ckpt) -> list[tuple[str, object, object, object]]:
+def metadata_with_types(ckpt) -> list[tuple[str, object, object, object]]:
     """(key, value, GGUFValueType, array item type) of every metadata entry, in file order."""
     import gguf
 
@@ -169,7 +169,7 @@ def _metadata_with_types(ckpt) -> list[tuple[str, object, object, object]]:
 
 def write_gguf(path: str, metadata, tensors, file_type: int) -> None:
     """A GGUF of ``tensors`` (name -> float32 array, or (raw blocks, GGMLQuantizationType)) with
-    ``metadata`` (from ``_metadata_with_types``) copied but for general.file_type."""
+    ``metadata`` (from ``metadata_with_types``) copied but for general.file_type."""
     import gguf
 
     arch = next(v for k, v, _, _ in metadata if k == "general.architecture")
@@ -262,7 +262,7 @@ def build_snapped(gguf_path: str, out_dir: str | Path, qtype: str = "Q4_0", hf=(
     by_gguf = {g: canon for canon, (g, _) in mapping.items()}
     source, codes, tensors = {}, {}, {}
     with GGUFCheckpoint(gguf_path) as ck:
-        metadata = _metadata_with_types(ck)
+        metadata = metadata_with_types(ck)
         meta = ck.metadata()
         for name, info in ck.tensors().items():
             w = ck.read(name)

