@@ -13,6 +13,13 @@ one decode and one call of each score_<T> cost (a round's parts against a plain 
 
     python benchmarks/speculative.py [--rounds 5] [-n 128] [--threads N] [--workdir DIR] [--json]
         [--pairs fp32:int4-b32,fp32:int4-emb]
+    python benchmarks/speculative.py --costs MODEL.tflite:DRAFT.tflite [--rounds 5] [--threads N]
+
+``--costs`` is for a pair whose acceptance this machine cannot measure (Gemma 3 270M drafting
+for a 1B-size model whose weights are not here): it measures the two files' call costs as above
+(``--rounds`` times, alternating between the files; medians) and prints what the runtime's own schedule (``_Schedule.rate``, the k it would choose) expects
+of them at a range of acceptance rates, and the rate at which the pair breaks even and reaches
+1.5x. The ratios are that arithmetic on measured costs, not measured decode speeds.
 """
 
 from __future__ import annotations
@@ -125,6 +132,61 @@ def pairing(target: str, draft: str, rounds: int, n: int, threads: int | None) -
             "same_tokens": same, "draft_model_alone_tps": statistics.median(draft_alone), **costs}
 
 
+def expected(costs: dict, draft_decode_ms: float, alpha: float) -> tuple[int, float]:
+    """The k the runtime's schedule picks at acceptance ``alpha`` with these call costs (ms), and
+    the expected speed-up over decoding alone."""
+    from gemma_edge.runtime.speculative import MAX_DRAFT, _Schedule
+
+    lengths = sorted(int(k.split("_")[1]) for k in costs if k.startswith("score_"))
+    s = _Schedule(lengths)
+    s.kept, s.rejected = alpha, 1 - alpha
+    s.t_draft, s.t_decode = draft_decode_ms / 1e3, costs["decode"] / 1e3
+    s.t_score = {T: costs[f"score_{T}"] / 1e3 for T in lengths}
+    rates = [(s.rate(k), k) for k in range(1, MAX_DRAFT + 1) if s.rate(k) is not None]
+    rate, k = max(rates)
+    return k, rate * s.t_decode
+
+
+def costs_only(pair: str, rounds: int, threads: int | None, as_json: bool) -> None:
+    import gemma_edge
+
+    target, draft = pair.split(":")
+    m = gemma_edge.load(target, threads=threads)
+    d = gemma_edge.load(draft, threads=threads)
+    ids = m.encode_chat([{"role": "user", "content": PROMPTS[0]}])
+    runs = [(call_ms(m, ids), call_ms(d, ids)) for _ in range(max(1, rounds))]  # alternating: drift hits both
+    mc = {k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}
+    dc = {k: statistics.median(r[1][k] for r in runs) for k in runs[0][1]}
+    alphas = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
+    rows = [(a, *expected(mc, dc["decode"], a)) for a in alphas]
+
+    def needed(goal: float) -> float | None:  # the least acceptance rate whose best k reaches goal
+        lo, hi = 0.0, 0.999
+        if expected(mc, dc["decode"], hi)[1] < goal:
+            return None
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if expected(mc, dc["decode"], mid)[1] < goal else (lo, mid)
+        return hi
+
+    out = {"model": target, "draft": draft, "model_ms": mc, "draft_ms": dc,
+           "expected": [{"acceptance": a, "k": k, "speedup": r} for a, k, r in rows],
+           "break_even_acceptance": needed(1.0), "acceptance_for_1.5x": needed(1.5)}
+    if as_json:
+        print(json.dumps(out, indent=1))
+        return
+    print(f"model {os.path.basename(target)}: " + ", ".join(f"{k} {v:.1f}" for k, v in mc.items())
+          + f" ms; draft {os.path.basename(draft)}: decode {dc['decode']:.1f} ms "
+          f"({dc['decode'] / mc['decode']:.2f} of the model's)")
+    print("acceptance  " + "  ".join(f"{a:>5.0%}" for a, _, _ in rows))
+    print("k           " + "  ".join(f"{k:>5d}" for _, k, _ in rows))
+    print("speed-up    " + "  ".join(f"{r:>4.2f}x" for _, _, r in rows))
+    for goal, key in ((1.0, "break_even_acceptance"), (1.5, "acceptance_for_1.5x")):
+        a = out[key]
+        print(f"{goal:.1f}x needs {'no acceptance rate reaches it' if a is None else f'{a:.0%} of drafted tokens accepted'}")
+    print("(the runtime schedule's arithmetic on the measured call costs; not measured decode speeds)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds over the prompts (after a warm-up)")
@@ -134,8 +196,14 @@ def main():
                     help="where the converted files are kept")
     ap.add_argument("--pairs", default="fp32:int4-b32,int8:int4-b32",
                     help="target:draft presets, comma separated (each file converted once)")
+    ap.add_argument("--costs", metavar="MODEL:DRAFT", help="two .tflite files: their call costs and the speed-up "
+                    "the schedule expects of them at each acceptance rate (no generation)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.costs:
+        if args.costs.count(":") != 1:
+            ap.error("--costs takes MODEL.tflite:DRAFT.tflite")
+        return costs_only(args.costs, args.rounds, args.threads, args.json)
 
     pairs = [p.split(":") for p in args.pairs.split(",")]
     paths = files(args.workdir, sorted({q for p in pairs for q in p}))

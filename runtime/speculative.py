@@ -169,21 +169,29 @@ class _Schedule:
         shorter = [self.t_score[t] for t in self.lengths if t < T and t in self.t_score]
         return max(shorter) if shorter else (self.t_decode or 1.0)  # optimistic: tried once, then known
 
+    def rate(self, k: int) -> float | None:
+        """Expected tokens per second of rounds that draft ``k`` (None: no score_<T> holds k + 1).
+        A round costs k draft steps, one more when all k are kept (the draft has not yet seen the
+        last of them), and the score call."""
+        T = self.score_length(k)
+        if T is None:
+            return None
+        a = min(self.alpha, 0.999)
+        t_d = self.t_draft or (self.t_decode or 1.0) * _DRAFT_PRIOR
+        tokens = (1 - a ** (k + 1)) / (1 - a)  # expected tokens of a round: 1 + a + ... + a^k
+        return tokens / ((k + a ** k) * t_d + self._score_cost(T))
+
     def choose(self, k_max: int, may_pause: bool = True) -> int:
         """The k in 1..k_max with the most expected tokens per second; 0 (decode one token without
         the draft) when even that k is expected to be slower than decoding alone, except every
         ``PROBE_EVERY * backoff`` tokens, when a round measures the draft again."""
-        a = min(self.alpha, 0.999)
-        t_d = self.t_draft or (self.t_decode or 1.0) * _DRAFT_PRIOR
         best, best_rate = 1, -1.0
         for k in range(1, k_max + 1):
-            T = self.score_length(k)
-            if T is None:
+            rate = self.rate(k)
+            if rate is None:
                 break
-            tokens = (1 - a ** (k + 1)) / (1 - a)  # expected tokens of a round: 1 + a + ... + a^k
-            seconds = (k + a ** k) * t_d + self._score_cost(T)
-            if tokens / seconds > best_rate * (1 + 1e-9):
-                best, best_rate = k, tokens / seconds
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = k, rate
         if may_pause and self.t_decode and best_rate * self.t_decode < 1.0:
             if self.paused < PROBE_EVERY * self.backoff:
                 self.paused += 1

@@ -437,3 +437,28 @@ def test_serve_refuses_a_bad_draft(path, self_draft):
 
     out = CliRunner().invoke(serve, [self_draft, "--draft", path])
     assert out.exit_code == 2 and "gemma-edge: error:" in out.output and "convert it again" in out.output
+
+
+@pytest.mark.parametrize("alpha", [0.3, 0.8, 0.97])
+def test_schedule_rate_is_the_rounds_mean(alpha):
+    """``_Schedule.rate`` (what ``choose`` and ``benchmarks/speculative.py --costs`` use) against
+    rounds simulated one by one: each drafted token kept with probability alpha until the first
+    rejection; a round yields the kept tokens plus the model's own, and costs k draft steps, the
+    score call, and one more draft step when all k were kept (the draft then has not seen its last
+    token). ``choose`` must pick the k with the best simulated rate."""
+    from gemma_edge.runtime.speculative import _Schedule
+
+    s = _Schedule([4, 8, 32])
+    s.kept, s.rejected = alpha, 1 - alpha
+    s.t_draft, s.t_decode = 0.006, 0.020
+    s.t_score = {4: 0.024, 8: 0.033, 32: 0.060}
+    rng = np.random.default_rng(int(alpha * 100))
+    simulated = {}
+    for k in range(1, 12):
+        kept = np.minimum(rng.geometric(1 - alpha, 200_000) - 1, k)  # kept before the first rejection, at most k
+        T = next(t for t in (4, 8, 32) if t >= k + 1)
+        seconds = k * s.t_draft + s.t_score[T] + (kept == k) * s.t_draft
+        simulated[k] = (kept + 1).sum() / seconds.sum()
+        assert s.rate(k) == pytest.approx(simulated[k], rel=0.01)
+    assert s.rate(40) is None  # no score_<T> holds 41 tokens
+    assert simulated[s.choose(11, may_pause=False)] >= 0.99 * max(simulated.values())
