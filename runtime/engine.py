@@ -9,7 +9,6 @@ chat's second turn prefills only its new tokens.
 from __future__ import annotations
 
 import contextlib
-import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import chat as chat_format
-from . import embedding, weight_cache
+from . import embedding, host_memory, weight_cache
 from .backend import make_backend, run_prefill
 from .config import from_ranges
 from .detokenizer import StreamingDetokenizer
@@ -566,7 +565,7 @@ class Model:
             "threads": self.backend.threads, "prompt_tokens": len(ids), "gen_tokens": gen_tokens,
             "runs": runs, "load_s": self.load_seconds,
             "ttft_s": stat("ttft_s"), "prefill_tps": stat("prefill_tps"), "decode_tps": stat("decode_tps"),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": host_memory.peak_rss_mb(),
             **({"draft": self._draft_summary(spec)} if spec else {}),
         }
 

@@ -1,4 +1,4 @@
-"""Zeroing a LiteRT TensorBuffer by giving its pages back to the OS.
+"""Zeroing a LiteRT TensorBuffer by giving its pages back to the OS; the process's peak RSS.
 
 A KV cache must start as zeros, but writing zeros makes every page resident: a 32k-token
 cache would cost its full size at load whatever it holds. On Linux, ``madvise(MADV_DONTNEED)``
@@ -103,3 +103,21 @@ def release(start: int, end: int) -> int:
     if hi <= lo or _api()[1](lo, hi - lo, MADV_DONTNEED) != 0:
         return 0
     return hi - lo
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM on Linux, whose count starts at this
+    program's exec. ``ru_maxrss`` is the fallback elsewhere; on Linux it also carries the
+    parent's RSS at the fork (kept across exec), so a benchmark started by a process holding a
+    model would report that model's size at least."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KB elsewhere

@@ -498,3 +498,25 @@ print(json.dumps(dict(freed_mb=full - anon(), zero=not data.any())))
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["zero"] and r["freed_mb"] > 60, r
+
+
+def test_peak_rss_is_this_programs_not_its_parents():
+    """``host_memory.peak_rss_mb`` (``bench``'s peak RSS) counts from the program's exec: a child
+    started by a process holding 300 MB reports its own small peak, where ``ru_maxrss`` carries
+    the parent's RSS at the fork across exec. In the child itself, touching 100 MB more shows."""
+    code = r"""
+import json, resource
+import numpy as np
+from gemma_edge.runtime import host_memory
+before = host_memory.peak_rss_mb()
+a = np.ones(100 << 18, np.float32)  # 100 MB, touched
+print(json.dumps(dict(before=before, after=host_memory.peak_rss_mb(),
+                      maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+"""
+    held = np.ones(300 << 18, np.float32)  # this process holds 300 MB at the fork
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    del held
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["maxrss"] > 300, r  # the trap the helper avoids, still present on this kernel
+    assert r["before"] < 200 and 95 < r["after"] - r["before"] < 130, r
