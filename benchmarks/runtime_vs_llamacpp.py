@@ -4,7 +4,9 @@ gemma-edge runs `gemma-edge bench --json` on an int8 file converted from the GGU
 default the bundled real Gemma 3 270M, Q4_K_M); llama.cpp runs through llama-cpp-python on
 the GGUF itself in a child process. Each run is a fresh process (load included), so peak
 RSS is per run. Prints medians of prefill and decode tokens/s, their ratios (gemma-edge /
-llama.cpp) and each runtime's peak RSS over its own file's size. ``--gguf`` takes another
+llama.cpp) and each runtime's peak RSS over its own file's size. First, as a check that both
+hold one model: for three prompts, whether both tokenize them alike, both next tokens, and the
+cosine of the two next-token logit vectors. ``--gguf`` takes another
 GGUF, such as the Gemma 3 1B-size one ``synthetic_gguf.py`` writes.
 
 llama-cpp-python builds llama.cpp natively (~16 min on 2 cores), so the script reuses an
@@ -32,7 +34,7 @@ from pathlib import Path
 # only their window (swa_full=False). Measured at context 32768, position 1000 on this 2-core
 # machine: decode 1.1 tok/s with both off, 9.4 with flash attention, 16.7 with both.
 LLAMA_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from llama_cpp import Llama
 path, p, n, ctx, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
@@ -55,9 +57,63 @@ for _ in range(n - 1):
     llm.eval([tok])
     tok = last()
 decode = time.perf_counter() - t0
-print(json.dumps({"load_s": load, "prefill_tps": p / prefill, "decode_tps": (n - 1) / decode,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM, not ru_maxrss: the latter keeps the parent's RSS at the fork across exec
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM:")).split()[1]) / 1024
+print(json.dumps({"load_s": load, "prefill_tps": p / prefill, "decode_tps": (n - 1) / decode, "peak_rss_mb": peak}))
 """
+
+
+# The same model in both runtimes: each prompt's token ids, and the next token's logits.
+AGREE_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+LLAMA_LOGITS = r"""
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads=int(sys.argv[3]), verbose=False, flash_attn=True)
+out = []
+for p in json.loads(sys.argv[2]):
+    ids = llm.tokenize(p.encode(), add_bos=True)
+    llm.reset()
+    llm.eval(ids)
+    out.append({"ids": ids, "logits": np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),)).tolist()})
+print(json.dumps(out))
+"""
+
+
+GEMMA_EDGE_LOGITS = r"""
+import json, sys
+import gemma_edge
+from gemma_edge.runtime.backend import run_prefill
+m = gemma_edge.load(sys.argv[1], threads=int(sys.argv[3]))
+out = []
+for p in json.loads(sys.argv[2]):
+    ids = m.encode(p)
+    m.reset()
+    run_prefill(m.backend, ids[:-1], 0)
+    out.append({"ids": ids, "logits": m.backend.decode(ids[-1], len(ids) - 1).tolist()})
+print(json.dumps(out))
+"""
+
+
+def agreement(py: str, gguf: str, model: str, threads: int) -> list[dict]:
+    """Per prompt: whether both tokenize it alike, both next tokens, and the cosine of the two
+    next-token logit vectors (a check that the two files hold one model, before timing them).
+    Both run in children: this process stays small, as the timed children inherit its peak."""
+    import numpy as np
+
+    def logits(python: str, snippet: str, path: str) -> list[dict]:
+        out = subprocess.run([python, "-c", snippet, path, json.dumps(AGREE_PROMPTS), str(threads)],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    theirs, ours = logits(py, LLAMA_LOGITS, gguf), logits(sys.executable, GEMMA_EDGE_LOGITS, model)
+    rows = []
+    for prompt, t, o in zip(AGREE_PROMPTS, theirs, ours):
+        ll, g = np.asarray(t["logits"], np.float32), np.asarray(o["logits"], np.float32)
+        rows.append({"prompt": prompt, "same_ids": o["ids"] == t["ids"], "top1": int(g.argmax()),
+                     "llama_top1": int(ll.argmax()),
+                     "cosine": float(g @ ll / (np.linalg.norm(g) * np.linalg.norm(ll)))})
+    return rows
 
 
 def find_llama_python(explicit: str | None) -> str | None:
@@ -115,6 +171,10 @@ def main():
     if py is None:
         sys.exit("no llama-cpp-python build found: see this script's docstring (--llama-python)")
 
+    agree = agreement(py, gguf, model, args.threads)
+    for r in agree:
+        print(f"{r['prompt']!r}: same token ids {r['same_ids']}, next token {r['top1']} (llama.cpp "
+              f"{r['llama_top1']}), cosine of the logits {r['cosine']:.4f}", file=sys.stderr)
     ours, theirs = [], []
     for i in range(args.runs):  # alternate, so drift on a noisy machine hits both alike
         ours.append(gemma_edge_run(model, args.prompt_tokens, args.gen_tokens, args.threads))
@@ -133,7 +193,7 @@ def main():
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
         "gemma_edge": {k: med(ours, k) for k in ours[0]},
         "llama_cpp": {k: med(theirs, k) for k in theirs[0]},
-        "file_mb": size_mb, "gguf_mb": gguf_mb,
+        "file_mb": size_mb, "gguf_mb": gguf_mb, "agreement": agree,
     }
     summary["decode_ratio"] = summary["gemma_edge"]["decode_tps"] / summary["llama_cpp"]["decode_tps"]
     summary["prefill_ratio"] = summary["gemma_edge"]["prefill_tps"] / summary["llama_cpp"]["prefill_tps"]
