@@ -121,6 +121,11 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
     eps = cfg.rms_norm_eps
     ids = tokens[0]
     G_SPAN = span or S  # slots a global layer attends to
+    # A span within the window (decode_s<span> with span <= W, for positions below it): a sliding
+    # layer's window then holds every slot 0 .. pos, so it reads slots 0 .. span-1 like a global
+    # layer, through a SLICE of constant start that XNNPACK runs in place, not a SLICE from
+    # pos - W + 1 (which LiteRT runs outside XNNPACK as a copy; benchmarks/sliding_window_slice.py).
+    windowless = span is not None and bool(cfg.sliding_window) and span <= cfg.sliding_window
 
     x = _lookup(cfg, w, ids) * np.float32(cfg.embed_scale)  # [T, D]
 
@@ -143,7 +148,7 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
         # Keys outside the window get exactly zero weight either way: this changes speed, not results.
         W = cfg.sliding_window or S
         win = min(W + T - 1, S)
-        if cfg.sliding_window and any(cfg.is_sliding(i) for i in range(L)):
+        if cfg.sliding_window and not windowless and any(cfg.is_sliding(i) for i in range(L)):
             w0 = tf.clip_by_value(input_pos[0] - W + 1, 0, S - win)  # first slot of the window
             w_pos = w0 + tf.range(win, dtype=tf.int32)[None, :]  # [1, win]
             w_visible = tf.logical_and(w_pos <= q_pos, q_pos - w_pos < W)  # [T, win]
@@ -196,7 +201,8 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
         # (~3 ms per layer at S=2048, measured), more than all the weights cost.
         qg = tf.reshape(tf.transpose(tf.reshape(q, [T, K, G, H]), [1, 2, 0, 3]), [1, K, G * T, H])
         # the slots this layer attends to: its window (sliding), or 0 .. G_SPAN-1 (global)
-        n_keys, begin = (win, w_begin) if cfg.is_sliding(i) else (G_SPAN, [0, 0, 0, 0])
+        sliding = cfg.is_sliding(i) and not windowless
+        n_keys, begin = (win, w_begin) if sliding else (G_SPAN, [0, 0, 0, 0])
         keys, values = kc, vc
         if n_keys < S:
             keys = tf.slice(kc, begin, [1, K, n_keys, H])  # [1, K, n_keys, H]
@@ -204,7 +210,7 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
         s = tf.matmul(qg, keys, transpose_b=True)  # [1, K, G*T, n_keys]
         if cfg.attn_softcap:
             s = tf.tanh(s / cfg.attn_softcap) * cfg.attn_softcap
-        s = tf.reshape(s, [K, G, T, n_keys]) + masks[cfg.is_sliding(i)]  # [K, G, T, n_keys]
+        s = tf.reshape(s, [K, G, T, n_keys]) + masks[sliding]  # [K, G, T, n_keys]
         a = tf.nn.softmax(s, axis=-1)
         o = tf.matmul(tf.reshape(a, [1, K, G * T, n_keys]), values)  # [1, K, G*T, H]
         o = tf.reshape(tf.transpose(tf.reshape(o, [K, G, T, H]), [2, 0, 1, 3]), [T, N * H])

@@ -9,6 +9,7 @@ Signatures (LiteRT-LM runs the first two; the others are gemma-edge's own, ignor
     score_<T>     as prefill_<T>                               -> KV caches, logits [1, T, V]
     decode_s<S'>  as decode, for positions below S' < S: global layers attend to slots 0..S'-1
                   only, so a long-context file decodes a short chat as fast as a short one
+                  (and sliding layers too when S' is within their window)
 (LiteRT-LM takes every signature whose name starts with ``prefill`` as a prefill runner and
 ``decode`` by its exact name, so no other signature may start with ``prefill``.)
 KV caches: ``kv_cache_k_<i>`` / ``kv_cache_v_<i>``, float32 [1, K, S, H], one pair for every
@@ -73,9 +74,12 @@ def decode_span_name(span: int) -> str:
 # Decode signatures for shorter spans: a global layer's attention reads its whole cache at every
 # step (the graph's shapes are fixed), which at S = 32k costs more than the 270M's weights. So a
 # file with a long context also gets decode_s<S'> for each of these below S, and the runtime uses
-# the smallest that holds the position. Each signature costs ~7 MB at load (measured on the 270M),
-# so they grow by 4x; below 2048 the LM head dominates a step (GEMMA.md, LiteRT speed facts).
-DECODE_SPANS = (2048, 8192, 32768)
+# the smallest that holds the position. Each signature costs ~7 MB and ~13 ms at load (measured on
+# the 270M), so they grow by 4x from 2048. 512 is there for the sliding layers: at a span within
+# their window they read slots 0 .. span-1 like a global layer, which XNNPACK runs in place, instead
+# of a window sliced from the position, which LiteRT copies outside XNNPACK at every step (about a
+# fifth of a 270M step at context 2048: benchmarks/sliding_window_slice.py, decode_span_512.py).
+DECODE_SPANS = (512, 2048, 8192, 32768)
 
 
 def decode_spans(context: int) -> tuple[int, ...]:

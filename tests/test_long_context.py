@@ -2,9 +2,11 @@
 only their window, and a KV cache whose memory follows the tokens it holds.
 
 A tiny Gemma 3 (sliding window 8, one global layer of four) is converted with a context of
-4096, so its file has ``decode_s2048`` beside ``decode``. Its logits at positions on both
-sides of 2048 are checked against transformers' on the same 2300 tokens; the memory tests
-use a variant with 256-wide heads, where a cache slot is 1 KB and pages are measurable.
+4096, so its file has ``decode_s512`` and ``decode_s2048`` beside ``decode``. Its logits at
+positions on both sides of 512 and 2048 are checked against transformers' on the same 2300
+tokens; the memory tests use a variant with 256-wide heads, where a cache slot is 1 KB and pages
+are measurable. A variant with a window of 600 checks ``decode_s512`` within the window, where
+the sliding layers read slots from 0.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ N_TOKENS = 2300  # crosses the 2048 span
 DRAFT_NOISE = 0.1  # of each weight tensor's spread, added to make a draft that is sometimes wrong
 
 
-def _checkpoint(out_dir, sp_model_path: str, head_dim: int = 16, kv_heads: int = 2, max_pos: int = 8192):
+def _checkpoint(out_dir, sp_model_path: str, head_dim: int = 16, kv_heads: int = 2, max_pos: int = 8192,
+                window: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(7)
     cfg = tiny_hf_config(3)
     cfg.max_position_embeddings, cfg.head_dim, cfg.num_key_value_heads = max_pos, head_dim, kv_heads
+    if window:
+        cfg.sliding_window = window
     cfg.query_pre_attn_scalar = head_dim
     cfg._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
@@ -65,13 +70,14 @@ def test_the_file_has_a_short_span_decode_signature(long):
     from gemma_edge.runtime.modelfile import read_info
 
     info = read_info(long[0])
-    assert info.decode_spans == [2048]
+    assert info.decode_spans == [512, 2048]
 
 
-@pytest.mark.parametrize("start", [2036, 700])
+@pytest.mark.parametrize("start", [2036, 700, 500])
 def test_decode_on_both_sides_of_the_span_matches_transformers(long, start):
-    """Prefill (chunks whose sliding layers read only their window), then decode across 2048:
-    decode_s2048 below it, decode above it; every step's logits are transformers'."""
+    """Prefill (chunks whose sliding layers read only their window), then decode across 2048
+    (decode_s2048 below it, decode above it) or across 512 (decode_s512, then decode_s2048);
+    every step's logits are transformers'."""
     from gemma_edge.runtime.backend import CompiledBackend, run_prefill
     from gemma_edge.runtime.modelfile import read_info
 
@@ -81,11 +87,70 @@ def test_decode_on_both_sides_of_the_span_matches_transformers(long, start):
     run = b._run
     b._run = lambda sig, *a: (used.append(sig), run(sig, *a))[1]
     run_prefill(b, ids[:start], 0)
-    stop = 2060 if start > 2000 else start + 12
+    stop = {2036: 2060, 700: 712, 500: 520}[start]
     for p in range(start, stop):
         _close(b.decode(ids[p], p), want[p], f"position {p}")
     spans = {sig for sig in used if sig.startswith("decode")}
-    assert spans == ({"decode_s2048", "decode"} if start > 2000 else {"decode_s2048"}), spans
+    assert spans == {2036: {"decode_s2048", "decode"}, 700: {"decode_s2048"},
+                     500: {"decode_s512", "decode_s2048"}}[start], spans
+
+
+@pytest.fixture(scope="module")
+def wide_window(tmp_path_factory, sp_model_path):
+    """The tiny Gemma 3 with a sliding window of 600 at context 1024: decode_s512 lies within the
+    window."""
+    from gemma_edge.convert.pipeline import convert
+
+    root = tmp_path_factory.mktemp("window")
+    hf = _checkpoint(root / "ckpt", sp_model_path, window=600)
+    path = str(root / "w600.tflite")
+    convert(str(root / "ckpt"), path, quant="fp32", max_context=1024, prefill_lengths=(8, 32, 128), progress=False,
+            score_length=0)
+    ids = [2] + [int(t) for t in np.random.default_rng(2).integers(10, 500, 659)]
+    return path, hf, ids, hf_logits(hf, ids)
+
+
+def _computed_slice_starts(path: str, signature: str) -> int:
+    """SLICE ops of ``signature`` whose start is computed in the graph (LiteRT runs those outside
+    XNNPACK, as a copy) rather than a constant."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    model = fb.ModelT.InitFromPackedBuf(open(path, "rb").read(), 0)
+    sg = next(model.subgraphs[s.subgraphIndex] for s in model.signatureDefs if s.signatureKey == signature.encode())
+    code = {i: max(c.builtinCode, c.deprecatedBuiltinCode) for i, c in enumerate(model.operatorCodes)}
+
+    def constant(t: int) -> bool:
+        b = model.buffers[sg.tensors[t].buffer]
+        return b is not None and ((b.data is not None and len(b.data) > 0) or (b.size or 0) > 0)
+
+    return sum(1 for op in sg.operators if code[op.opcodeIndex] == fb.BuiltinOperator.SLICE and not constant(op.inputs[1]))
+
+
+def test_a_span_within_the_window_reads_its_slots_from_zero(wide_window):
+    """Below 512, inside a window of 600, every sliding layer sees all slots 0 .. pos: decode_s512
+    reads them with SLICEs of constant start (plain decode's sliding layers slice from pos - 599,
+    a start computed in the graph), and decode across 512 and past the window (prefill 590,
+    decode to 660) matches transformers at every step."""
+    from gemma_edge.runtime.backend import CompiledBackend, run_prefill
+    from gemma_edge.runtime.modelfile import read_info
+
+    path, _, ids, want = wide_window
+    info = read_info(path)
+    assert info.decode_spans == [512]
+    assert _computed_slice_starts(path, "decode_s512") == 0
+    assert _computed_slice_starts(path, "decode") == 2 * 3  # K and V of the three sliding layers
+    b = CompiledBackend(info, threads=1)
+    used = []
+    run = b._run
+    b._run = lambda sig, *a: (used.append(sig), run(sig, *a))[1]
+    run_prefill(b, ids[:490], 0)
+    for p in range(490, 530):
+        _close(b.decode(ids[p], p), want[p], f"position {p}")
+    b.clear_cache()
+    run_prefill(b, ids[:590], 0)
+    for p in range(590, 660):
+        _close(b.decode(ids[p], p), want[p], f"position {p}")
+    assert {sig for sig in used if sig.startswith("decode")} == {"decode_s512", "decode"}
 
 
 def test_scoring_a_long_text_matches_transformers(long):
