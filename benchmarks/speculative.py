@@ -203,7 +203,12 @@ def main():
     if args.costs:
         if args.costs.count(":") != 1:
             ap.error("--costs takes MODEL.tflite:DRAFT.tflite")
-        return costs_only(args.costs, args.rounds, args.threads, args.json)
+        from gemma_edge.runtime.errors import GemmaEdgeError
+
+        try:
+            return costs_only(args.costs, args.rounds, args.threads, args.json)
+        except GemmaEdgeError as e:
+            ap.error(str(e))
 
     pairs = [p.split(":") for p in args.pairs.split(",")]
     paths = files(args.workdir, sorted({q for p in pairs for q in p}))
