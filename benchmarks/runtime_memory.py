@@ -64,7 +64,8 @@ info = read_info(path); out['metadata'] = st()
 reads = decode_reads(path, info)  # its map of the file is closed again
 regions = reads['lookup_regions']
 maps = {}
-tok = Tokenizer(info.tokenizer_model); out['tokenizer'] = st()
+tok = Tokenizer(info.tokenizer_model, model_proto_source=lambda: info.tokenizer_model)
+info.release_tokenizer(); out['tokenizer'] = st()  # as gemma_edge.load does
 t = time.perf_counter()
 b = make_backend(info, weight_cache=weight_cache)
 load = time.perf_counter() - t

@@ -71,7 +71,8 @@ def _tokenizer_beside(info, make_backend_):
 
     def load() -> None:
         try:
-            loaded.append(Tokenizer(info.tokenizer_model, special_ids=from_ranges(info.meta.tokenizer.special_ranges) or None))
+            loaded.append(Tokenizer(info.tokenizer_model, special_ids=from_ranges(info.meta.tokenizer.special_ranges) or None,
+                                    model_proto_source=(lambda: info.tokenizer_model) if info.tokenizer_region else None))
         except BaseException as e:  # raised on the caller's thread
             loaded.append(e)
 
@@ -102,6 +103,7 @@ class Model:
         self.info = read_info(str(path), checked_before=weight_cache.checked_before)
         self.config = self.info.config
         self.tokenizer, self.backend = _tokenizer_beside(self.info, lambda: make_backend(self.info, threads, backend))
+        self.info.release_tokenizer()  # SentencePiece holds the model now; the bytes are read again if asked
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise TokenizerError(
                 f"{path}: the embedded tokenizer has {self.tokenizer.vocab_size} pieces but the model's embedding "

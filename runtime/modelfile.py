@@ -15,7 +15,8 @@ TFLite metadata entries describe it:
 
 ``read_info`` parses only the header and the metadata (from a memory map), checks the header
 and metadata digests (cheap: the header is a few hundred KB, the metadata a few MB) and
-returns a ``ModelInfo``; ``verify_weights`` reads every weight byte against its digest (what
+returns a ``ModelInfo`` (a loaded model then drops the tokenizer's bytes: ``release_tokenizer``);
+``verify_weights`` reads every weight byte against its digest (what
 ``gemma-edge info --verify`` runs, and the first load of a file on a machine, when XNNPACK
 packs the weights anyway). Files of format 1 carry only the header digest
 (``gemma_edge.header_sha256``).
@@ -302,8 +303,8 @@ def read_metadata(path: str) -> dict[str, bytes]:
     return _read(path)[0]
 
 
-def _read(path: str) -> tuple[dict[str, bytes], list[tuple[int, int]]]:
-    """(metadata entries, (offset, size) of every other buffer stored after the header)."""
+def _read(path: str) -> tuple[dict[str, bytes], list[tuple[int, int]], dict[str, tuple[int, int]]]:
+    """``_parse`` of the file at ``path``."""
     if not os.path.isfile(path):
         raise ModelFileError(f"{path}: no such file. Convert a checkpoint first: gemma-convert SOURCE -o {path}")
     try:
@@ -379,13 +380,15 @@ class _FlatBuffer:
         return struct.unpack_from(fmt, self.buf, at)[0]
 
 
-def _parse(buf, size: int) -> tuple[dict[str, bytes], list[tuple[int, int]]]:
+def _parse(buf, size: int) -> tuple[dict[str, bytes], list[tuple[int, int]], dict[str, tuple[int, int]]]:
+    """(metadata entries, (offset, size) of every other buffer stored after the header, and of
+    each entry stored after the header by name)."""
     if size < 8 or bytes(buf[4:8]) != b"TFL3":
         raise ModelFileError("not a TensorFlow Lite flatbuffer (no TFL3 identifier)")
     fbuf = _FlatBuffer(buf, size)
     root = fbuf.u32(0)
     buffers = fbuf.table_vector(root, 4)  # Model.buffers
-    out, meta_buffers = {}, set()
+    out, meta_buffers, regions = {}, set(), {}
     for m in fbuf.table_vector(root, 6):  # Model.metadata
         name = fbuf.string(m, 0)
         if name in out:  # else N entries naming one big buffer copy it N times (a hang)
@@ -401,6 +404,7 @@ def _parse(buf, size: int) -> tuple[dict[str, bytes], list[tuple[int, int]]]:
                 raise ModelFileError(f"metadata {name!r} lies past the end of the file "
                                      f"({offset + n} > {size} bytes): the file is truncated")
             out[name] = bytes(buf[offset:offset + n])
+            regions[name] = (offset, n)
         else:
             at = fbuf.field(b, 0)
             if at is None:
@@ -415,7 +419,8 @@ def _parse(buf, size: int) -> tuple[dict[str, bytes], list[tuple[int, int]]]:
     if stored is None:  # an offset out of bounds: reading one by one names it
         stored = [(i, fbuf.scalar(b, 1, "<Q"), fbuf.scalar(b, 2, "<Q")) for i, b in enumerate(buffers)]
     # checked against the file's size by read_info, after the header's checksum
-    return out, sorted((offset, n) for i, offset, n in stored if i not in meta_buffers and offset > 1 and n)
+    weights = sorted((offset, n) for i, offset, n in stored if i not in meta_buffers and offset > 1 and n)
+    return out, weights, regions
 
 
 def _stored_buffers(buf, size: int, buffers: list[int]) -> list[tuple[int, int, int]] | None:
@@ -461,10 +466,36 @@ class ModelInfo:
 
     path: str
     meta: FileMeta
-    tokenizer_model: bytes
+    _tokenizer: bytes | None  # the tokenizer's bytes; None once released (``tokenizer_model``)
     weight_regions: tuple[tuple[int, int], ...] = ()  # (offset, size) of every weight buffer
     checksums: bytes = b""  # the CHECKSUMS_KEY entry (format 2)
     identity: tuple[int, ...] = ()  # file_identity(path) taken before it was read
+    tokenizer_region: tuple[int, int] | None = None  # (offset, size) of those bytes in the file
+
+    @property
+    def tokenizer_model(self) -> bytes:
+        """The serialized SentencePiece model. After ``release_tokenizer`` it is read again from
+        the file, which must be the one read (the same ``file_identity``)."""
+        if self._tokenizer is not None:
+            return self._tokenizer
+        offset, size = self.tokenizer_region
+        try:
+            with open(self.path, "rb") as f:
+                same = file_identity(self.path) == self.identity
+                data = os.pread(f.fileno(), size, offset) if same else b""
+        except OSError as e:
+            raise ModelFileError(f"{self.path}: cannot read its tokenizer again ({e.strerror or e}); "
+                                 "load the model again") from None
+        if not same or len(data) != size:
+            raise ModelFileError(f"{self.path} has changed since it was loaded; load it again")
+        return data
+
+    def release_tokenizer(self) -> None:
+        """Forget the tokenizer's bytes (Gemma's are 5 MB, held by every process for nothing once its
+        Tokenizer is built); ``tokenizer_model`` then reads them from the file when asked (packing
+        for LiteRT-LM, comparing two models' tokenizers). Kept when the file's identity is unknown."""
+        if self.tokenizer_region and self.identity:
+            object.__setattr__(self, "_tokenizer", None)
 
     @property
     def config(self) -> GemmaConfig:
@@ -521,7 +552,7 @@ def read_info(path: str, checked_before=None) -> ModelInfo:
         identity = file_identity(path)
     except OSError:
         identity = ()  # _read names what is wrong
-    entries, regions = _read(path)
+    entries, regions, entry_regions = _read(path)
     if CONFIG_KEY not in entries:
         raise ModelFileError(
             f"{path} is a .tflite file but not a gemma-edge model (no {CONFIG_KEY} metadata). "
@@ -557,7 +588,8 @@ def read_info(path: str, checked_before=None) -> ModelInfo:
     tokenizer_model = entries.get(TOKENIZER_KEY, b"")
     if not tokenizer_model:
         raise ModelFileError(f"{path}: the embedded tokenizer is missing; convert the checkpoint again")
-    return ModelInfo(path, meta, tokenizer_model, tuple(regions), checksums, identity)
+    return ModelInfo(path, meta, tokenizer_model, tuple(regions), checksums, identity,
+                     entry_regions.get(TOKENIZER_KEY))
 
 
 def verify_weights(info: ModelInfo, progress=None) -> bool | None:

@@ -20,7 +20,7 @@ import bisect
 import itertools
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cached_property
 
 from sentencepiece import SentencePieceProcessor
@@ -35,11 +35,13 @@ _ESCAPED_SPACE = "\u2581"  # '▁', SentencePiece's whitespace symbol
 class Tokenizer:
     """A SentencePiece tokenizer built from serialized model bytes."""
 
-    def __init__(self, model_proto: bytes, special_ids: Iterable[int] | None = None):
+    def __init__(self, model_proto: bytes, special_ids: Iterable[int] | None = None,
+                 model_proto_source: Callable[[], bytes] | None = None):
         """``special_ids``: the ids of this model's CONTROL pieces and its UNKNOWN piece, as a
         gemma-edge file records them (``control_ids`` of the Tokenizer it was written with); a
         load then checks those ids instead of testing every piece. A list that does not match
-        the model is ignored."""
+        the model is ignored. ``model_proto_source``: returns these bytes again when asked
+        (``model_proto``), so the Tokenizer need not keep them (a loaded file's, 5 MB for Gemma)."""
         if not isinstance(model_proto, (bytes, bytearray, memoryview)):
             raise TokenizerError(
                 f"Tokenizer needs the serialized SentencePiece model as bytes, got {type(model_proto).__name__}; "
@@ -59,7 +61,8 @@ class Tokenizer:
                 f"re-run gemma-convert, or pass Gemma's tokenizer.model"
             ) from None
         self._sp = sp
-        self._model_proto = model_proto
+        self._model_proto = None if model_proto_source else model_proto
+        self._model_proto_source = model_proto_source
         self._vocab_size = sp.GetPieceSize()
         if self._vocab_size <= 0:
             raise TokenizerError("the tokenizer model has no pieces; re-run gemma-convert")
@@ -112,7 +115,7 @@ class Tokenizer:
     @property
     def model_proto(self) -> bytes:
         """The serialized SentencePiece model this tokenizer was built from."""
-        return self._model_proto
+        return self._model_proto if self._model_proto is not None else self._model_proto_source()
 
     @property
     def vocab_size(self) -> int:

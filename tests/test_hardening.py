@@ -152,7 +152,7 @@ def resign(data: bytes) -> bytes:
         return data
     where = struct.unpack_from("<Q", data, at_offset)[0]
     n = struct.unpack_from("<Q", data, where)[0]
-    entries, _ = _parse(data, len(data))
+    entries = _parse(data, len(data))[0]
     out = bytearray(data)
     out[where + 8:where + 40] = hashlib.sha256(bytes(data[:n])).digest()
     out[where + 40:where + 72] = metadata_digest(entries)
