@@ -64,8 +64,12 @@ info = read_info(path); out['metadata'] = st()
 reads = decode_reads(path, info)  # its map of the file is closed again
 regions = reads['lookup_regions']
 maps = {}
-tok = Tokenizer(info.tokenizer_model, model_proto_source=lambda: info.tokenizer_model)
-info.release_tokenizer(); out['tokenizer'] = st()  # as gemma_edge.load does
+from gemma_edge.runtime.weight_cache import keep_vocab, vocab_for
+vocab, derived = vocab_for(info)  # as gemma_edge.load does: the compact vocabulary, else SentencePiece
+tok = Tokenizer(info.tokenizer_model, model_proto_source=lambda: info.tokenizer_model, vocab=vocab)
+info.release_tokenizer(); out['tokenizer'] = st()
+if derived is not None:
+    keep_vocab(info, derived)
 t = time.perf_counter()
 b = make_backend(info, weight_cache=weight_cache)
 load = time.perf_counter() - t

@@ -64,17 +64,22 @@ class GenerationResult:
 
 def _tokenizer_beside(info, make_backend_):
     """(the file's Tokenizer, ``make_backend_()``), the tokenizer loaded on a thread while LiteRT
-    compiles the graph: SentencePiece's parse releases the GIL, so it runs while the compile
-    (which holds it most of the time) does (the 270M int8's load: 103 against 130 ms). The
-    tokenizer's error comes first, as when loaded first."""
+    compiles the graph (its vocabulary read from beside the weight cache in a few ms; else derived
+    once, or parsed by SentencePiece, which releases the GIL, so it runs while the compile, which
+    holds it most of the time, does). The tokenizer's error comes first, as when loaded first. A
+    vocabulary derived here is kept only once the model has loaded (in this thread: an interrupt
+    leaves no part of it)."""
     loaded: list = []
 
     def load() -> None:
         try:
+            vocab, derived = weight_cache.vocab_for(info)
             loaded.append(Tokenizer(info.tokenizer_model, special_ids=from_ranges(info.meta.tokenizer.special_ranges) or None,
-                                    model_proto_source=(lambda: info.tokenizer_model) if info.tokenizer_region else None))
+                                    model_proto_source=(lambda: info.tokenizer_model) if info.tokenizer_region else None,
+                                    vocab=vocab))
+            loaded.append(derived)
         except BaseException as e:  # raised on the caller's thread
-            loaded.append(e)
+            loaded.insert(0, e)
 
     loader = threading.Thread(target=load, name="gemma-edge tokenizer", daemon=True)
     loader.start()
@@ -88,6 +93,8 @@ def _tokenizer_beside(info, make_backend_):
     loader.join()
     if isinstance(loaded[0], BaseException):
         raise loaded[0]
+    if loaded[1] is not None:  # a vocabulary derived by this load: kept once the model has loaded
+        weight_cache.keep_vocab(info, loaded[1])
     return loaded[0], made
 
 

@@ -36,12 +36,14 @@ class Tokenizer:
     """A SentencePiece tokenizer built from serialized model bytes."""
 
     def __init__(self, model_proto: bytes, special_ids: Iterable[int] | None = None,
-                 model_proto_source: Callable[[], bytes] | None = None):
+                 model_proto_source: Callable[[], bytes] | None = None, vocab=None):
         """``special_ids``: the ids of this model's CONTROL pieces and its UNKNOWN piece, as a
         gemma-edge file records them (``control_ids`` of the Tokenizer it was written with); a
         load then checks those ids instead of testing every piece. A list that does not match
         the model is ignored. ``model_proto_source``: returns these bytes again when asked
-        (``model_proto``), so the Tokenizer need not keep them (a loaded file's, 5 MB for Gemma)."""
+        (``model_proto``), so the Tokenizer need not keep them (a loaded file's, 5 MB for Gemma).
+        ``vocab``: this model's ``vocab.Vocab``, which then encodes and decodes in place of
+        SentencePiece (the same results, in a sixth of its memory)."""
         if not isinstance(model_proto, (bytes, bytearray, memoryview)):
             raise TokenizerError(
                 f"Tokenizer needs the serialized SentencePiece model as bytes, got {type(model_proto).__name__}; "
@@ -52,14 +54,16 @@ class Tokenizer:
             raise TokenizerError(
                 "the tokenizer model is empty (0 bytes); the model file carries no tokenizer, re-run gemma-convert"
             )
-        sp = SentencePieceProcessor()
-        try:
-            sp.LoadFromSerializedProto(model_proto)
-        except (RuntimeError, ValueError, OSError) as e:
-            raise TokenizerError(
-                f"the tokenizer model ({len(model_proto)} bytes) is not a valid SentencePiece model ({e}); "
-                f"re-run gemma-convert, or pass Gemma's tokenizer.model"
-            ) from None
+        sp = vocab
+        if sp is None:
+            sp = SentencePieceProcessor()
+            try:
+                sp.LoadFromSerializedProto(model_proto)
+            except (RuntimeError, ValueError, OSError) as e:
+                raise TokenizerError(
+                    f"the tokenizer model ({len(model_proto)} bytes) is not a valid SentencePiece model ({e}); "
+                    f"re-run gemma-convert, or pass Gemma's tokenizer.model"
+                ) from None
         self._sp = sp
         self._model_proto = None if model_proto_source else model_proto
         self._model_proto_source = model_proto_source

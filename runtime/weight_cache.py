@@ -36,6 +36,7 @@ import json
 import os
 import re
 import resource
+import struct
 import sys
 import zlib
 from pathlib import Path
@@ -43,6 +44,7 @@ from pathlib import Path
 from .modelfile import ModelInfo, verify_weights
 
 SUFFIX = ".xnnpack"
+VOCAB_SUFFIX = ".vocab"  # the tokenizer's compact vocabulary (vocab.py), beside the model's cache
 RECORD = ".ok"  # beside each cache: {"size", "crc32", "model", "key"}
 _HEADROOM = 1.25  # packed weights take about the file's size; int4 packs a little larger
 _SLACK = 64 << 20
@@ -146,9 +148,9 @@ def _vouch(path: Path, info: ModelInfo) -> None:
         pass  # the next load checks the digests again
 
 
-def _prune(folder: Path, stem: str, keep: Path) -> None:
-    """Remove caches of earlier versions of this model path, caches of models that are gone,
-    and unfinished builds of processes that no longer run."""
+def _prune(folder: Path, stem: str, keep: tuple[Path, ...]) -> None:
+    """Remove caches (and vocabularies) of earlier versions of this model path, those of models
+    that are gone, and unfinished builds of processes that no longer run."""
     from .fileio import _pid_alive
 
     try:
@@ -157,13 +159,13 @@ def _prune(folder: Path, stem: str, keep: Path) -> None:
         return
     for p in entries:
         name = p.name
-        if p == keep or name.endswith(RECORD):
+        if p in keep or name.endswith(RECORD):
             continue  # a record goes with its cache
         tmp = re.fullmatch(r".*\.tmp([0-9]+)", name)
         if tmp:
             if not _pid_alive(int(tmp.group(1))):
                 _remove(p)
-        elif name.endswith(SUFFIX):
+        elif name.endswith((SUFFIX, VOCAB_SUFFIX)):
             record = _read_record(p)
             if name.startswith(stem + ".") or record is None or not os.path.exists(record.get("model", "")):
                 _remove(p)
@@ -207,7 +209,7 @@ def prepare(info: ModelInfo, threads: int) -> str | None:
         note(f"no XNNPACK weight cache: it needs about {need / 1e6:.0f} MB and {why}; running without it "
              "(every signature packs its own weights: more memory). Set GEMMA_EDGE_CACHE to a folder with room")
         return None
-    _prune(folder, stem, path)
+    _prune(folder, stem, (path, folder / f"{stem}.{key}{VOCAB_SUFFIX}"))
     tmp = folder / f"{stem}.{key}.tmp{os.getpid()}"
     import subprocess  # only a cold load packs: a warm one does not import it (3 ms at start-up)
 
@@ -239,6 +241,62 @@ def prepare(info: ModelInfo, threads: int) -> str | None:
             proc.kill()
             proc.wait()
         _remove(tmp)
+
+
+def vocab_for(info: ModelInfo):
+    """(the compact vocabulary of ``info``'s tokenizer (``vocab.Vocab``) or None, the bytes to keep
+    with ``keep_vocab`` or None). The vocabulary is read from beside the model's weight cache, or
+    derived from the model (about 1 s for Gemma's) and then kept there by the caller once the
+    model has loaded. None when SentencePiece must hold the tokenizer: one ``vocab.build`` does not
+    take (recorded too, so that later loads do not derive it again), or a cache folder that cannot
+    be written (it would be derived at every load). Like the weight cache, it
+    never makes a load fail: a kept vocabulary that does not match its record (cut short,
+    damaged, foreign) is noted and derived again."""
+    from .vocab import Vocab, build
+
+    path = _vocab_path(info)
+    if _read_record(path) is not None:
+        if _valid(path, _key(info)[1]):
+            try:
+                data = path.read_bytes()
+                return (Vocab(data) if data else None), None
+            except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, struct.error):
+                pass
+        note(f"the tokenizer's vocabulary {path} does not match its record (damaged or cut short); deriving it again")
+        _remove(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writable = os.access(path.parent, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:  # it could not be kept: SentencePiece, rather than deriving it at every load
+        return None, None
+    data = build(info.tokenizer_model) or b""  # b"": SentencePiece holds this tokenizer
+    return (Vocab(data) if data else None), data
+
+
+def keep_vocab(info: ModelInfo, data: bytes) -> None:
+    """Keep ``vocab_for``'s derived bytes beside the model's weight cache (a temporary name, then
+    renamed, with a record), for the next load; a folder that cannot take them is noted."""
+    path = _vocab_path(info)
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        record = {"size": len(data), "crc32": zlib.crc32(data), "key": _key(info)[1],
+                  "model": os.path.realpath(info.path)}
+        os.replace(tmp, path)
+        _write_record(path, record)
+    except OSError as e:
+        note(f"the tokenizer's vocabulary could not be kept in {path.parent} ({e.strerror or e}); each load "
+             "derives it again")
+    finally:
+        _remove(tmp)
+
+
+def _vocab_path(info: ModelInfo) -> Path:
+    stem, key = _key(info)
+    return cache_dir() / f"{stem}.{key}{VOCAB_SUFFIX}"
 
 
 def _build(model_path: str, cache_path: str, threads: int) -> int:

@@ -791,11 +791,13 @@ def test_weight_cache_without_room_runs_without_it(tiny, tmp_path, greedy_text):
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("gemma-edge: note:"), proc.stderr
     assert "without it" in lines[0] and "XNNPACK weight cache" in lines[0] and "ulimit -f" in lines[0]
-    assert list(cache.iterdir()) == []  # no partial cache, no temporary
+    assert _cache_files(cache) == []  # no partial cache, no temporary
+    assert sorted(p.suffix for p in cache.iterdir()) == [".ok", ".vocab"]  # the tokenizer's vocabulary, whole
 
 
 def _cache_files(cache: Path) -> list[Path]:
-    return sorted(cache.iterdir())
+    """The weight cache's files (the tokenizer's vocabulary kept beside it left out)."""
+    return sorted(p for p in cache.iterdir() if ".vocab" not in p.name)
 
 
 @pytest.mark.parametrize("damage", ["cut_short", "flipped_bytes"])
@@ -885,6 +887,58 @@ def test_an_unchanged_model_is_not_hashed_again(model_bytes, tmp_path, monkeypat
         load()
 
 
+@pytest.mark.parametrize("damage", ["cut_short", "flipped_bytes", "foreign"])
+def test_damaged_vocabulary_is_derived_again(tiny, tmp_path, greedy_text, damage):
+    """The tokenizer's compact vocabulary kept beside the weight cache (runtime/vocab.py), cut short,
+    of the right size with flipped bytes, or another tokenizer's put in its place (its record left
+    as it was): the run notes it, derives it again
+    from the model, answers as before (the greedy text of the tokenizer SentencePiece holds), and
+    leaves a vocabulary that matches its record again."""
+    import subprocess
+
+    cache = tmp_path / "cache"
+    first = cli(GEMMA_EDGE, "run", tiny.model_file, *RUN, env=cache_env(cache))
+    assert first.returncode == 0 and first.stdout == greedy_text and first.stderr == "", first.stderr
+    kept, record = sorted(p for p in cache.iterdir() if ".vocab" in p.name)
+    assert record.name == kept.name + ".ok"
+    good = kept.read_bytes()
+    if damage == "cut_short":
+        kept.write_bytes(good[:len(good) // 3])
+    elif damage == "flipped_bytes":
+        data = bytearray(good)
+        for i in np.random.default_rng(0).choice(len(data), 50, replace=False):
+            data[i] ^= 0xFF
+        kept.write_bytes(bytes(data))
+    else:  # the vocabulary of another tokenizer
+        from gemma_edge.runtime.vocab import build
+
+        from conftest import write_bpe_tokenizer_json
+        from gemma_edge.convert.hf_tokenizer import sentencepiece_from_tokenizer_json
+
+        other = build(sentencepiece_from_tokenizer_json(write_bpe_tokenizer_json(tmp_path / "tokenizer.json")))
+        kept.write_bytes(other)
+    again = cli(GEMMA_EDGE, "run", tiny.model_file, *RUN, env=cache_env(cache))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == greedy_text
+    lines = again.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gemma-edge: note:") and "deriving it again" in lines[0], \
+        again.stderr
+    assert kept.read_bytes() == good
+    meta = json.loads(record.read_text())
+    assert (meta["size"], meta["crc32"]) == (len(good), zlib.crc32(good))
+    # and a load that reads it holds no SentencePiece: the vocabulary answers for the tokenizer
+    code = ("import gemma_edge, sys; m = gemma_edge.load(sys.argv[1]); "
+            "print(type(m.tokenizer._sp).__name__, m.tokenizer.encode('hello world', add_bos=False))")
+    out = subprocess.run([sys.executable, "-c", code, str(tiny.model_file)], env=cache_env(cache),
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split()[0] == "Vocab", out.stderr[-2000:]
+    from gemma_edge.runtime.tokenizer import Tokenizer
+    from gemma_edge.runtime.modelfile import read_info
+
+    reference = Tokenizer(read_info(str(tiny.model_file)).tokenizer_model)  # SentencePiece
+    assert out.stdout.split(" ", 1)[1].strip() == str(reference.encode("hello world", add_bos=False))
+
+
 def test_stale_weight_cache_temporaries_are_removed(tiny, tmp_path, greedy_text):
     """An unfinished cache of a process that was killed is removed when a cache is next built; one
     of a process that still runs is left alone."""
@@ -897,7 +951,7 @@ def test_stale_weight_cache_temporaries_are_removed(tiny, tmp_path, greedy_text)
     proc = cli(GEMMA_EDGE, "run", tiny.model_file, *RUN, env=cache_env(cache))
     assert proc.returncode == 0 and proc.stdout == greedy_text, proc.stderr
     assert not stale.exists() and busy.exists()
-    assert sorted(p.suffix for p in cache.iterdir()) == [".ok", f".tmp{os.getpid()}", ".xnnpack"]
+    assert sorted(p.suffix for p in _cache_files(cache)) == [".ok", f".tmp{os.getpid()}", ".xnnpack"]
 
 
 def test_reconverting_one_path_keeps_one_cache(tiny, tmp_path):
@@ -919,8 +973,9 @@ def test_reconverting_one_path_keeps_one_cache(tiny, tmp_path):
         ran = cli(GEMMA_EDGE, "run", out, *RUN, env=cache_env(cache))
         assert ran.returncode == 0 and ran.stdout.strip() and ran.stderr == "", ran.stderr
         names = sorted(p.name for p in cache.iterdir())
-        assert len(names) == 2 and names[1] == names[0] + ".ok", names
-        record = json.loads((cache / names[1]).read_text())
+        assert len(names) == 4 and names[1] == names[0] + ".ok" and names[3] == names[2] + ".ok", names
+        assert names[0].endswith(".vocab") and names[2] == names[0].replace(".vocab", ".xnnpack"), names
+        record = json.loads((cache / names[3]).read_text())
         assert record["model"] == os.path.realpath(out)
         keys.add(record["key"])
     assert len(keys) == 3  # each version of the file had its own cache, and only the last one stayed

@@ -54,6 +54,17 @@ def gemma(gemma_model_proto) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
+def gemma_vocab(gemma_model_proto) -> Tokenizer:
+    """The real Gemma 3 tokenizer on gemma-edge's compact vocabulary (``runtime/vocab.py``), as a
+    loaded model holds it, in place of SentencePiece."""
+    from gemma_edge.runtime.vocab import Vocab, build
+
+    data = build(gemma_model_proto)
+    assert data is not None
+    return Tokenizer(gemma_model_proto, vocab=Vocab(data))
+
+
+@pytest.fixture(scope="module")
 def trained_model(tmp_path_factory) -> Path:
     """A tiny BPE SentencePiece model with byte fallback and the Gemma turn markers."""
     import sentencepiece as spm
@@ -157,8 +168,10 @@ def _reference_cases():
     return json.loads(REFERENCE.read_text(encoding="utf-8"))
 
 
+@pytest.mark.parametrize("engine", ["sentencepiece", "vocab"])
 @pytest.mark.parametrize("case", _reference_cases(), ids=lambda c: repr(c["text"][:24]))
-def test_gemma3_matches_llama_cpp(gemma, case):
+def test_gemma3_matches_llama_cpp(gemma, gemma_vocab, case, engine):
+    gemma = gemma if engine == "sentencepiece" else gemma_vocab
     ids = gemma.encode(case["text"], add_bos=case["add_bos"], parse_special=case["special_tokens_parsed"])
     assert ids == case["ids"]
     # llama.cpp renders control tokens by name and everything else by its text.
@@ -532,3 +545,88 @@ def test_gemma4_gguf_bpe_tokenizer_encodes_like_the_tokenizers_library(bpe_json,
     hf = HFTokenizer.from_file(bpe_json)
     for text in _corpus(500, seed=22) + ["<|turn>user\nhi<turn|>", "  x\t☃ 🐍", "a<|tool>b"]:
         assert ours.encode(text, add_bos=False, parse_special=True) == hf.encode(text, add_special_tokens=False).ids, text
+
+
+# ------------------------------------------------- the compact vocabulary against SentencePiece
+
+
+def _vocab_texts(seed: int) -> list[str]:
+    """Texts the vocabulary was not written against: the two test documents whole and cut at random,
+    random strings over the characters that take the encoder's rarer paths (whitespace runs,
+    user-defined pieces, '▁' in the input, '>' before a space, byte fallback), and random code
+    points from the whole of Unicode."""
+    rng = random.Random(seed)
+    data = Path(__file__).resolve().parent / "data"
+    docs = [(data / n).read_text(encoding="utf-8") for n in ("gpl-3.0.txt", "python-execution-model.txt")]
+    texts = list(docs)
+    for _ in range(200):
+        d = rng.choice(docs)
+        a = rng.randrange(len(d))
+        texts.append(d[a:a + rng.randint(1, 400)])
+    alphabet = ["a", "b", "Z", " ", "  ", "\n", "\t", "\r\n", "é", "日", "😀", "<", ">", "/", "1", "2", ".", "\u2581",
+                "\u200b", "\u3000", "\xa0", ">\u2581</", "<h1>", "</div>", "\U00010348", "\x00", "ß", "ﬁ"]
+    for _ in range(1500):
+        texts.append("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60))))
+    for _ in range(300):
+        cps = (rng.choice([rng.randint(1, 0x7F), rng.randint(0x80, 0xD7FF), rng.randint(0xE000, 0x10FFFF)])
+               for _ in range(rng.randint(1, 30)))
+        texts.append("".join(map(chr, cps)))
+    return texts
+
+
+@pytest.mark.parametrize("which", ["gemma3", "trained"])
+def test_vocab_encodes_and_decodes_as_sentencepiece(which, gemma_model_proto, sp_model_path):
+    """The compact vocabulary gives SentencePiece's ids for every text, SentencePiece's text for every
+    id sequence (runs of byte pieces that form no character included), and the same pieces."""
+    import sentencepiece as spm
+
+    from gemma_edge.runtime.vocab import Vocab, build
+
+    proto = gemma_model_proto if which == "gemma3" else Path(sp_model_path).read_bytes()  # the tests' model
+    sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto)
+    vocab = Vocab(build(proto))
+    n = sp.GetPieceSize()
+    assert vocab.GetPieceSize() == n and vocab.IdToPiece(list(range(n))) == sp.IdToPiece(list(range(n)))
+    assert [vocab.bos_id(), vocab.eos_id(), vocab.pad_id(), vocab.unk_id()] == [sp.bos_id(), sp.eos_id(), sp.pad_id(),
+                                                                                  sp.unk_id()]
+    wrong = [t for t in _vocab_texts(7) if vocab.EncodeAsIds(t) != sp.EncodeAsIds(t)]
+    assert not wrong, (len(wrong), wrong[:3])
+    rng = random.Random(3)
+    byte_ids = [i for i in range(n) if sp.IsByte(i)]
+    for _ in range(3000):
+        ids = [rng.choice([rng.randrange(n), rng.choice(byte_ids), rng.randrange(8)]) for _ in range(rng.randint(0, 24))]
+        assert vocab.DecodeIds(ids) == sp.DecodeIds(ids), ids
+    for piece in [sp.IdToPiece(rng.randrange(n)) for _ in range(2000)] + ["no such piece", "<0x41>", "", "\u2581"]:
+        assert vocab.PieceToId(piece) == sp.PieceToId(piece), piece
+    assert [vocab.IsControl(i) for i in range(n)] == [sp.IsControl(i) for i in range(n)]
+    assert [vocab.IsByte(i) for i in range(n)] == [sp.IsByte(i) for i in range(n)]
+
+
+def _edited(proto: bytes, edit) -> bytes:
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    m = sp_pb2.ModelProto()
+    m.ParseFromString(proto)
+    edit(m)
+    return m.SerializeToString()
+
+
+@pytest.mark.parametrize("edit", [
+    lambda m: setattr(m.trainer_spec, "model_type", m.trainer_spec.UNIGRAM),
+    lambda m: setattr(m.trainer_spec, "byte_fallback", False),
+    lambda m: setattr(m.normalizer_spec, "add_dummy_prefix", True),
+    lambda m: setattr(m.normalizer_spec, "remove_extra_whitespaces", True),
+    lambda m: setattr(m.normalizer_spec, "precompiled_charsmap", b"\x00" * 64),
+    lambda m: setattr(m.pieces[300], "type", m.pieces[300].UNUSED),
+], ids=["unigram", "no_byte_fallback", "dummy_prefix", "extra_whitespace", "charsmap", "unused_piece"])
+def test_vocab_leaves_other_tokenizers_to_sentencepiece(sp_model_path, trained_model, edit):
+    """A model whose encoding is not the one the vocabulary implements gets none (SentencePiece keeps
+    it): another algorithm, no byte fallback, a normalization other than the space escape, unused
+    pieces (SentencePiece splits them again)."""
+    from gemma_edge.runtime.vocab import build
+
+    proto = Path(sp_model_path).read_bytes()
+    assert build(proto) is not None
+    assert build(_edited(proto, edit)) is None
+    assert build(trained_model.read_bytes()) is None  # SentencePiece's default: NFKC and a dummy prefix
