@@ -469,15 +469,19 @@ def bpe_json(tmp_path_factory) -> str:
     return write_bpe_tokenizer_json(tmp_path_factory.mktemp("bpe") / "tokenizer.json")
 
 
-def test_tokenizer_json_rebuilt_encodes_like_the_tokenizers_library(bpe_json):
+@pytest.mark.parametrize("engine", ["sentencepiece", "vocab"])
+def test_tokenizer_json_rebuilt_encodes_like_the_tokenizers_library(bpe_json, engine):
     """The oracle is Hugging Face's own ``tokenizers`` on the same file: every id agrees on text,
-    whitespace runs, unknown characters (byte fallback), special strings and a plain added token."""
+    whitespace runs, unknown characters (byte fallback), special strings and a plain added token,
+    whether SentencePiece or the compact vocabulary (what a loaded model holds) encodes."""
     from tokenizers import Tokenizer as HFTokenizer
 
     from conftest import _corpus
     from gemma_edge.convert.hf_tokenizer import sentencepiece_from_tokenizer_json
+    from gemma_edge.runtime.vocab import Vocab, build
 
-    ours = Tokenizer(sentencepiece_from_tokenizer_json(bpe_json))
+    proto = sentencepiece_from_tokenizer_json(bpe_json)
+    ours = Tokenizer(proto, vocab=Vocab(build(proto)) if engine == "vocab" else None)
     hf = HFTokenizer.from_file(bpe_json)
     texts = _corpus(1500, seed=21) + ["  two leading", "tabs\t\tand\n\n\nnewlines  ", "unknown ☃ ∑ ß 🐍 ẞ",
                                       "<|turn>user\nhi<turn|>", "a<|tool>b", "x<unk>y<bos>", "ab" * 300]
@@ -508,9 +512,13 @@ def test_tokenizer_json_that_would_encode_differently_is_refused(bpe_json, tmp_p
         sentencepiece_from_tokenizer_json(bad)
 
 
-def test_gemma4_gguf_bpe_tokenizer_encodes_like_the_tokenizers_library(bpe_json, tmp_path):
+@pytest.mark.parametrize("engine", ["sentencepiece", "vocab"])
+def test_gemma4_gguf_bpe_tokenizer_encodes_like_the_tokenizers_library(bpe_json, tmp_path, engine):
     """Gemma 4 GGUFs carry tokenizer.ggml.model 'gemma4': the vocabulary, token types and the BPE
-    merge list (no scores). Rebuilt from them, the tokenizer encodes as ``tokenizers`` does."""
+    merge list (no scores). Rebuilt from them, the tokenizer encodes as ``tokenizers`` does, with
+    SentencePiece or the compact vocabulary."""
+    from gemma_edge.runtime.vocab import Vocab, build
+
     from tokenizers import Tokenizer as HFTokenizer
 
     from conftest import _corpus
@@ -541,7 +549,8 @@ def test_gemma4_gguf_bpe_tokenizer_encodes_like_the_tokenizers_library(bpe_json,
     w.write_tensors_to_file()
     w.close()
     with GGUFCheckpoint(path) as ck:
-        ours = Tokenizer(sentencepiece_from_gguf(ck))
+        proto = sentencepiece_from_gguf(ck)
+        ours = Tokenizer(proto, vocab=Vocab(build(proto)) if engine == "vocab" else None)
     hf = HFTokenizer.from_file(bpe_json)
     for text in _corpus(500, seed=22) + ["<|turn>user\nhi<turn|>", "  x\t☃ 🐍", "a<|tool>b"]:
         assert ours.encode(text, add_bos=False, parse_special=True) == hf.encode(text, add_special_tokens=False).ids, text
