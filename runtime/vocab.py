@@ -290,49 +290,63 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes, i: int, end: int):
-    """(field number, value) of a protobuf message: an int for varints and fixed32 (its raw
-    bits), (start, end) for length-delimited fields."""
+def _field(buf: bytes, i: int) -> tuple[int, object, int]:
+    """(field number, value, where the next field starts) of the protobuf field at ``i``: an int
+    for varints and fixed32 (its raw bits), (start, end) for length-delimited fields."""
+    key, i = _varint(buf, i)
+    field, wire = key >> 3, key & 7
+    if wire == 0:
+        v, i = _varint(buf, i)
+    elif wire == 2:
+        n, i = _varint(buf, i)
+        v, i = (i, i + n), i + n
+    elif wire == 5:
+        v, i = struct.unpack_from("<I", buf, i)[0], i + 4
+    elif wire == 1:
+        v, i = struct.unpack_from("<Q", buf, i)[0], i + 8
+    else:
+        raise ValueError(f"protobuf wire type {wire}")
+    return field, v, i
+
+
+def _fields(buf: bytes, i: int, end: int) -> dict:
+    out = {}
     while i < end:
-        key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            v, i = _varint(buf, i)
-        elif wire == 2:
-            n, i = _varint(buf, i)
-            v = (i, i + n)
-            i += n
-        elif wire == 5:
-            v = struct.unpack_from("<I", buf, i)[0]
-            i += 4
-        elif wire == 1:
-            v = struct.unpack_from("<Q", buf, i)[0]
-            i += 8
-        else:
-            raise ValueError(f"protobuf wire type {wire}")
-        yield field, v
+        field, v, i = _field(buf, i)
+        out[field] = v
+    return out
 
 
 def _parse(proto: bytes):
-    """(pieces, scores, types, trainer fields, normalizer fields, denormalizer fields) of a
-    serialized SentencePiece ModelProto."""
+    """(pieces as UTF-8, scores as float32 bytes, types, trainer fields, normalizer fields,
+    denormalizer fields) of a serialized SentencePiece ModelProto. Its pieces (262k for Gemma)
+    are read by a fast path for the layout SentencePiece writes (piece, score, then the type
+    unless NORMAL, each short), any other by the general reader."""
     pieces, scores, types, specs = [], [], [], {}
-    for field, v in _fields(proto, 0, len(proto)):
-        if field == 1:  # SentencePiece: piece = 1, score = 2, type = 3 (NORMAL if absent)
-            piece, score, kind = "", 0, NORMAL
-            for f, x in _fields(proto, *v):
-                if f == 1:
-                    piece = proto[x[0]:x[1]].decode("utf-8")
-                elif f == 2:
-                    score = x
-                elif f == 3:
-                    kind = x
+    i, n = 0, len(proto)
+    pack = struct.Struct("<I").pack
+    while i < n:
+        field, v, nxt = _field(proto, i)
+        if field == 1:  # a SentencePiece: piece = 1, score = 2, type = 3 (NORMAL if absent)
+            a, end = v
+            k = a + 2 + proto[a + 1] if a + 1 < end else end + 1
+            fast = proto[a] == 0x0A and proto[a + 1] < 0x80 and k + 5 <= end and proto[k] == 0x15
+            if fast:
+                piece, score, kind = proto[a + 2:k], proto[k + 1:k + 5], NORMAL
+                k += 5
+                if k + 2 <= end and proto[k] == 0x18 and proto[k + 1] < 0x80:
+                    kind, k = proto[k + 1], k + 2
+            if not fast or k != end:
+                f = _fields(proto, a, end)
+                r = f.get(1, (0, 0))
+                piece, score, kind = proto[r[0]:r[1]], pack(f.get(2, 0)), f.get(3, NORMAL)
             pieces.append(piece)
             scores.append(score)
             types.append(kind)
         elif field in (2, 3, 5):
-            specs[field] = {f: x for f, x in _fields(proto, *v)}
-    return pieces, scores, types, specs.get(2, {}), specs.get(3, {}), specs.get(5, {})
+            specs[field] = _fields(proto, *v)
+        i = nxt
+    return pieces, b"".join(scores), types, specs.get(2, {}), specs.get(3, {}), specs.get(5, {})
 
 
 def build(model_proto: bytes) -> bytes | None:
@@ -342,7 +356,8 @@ def build(model_proto: bytes) -> bytes | None:
 
     try:
         pieces, raw_scores, types, trainer, norm, denorm = _parse(model_proto)
-    except (ValueError, IndexError, UnicodeDecodeError, struct.error):
+        kinds = bytes(types)
+    except (ValueError, IndexError, TypeError, struct.error):
         return None
 
     def spec(fields, number, default):
@@ -359,32 +374,40 @@ def build(model_proto: bytes) -> bytes | None:
         sp.LoadFromSerializedProto(model_proto)
     except (RuntimeError, ValueError, OSError):
         return None  # Tokenizer names what is wrong with it
-    if sp.GetPieceSize() != len(pieces) or set(f"<0x{b:02X}>" for b in range(256)) - {
+    if sp.GetPieceSize() != len(pieces) or {f"<0x{b:02X}>".encode() for b in range(256)} - {
             p for p, t in zip(pieces, types) if t == BYTE}:
         return None
     unk = spec(trainer, 44, None)
     unk_surface = model_proto[unk[0]:unk[1]].decode("utf-8") if unk else _UNK_SURFACE
-    encoded = [p.encode("utf-8") for p in pieces]
-    offsets = array("I", [0])
-    total = 0
-    for b in encoded:
-        total += len(b)
-        offsets.append(total)
-    mergeable = [i for i, t in enumerate(types) if t in (NORMAL, USER_DEFINED)]
-    index = sorted((zlib.crc32(encoded[i]), i) for i in mergeable)
-    joins = sorted({p[k - 1] for i in mergeable for p in (pieces[i],) for k in range(1, len(p))
-                    if p[k] == _SPACE and p[k - 1] != _SPACE})
-    arrays = [("offsets", offsets), ("scores", array("f", struct.unpack(f"<{len(raw_scores)}f",
-                                                                      struct.pack(f"<{len(raw_scores)}I", *raw_scores)))),
-              ("types", array("B", types)), ("keys", array("I", [k for k, _ in index])),
-              ("key_ids", array("i", [i for _, i in index]))]
+    import numpy as np
+
+    lengths = np.fromiter(map(len, pieces), np.int64, len(pieces))
+    offsets = np.zeros(len(pieces) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    kinds = np.frombuffer(kinds, np.uint8)
+    mergeable = np.flatnonzero((kinds == NORMAL) | (kinds == USER_DEFINED))
+    crcs = np.fromiter(map(zlib.crc32, (pieces[i] for i in mergeable.tolist())), np.uint32, len(mergeable))
+    order = np.argsort(crcs, kind="stable")
+    space = _SPACE.encode("utf-8")
+    joins = sorted({p[k - 1] for p in (pieces[i].decode("utf-8") for i in mergeable.tolist() if space in pieces[i][1:])
+                    for k in range(1, len(p)) if p[k] == _SPACE and p[k - 1] != _SPACE})
+    arrays = [("offsets", array("I", offsets.astype("<u4").tobytes())),
+              ("scores", array("f", np.frombuffer(raw_scores, "<f4").tobytes())),
+              ("types", array("B", kinds.tobytes())), ("keys", array("I", crcs[order].astype("<u4").tobytes())),
+              ("key_ids", array("i", mergeable[order].astype("<i4").tobytes()))]
+    total = int(offsets[-1])
     head = json.dumps({"arrays": [(name, a.typecode, len(a)) for name, a in arrays], "blob": total,
                        "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(), "unk": sp.unk_id(),
                        "unk_surface": unk_surface, "joins": "".join(joins),
-                       "reserved": [i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN, BYTE)],
-                       "user": [i for i, t in enumerate(types) if t == USER_DEFINED]}).encode()
-    data = b"".join([MAGIC, struct.pack("<I", len(head)), head, *(a.tobytes() for _, a in arrays), *encoded])
-    vocab = Vocab(data)
+                       "reserved": np.flatnonzero((kinds == CONTROL) | (kinds == UNKNOWN) | (kinds == BYTE)).tolist(),
+                       "user": np.flatnonzero(kinds == USER_DEFINED).tolist()}).encode()
+    data = b"".join([MAGIC, struct.pack("<I", len(head)), head, *(a.tobytes() for _, a in arrays), *pieces])
+    try:
+        vocab = Vocab(data)
+        if vocab.IdToPiece(list(range(len(pieces)))) != sp.IdToPiece(list(range(len(pieces)))):
+            return None
+    except (ValueError, UnicodeDecodeError, KeyError):  # a piece that is no UTF-8, a byte piece missing
+        return None
     for text in _SELF_TEST:  # the same ids and text as SentencePiece, or SentencePiece stays
         ids = sp.EncodeAsIds(text)
         if vocab.EncodeAsIds(text) != ids or vocab.DecodeIds(ids) != sp.DecodeIds(ids):

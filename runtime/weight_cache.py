@@ -246,7 +246,7 @@ def prepare(info: ModelInfo, threads: int) -> str | None:
 def vocab_for(info: ModelInfo):
     """(the compact vocabulary of ``info``'s tokenizer (``vocab.Vocab``) or None, the bytes to keep
     with ``keep_vocab`` or None). The vocabulary is read from beside the model's weight cache, or
-    derived from the model (about 1 s for Gemma's) and then kept there by the caller once the
+    derived from the model (about 0.6 s for Gemma's) and then kept there by the caller once the
     model has loaded. None when SentencePiece must hold the tokenizer: one ``vocab.build`` does not
     take (recorded too, so that later loads do not derive it again), or a cache folder that cannot
     be written (it would be derived at every load). Like the weight cache, it

@@ -639,3 +639,26 @@ def test_vocab_leaves_other_tokenizers_to_sentencepiece(sp_model_path, trained_m
     assert build(proto) is not None
     assert build(_edited(proto, edit)) is None
     assert build(trained_model.read_bytes()) is None  # SentencePiece's default: NFKC and a dummy prefix
+
+
+def test_vocab_reads_every_piece_as_protobuf_does(gemma_model_proto, sp_model_path):
+    """The vocabulary's own protobuf reader (the runtime has no protobuf) gives protobuf's pieces,
+    scores and types: on Gemma 3's 262k pieces (its fast path) and on pieces it must read the
+    general way (a piece of 150 bytes, whose length takes two bytes; a score of 0 left out)."""
+    import struct
+
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    from gemma_edge.runtime.vocab import _parse
+
+    def long_piece(m):
+        m.pieces.add(piece="\u2581" + "x" * 147, score=-1.5, type=m.pieces[0].USER_DEFINED)
+        m.pieces[5].ClearField("score")
+
+    for proto in (gemma_model_proto, _edited(Path(sp_model_path).read_bytes(), long_piece)):
+        m = sp_pb2.ModelProto()
+        m.ParseFromString(proto)
+        pieces, scores, types, *_ = _parse(proto)
+        assert [p.decode() for p in pieces] == [p.piece for p in m.pieces]
+        assert list(struct.unpack(f"<{len(pieces)}f", scores)) == [p.score for p in m.pieces]
+        assert types == [p.type for p in m.pieces]
