@@ -70,6 +70,8 @@ tok = Tokenizer(info.tokenizer_model, model_proto_source=lambda: info.tokenizer_
 info.release_tokenizer(); out['tokenizer'] = st()
 if derived is not None:
     keep_vocab(info, derived)
+    from gemma_edge.runtime.host_memory import trim
+    trim()
 t = time.perf_counter()
 b = make_backend(info, weight_cache=weight_cache)
 load = time.perf_counter() - t

@@ -95,6 +95,7 @@ def _tokenizer_beside(info, make_backend_):
         raise loaded[0]
     if loaded[1] is not None:  # a vocabulary derived by this load: kept once the model has loaded
         weight_cache.keep_vocab(info, loaded[1])
+        host_memory.trim()  # the pages of the SentencePiece model it was checked against, freed
     return loaded[0], made
 
 
