@@ -111,7 +111,7 @@ class Model:
         self.info = read_info(str(path), checked_before=weight_cache.checked_before)
         self.config = self.info.config
         self.tokenizer, self.backend = _tokenizer_beside(self.info, lambda: make_backend(self.info, threads, backend))
-        self.info.release_tokenizer()  # SentencePiece holds the model now; the bytes are read again if asked
+        self.info.release_tokenizer()  # the tokenizer holds what it needs now; the bytes are read again if asked
         if self.tokenizer.vocab_size > self.config.vocab_size:
             raise TokenizerError(
                 f"{path}: the embedded tokenizer has {self.tokenizer.vocab_size} pieces but the model's embedding "

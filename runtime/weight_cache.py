@@ -25,6 +25,10 @@ The cache must never make a run fail or lie, so:
 - caches of an earlier version of the same model path, and of models that no longer exist,
   are removed when a new one is built.
 
+Beside each cache lives the tokenizer's compact vocabulary (``vocab.py``; ``vocab_for``,
+``keep_vocab``): derived from the model on its first load, kept under the same key with a record
+of the same kind, checked the same way, pruned with the cache.
+
 Every note goes to stderr as one line starting ``gemma-edge: note:``.
 """
 
