@@ -1,11 +1,11 @@
 """A compact vocabulary for SentencePiece BPE tokenizers like Gemma's: SentencePiece's encoding
-and decoding from a few arrays, for the memory SentencePiece itself takes.
+and decoding from a few arrays, in a fifth of the memory SentencePiece takes.
 
 SentencePiece parses the model into one protobuf message per piece and a hash map over them:
-45 MB of the runtime's memory for Gemma's 262,144 pieces (``benchmarks/tokenizer_memory.py``),
+43 MB of the runtime's memory for Gemma's 262,144 pieces (``benchmarks/tokenizer_memory.py``),
 in every process, for a model whose serialized form is 5 MB. ``Vocab`` holds the same pieces as
 one UTF-8 blob with offsets, their scores and types, and a sorted CRC-32 index for looking a
-piece up: about 7 MB. It answers the calls ``Tokenizer`` makes of a ``SentencePieceProcessor``
+piece up: 8 MB. It answers the calls ``Tokenizer`` makes of a ``SentencePieceProcessor``
 (``EncodeAsIds``, ``DecodeIds``, ``IdToPiece``, ``PieceToId``, ``IsControl``, ...) with
 SentencePiece's results:
 
