@@ -43,7 +43,7 @@ class Tokenizer:
         the model is ignored. ``model_proto_source``: returns these bytes again when asked
         (``model_proto``), so the Tokenizer need not keep them (a loaded file's, 5 MB for Gemma).
         ``vocab``: this model's ``vocab.Vocab``, which then encodes and decodes in place of
-        SentencePiece (the same results, in a sixth of its memory)."""
+        SentencePiece (the same results, in a fifth of its memory)."""
         if not isinstance(model_proto, (bytes, bytearray, memoryview)):
             raise TokenizerError(
                 f"Tokenizer needs the serialized SentencePiece model as bytes, got {type(model_proto).__name__}; "
