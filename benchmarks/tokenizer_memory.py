@@ -88,9 +88,13 @@ def main() -> None:
     if args.model and not os.path.isfile(args.model):
         ap.error(f"{args.model}: no such file")
 
+    from gemma_edge.runtime.errors import GemmaEdgeError
     from gemma_edge.runtime.vocab import build
 
-    proto = _proto(args.model)
+    try:
+        proto = _proto(args.model)
+    except GemmaEdgeError as e:
+        ap.error(str(e))
     t = time.perf_counter()
     vocab = build(proto)
     derive = time.perf_counter() - t
