@@ -48,7 +48,8 @@ MAGIC = b"GEVOCAB1"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # ModelProto.SentencePiece.Type
 _SPACE = "\u2581"
 _UNK_SURFACE = " \u2047 "  # TrainerSpec.unk_surface's default
-_CACHE_WORDS = 16384  # segments whose ids are kept (a few MB at most)
+_CACHE_WORDS = 16384  # segments whose ids are kept (a few MB at most: only those of _WORD_CHARS or fewer)
+_WORD_CHARS = 64
 _CACHE_PAIRS = 16384  # strings looked up as pieces, and what they are
 
 # Texts a build encodes and decodes both ways: every path of the encoder (spaces and their runs,
@@ -144,9 +145,10 @@ class Vocab:
             ids = words.get(seg)
             if ids is None:
                 ids = self._encode(seg)
-                if len(words) >= _CACHE_WORDS:
-                    words.clear()
-                words[seg] = ids
+                if len(seg) <= _WORD_CHARS:  # a word; a long run without spaces is not kept
+                    if len(words) >= _CACHE_WORDS:
+                        words.clear()
+                    words[seg] = ids
             out.extend(ids)
         return out
 

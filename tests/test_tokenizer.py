@@ -662,3 +662,18 @@ def test_vocab_reads_every_piece_as_protobuf_does(gemma_model_proto, sp_model_pa
         assert [p.decode() for p in pieces] == [p.piece for p in m.pieces]
         assert list(struct.unpack(f"<{len(pieces)}f", scores)) == [p.score for p in m.pieces]
         assert types == [p.type for p in m.pieces]
+
+
+def test_vocab_cache_keeps_words_not_long_runs(gemma_model_proto):
+    """The vocabulary remembers the ids of short segments (words) only: a server fed long texts
+    without spaces (CJK, base64) must not keep each of them in memory."""
+    from gemma_edge.runtime.vocab import _CACHE_WORDS, _WORD_CHARS, Vocab, build
+
+    vocab = Vocab(build(gemma_model_proto))
+    rng = random.Random(5)
+    for _ in range(20):
+        vocab.EncodeAsIds("".join(chr(rng.randint(0x4E00, 0x9FFF)) for _ in range(5000)) + " and a few words")
+    assert vocab._words and all(len(w) <= _WORD_CHARS for w in vocab._words)
+    for i in range(_CACHE_WORDS + 10):  # and no more than _CACHE_WORDS of those
+        vocab.EncodeAsIds(f"w{i}")
+    assert len(vocab._words) <= _CACHE_WORDS
