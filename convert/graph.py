@@ -116,7 +116,8 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
     ``embeddings`` [1, G, E] (POOLED, ``_pool``).
     """
     T = tokens.shape[1]
-    S = T if caches is None else caches[C.kv_name("k", 0)].shape[2]
+    # the context: a global layer's cache (a ring file's sliding caches are shorter)
+    S = T if caches is None else max(c.shape[2] for n, c in caches.items() if n != C.RING_POS)
     N, L = cfg.num_heads, cfg.num_layers
     eps = cfg.rms_norm_eps
     ids = tokens[0]
@@ -136,8 +137,12 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
         ple = [(proj[i] + tf.gather(w[C.weight_name(i, "ple_embed")], ids) * np.float32(P ** 0.5))
                * np.float32(2 ** -0.5) for i in range(L)]  # L x [T, P]
 
+    # A ring file (cfg.kv_ring, contract.ring_slots): sliding layers write at position % R and
+    # attend to every slot of their ring, masked by the position each slot holds (no SLICE).
+    ring = caches is not None and bool(cfg.kv_ring)
     pos = tf.cast(input_pos, tf.float32)[:, None]  # [T, 1]
     q_pos = input_pos[:, None]  # [T, 1]
+    new_caches = {}
     if caches is None:  # an embedding chunk: every layer attends to all T keys of the chunk, masked
         masks, win, w_begin = _chunk_masks(cfg, input_pos, segments), T, None  # [T, T] each
     else:
@@ -148,7 +153,10 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
         # Keys outside the window get exactly zero weight either way: this changes speed, not results.
         W = cfg.sliding_window or S
         win = min(W + T - 1, S)
-        if cfg.sliding_window and not windowless and any(cfg.is_sliding(i) for i in range(L)):
+        w_begin = None
+        if ring:
+            masks[True], new_caches[C.RING_POS] = _ring_mask(cfg, input_pos, caches[C.RING_POS])
+        elif cfg.sliding_window and not windowless and any(cfg.is_sliding(i) for i in range(L)):
             w0 = tf.clip_by_value(input_pos[0] - W + 1, 0, S - win)  # first slot of the window
             w_pos = w0 + tf.range(win, dtype=tf.int32)[None, :]  # [1, win]
             w_visible = tf.logical_and(w_pos <= q_pos, q_pos - w_pos < W)  # [T, win]
@@ -156,7 +164,7 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
             w_begin = tf.stack([0, 0, w0, 0])
     rope_tables = {}  # inv_freq bytes -> (cos, sin), computed once per distinct table
     start = tf.stack([0, 0, input_pos[0], 0])
-    new_caches = {}
+    ring_start = tf.stack([0, 0, tf.math.floormod(input_pos[0], cfg.kv_ring), 0]) if ring else None
 
     for i in range(L):
         def wt(kind):
@@ -191,8 +199,9 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
             if caches is None:  # the chunk's own keys and values, [1, K, T, H]
                 new_caches[kn], new_caches[vn] = tf.transpose(k, [1, 0, 2])[None], tf.transpose(v, [1, 0, 2])[None]
             else:
-                new_caches[kn] = xla.dynamic_update_slice(caches[kn], tf.transpose(k, [1, 0, 2])[None], start)  # [1, K, S, H]
-                new_caches[vn] = xla.dynamic_update_slice(caches[vn], tf.transpose(v, [1, 0, 2])[None], start)  # [1, K, S, H]
+                at = ring_start if ring and cfg.is_sliding(i) else start
+                new_caches[kn] = xla.dynamic_update_slice(caches[kn], tf.transpose(k, [1, 0, 2])[None], at)  # [1, K, S, H]
+                new_caches[vn] = xla.dynamic_update_slice(caches[vn], tf.transpose(v, [1, 0, 2])[None], at)  # [1, K, S, H]
         kc, vc = new_caches[C.kv_name("k", src)], new_caches[C.kv_name("v", src)]
 
         # query head n uses KV head n // G: group the G query heads of each KV head.
@@ -203,8 +212,10 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
         # the slots this layer attends to: its window (sliding), or 0 .. G_SPAN-1 (global)
         sliding = cfg.is_sliding(i) and not windowless
         n_keys, begin = (win, w_begin) if sliding else (G_SPAN, [0, 0, 0, 0])
+        if sliding and ring:  # the whole ring, in place
+            n_keys = kc.shape[2]
         keys, values = kc, vc
-        if n_keys < S:
+        if n_keys < kc.shape[2]:
             keys = tf.slice(kc, begin, [1, K, n_keys, H])  # [1, K, n_keys, H]
             values = tf.slice(vc, begin, [1, K, n_keys, H])
         s = tf.matmul(qg, keys, transpose_b=True)  # [1, K, G*T, n_keys]
@@ -244,6 +255,34 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
             z = tf.tanh(z / cfg.final_softcap) * cfg.final_softcap
         out[C.LOGITS] = tf.reshape(z, [1, -1, cfg.vocab_size])
     return out
+
+
+def _ring_mask(cfg: GemmaConfig, input_pos, ring_pos):
+    """A ring file's sliding-layer mask [T, P] and its updated slot positions [1, 1, P, 1].
+
+    The chunk goes to slots a .. a + T - 1, a = input_pos[0] % R; a slot gets 1 + its token's
+    position, or 0 for padding (a token whose position is not input_pos[0] + its index: LiteRT-LM
+    and gemma-edge pad a chunk with position 0). The other slot of each position written (x % R
+    and x % R + R) is emptied, so after a rewind no position is held twice. A query at q sees a
+    slot holding x when q - W < x <= q and x % R == slot % R (what the graph writes; so a buffer
+    that was never cleared shows nothing it did not write)."""
+    R, W = cfg.kv_ring, cfg.sliding_window
+    T = input_pos.shape[0]
+    P = ring_pos.shape[2]
+    p0 = input_pos[0]
+    a = tf.math.floormod(p0, R)
+    slot = tf.range(P, dtype=tf.int32)  # [P]
+    rel = slot - a  # the chunk's token at this slot, if 0 <= rel < T
+    in_chunk = tf.logical_and(rel >= 0, rel < T)
+    real = tf.logical_and(in_chunk, tf.equal(tf.gather(input_pos, tf.clip_by_value(rel, 0, T - 1)), p0 + rel))
+    twin = tf.logical_and(tf.logical_not(in_chunk), tf.math.floormod(slot - a, R) < T)  # same positions' other slots
+    old = tf.cast(tf.reshape(ring_pos, [P]), tf.int32)
+    tag = tf.where(real, p0 + rel + 1, tf.where(tf.logical_or(in_chunk, twin), 0, old))  # [P]
+    x = tag - 1  # each slot's position (-1: none)
+    q = input_pos[:, None]  # [T, 1]
+    visible = tf.logical_and(tf.logical_and(x[None, :] >= 0, x[None, :] <= q), q - x[None, :] < W)
+    visible = tf.logical_and(visible, tf.equal(tf.math.floormod(x - slot, R), 0)[None, :])  # [T, P]
+    return tf.where(visible, 0.0, MASK_VALUE), tf.reshape(tf.cast(tag, tf.float32), [1, 1, P, 1])
 
 
 def _chunk_masks(cfg: GemmaConfig, input_pos, segments) -> dict:

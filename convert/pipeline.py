@@ -148,7 +148,7 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
             prefill_lengths=DEFAULT_PREFILL, force: bool = False, progress: bool = True,
             score_length=DEFAULT_SCORE, report: bool = False,
             lora: str | None = None, on_stage=None, notes=None, calibration=None,
-            calibrate: str | None = None, embed_lengths=DEFAULT_EMBED) -> ConvertResult:
+            calibrate: str | None = None, embed_lengths=DEFAULT_EMBED, ring_caches: bool = True) -> ConvertResult:
     """Convert ``source`` (HF checkpoint dir or .gguf) to ``output`` (.tflite).
 
     ``score_length`` (one T or several) adds ``score_<T>`` signatures (logits of every position
@@ -167,6 +167,9 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     ``calibrate`` builds that plan: a UTF-8 text file to calibrate on, or ``"-"`` for sequences
     the model writes itself (from a temporary conversion of the same weights); see
     ``quantize/calibrate.py``.
+    ``ring_caches`` (default) gives sliding layers caches of about their window, written round
+    as a ring, when that is shorter than the context (``contract.ring_length``); False keeps every
+    cache at the full context, a slot per position (the layout of earlier files).
 
     An embedding checkpoint (EmbeddingGemma: a sentence-transformers layout, or a
     gemma-embedding GGUF) gets ``embed_<T>`` signatures for each of ``embed_lengths`` below the
@@ -240,6 +243,8 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
                 raise QuantizationError(
                     f"tensor {s.name} of shape {s.shape} cannot be stored as {s.scheme.name}: its rows of "
                     f"{s.shape[-1]} values do not fill whole bytes; use --quant int8")
+        if embedding is None and ring_caches:  # sliding layers' caches as rings of about their window
+            cfg = dataclasses.replace(cfg, kv_ring=contract.ring_length(cfg, context, max([*lengths, *score])))
         stage("build template")
         spans = () if embedding else contract.decode_spans(context)  # no cache, no decode
         tpl = template.build_template(cfg, context, lengths, score, spans, progress=progress,  # TF in children

@@ -43,13 +43,13 @@ def check_graph(info: ModelInfo, signatures, decode_inputs: dict, decode_outputs
                                  "the file is corrupt: convert the checkpoint again")
         return
     kv = contract.kv_shapes(cfg, info.context_length)
-    got = {n: list(d.get("shape", [])) for n, d in decode_inputs.items() if contract.parse_kv_name(n)}
+    got = {n: list(d.get("shape", [])) for n, d in decode_inputs.items() if n.startswith(contract.KV_PREFIX)}
     bad = sorted(set(kv) ^ set(got)) or [n for n in kv if got[n] != list(kv[n])]
     if bad:
         n = bad[0]
         raise ModelFileError(
             f"{info.path}: the metadata describes {len(kv)} KV caches ({n}: {list(kv[n]) if n in kv else 'none'}; "
-            f"[1, KV heads, context_length, head_dim]) but the graph has {len(got)} ({n}: {got.get(n, 'none')}); "
+            f"[1, KV heads, context_length or ring slots, head_dim]) but the graph has {len(got)} ({n}: {got.get(n, 'none')}); "
             "the file is corrupt: convert the checkpoint again")
     logits = list(decode_outputs.get(contract.LOGITS, {}).get("shape", []))
     if not logits or logits[-1] != cfg.vocab_size:
@@ -123,6 +123,7 @@ class CompiledBackend:
         not its length."""
         self._kv_address = {n: host_memory.zero(buf, self._kv_shapes[n]) for n, buf in self.kv.items()}
         self.released = 0
+        self.written = 0  # one past the highest slot position any call has written (padding included)
 
     def release_window(self, upto: int) -> None:
         """Give back the memory of slots ``released`` .. upto-1 of every sliding layer's cache:
@@ -134,7 +135,7 @@ class CompiledBackend:
         if upto <= self.released:
             return
         for i in contract.kv_layers(cfg):
-            if not cfg.is_sliding(i):
+            if not cfg.is_sliding(i) or cfg.kv_ring:  # a ring holds about a window already
                 continue
             for kind in "kv":
                 n = contract.kv_name(kind, i)
@@ -154,6 +155,7 @@ class CompiledBackend:
 
     def _run(self, sig: str, tokens: np.ndarray, pos: np.ndarray):
         self.released = min(self.released, int(pos[0]))  # slots written again are live again
+        self.written = max(self.written, int(pos[0]) + int(tokens.shape[1]))
         tok_buf, pos_buf, inputs, outputs = self.io[sig]
         tok_buf.write(tokens)
         pos_buf.write(pos)
@@ -222,10 +224,16 @@ class InterpreterBackend:
             raise ModelFileError(f"{info.path}: the LiteRT interpreter could not load it ({e}); "
                                  "files over 2 GB need ai-edge-litert rather than tflite-runtime") from None
         shapes = {} if info.embed_lengths else contract.kv_shapes(info.config, info.context_length)
-        self.kv = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+        self._kv_shapes = shapes
         self.runners = {s: self.interp.get_signature_runner(s) for s in self.interp.get_signature_list()}
+        self.clear_cache()
+
+    def clear_cache(self) -> None:
+        self.kv = {n: np.zeros(s, np.float32) for n, s in self._kv_shapes.items()}
+        self.written = 0  # as CompiledBackend's
 
     def _run(self, sig, tokens, pos):
+        self.written = max(self.written, int(pos[0]) + int(tokens.shape[1]))
         out = self.runners[sig](**{contract.TOKENS: tokens, contract.INPUT_POS: pos}, **self.kv)
         for n in self.kv:
             self.kv[n] = out[n]

@@ -432,7 +432,8 @@ def info(model, verify, as_json):
         f"{c.vocab_size} ({c.num_params / 1e6:.0f}M params)",
         f"attention     {sliding} sliding (window {c.sliding_window}) / {c.num_layers - sliding} global layers; "
         f"RoPE {c.rope_local_base:g} / {c.rope_base:g}"
-        + (f" (global: {c.global_rope_fraction:g} of the pairs rotate)" if c.global_rope_fraction < 1 else ""),
+        + (f" (global: {c.global_rope_fraction:g} of the pairs rotate)" if c.global_rope_fraction < 1 else "")
+        + (f"; sliding caches are rings of {contract.ring_slots(c)} slots" if c.kv_ring else ""),
     ]
     if c.family >= 4:
         g = next((k for k in range(c.num_layers) if not c.is_sliding(k)), 0)

@@ -60,6 +60,9 @@ class GemmaConfig:
     # (contract.hot_ranges: the tokenizer's most frequent pieces) stored as one table, the other rows
     # as another, each with its own scheme (contract.EMBED_HOT / EMBED_COLD); () stores one table
     embed_hot: tuple[int, ...] = ()
+    # How a file lays out the sliding layers' caches: 0, at full context length (slot = position);
+    # or R > sliding_window, as rings of 2R - W slots written at position % R (contract.ring_slots)
+    kv_ring: int = 0
 
     def __post_init__(self):
         for name in _SIZES:
@@ -70,7 +73,7 @@ class GemmaConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise UnsupportedModelError(f"config {name} is {v!r}, not a positive integer; the config is corrupt")
-        for name in ("kv_shared_layers", "ple_dim", "ple_vocab"):
+        for name in ("kv_shared_layers", "ple_dim", "ple_vocab", "kv_ring"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise UnsupportedModelError(f"config {name} is {v!r}, not an integer >= 0; the config is corrupt")
@@ -102,6 +105,9 @@ class GemmaConfig:
                                             "rotates pairs of dimensions")
         if any(t == SLIDING for t in self.layer_types) and not self.sliding_window:
             raise UnsupportedModelError("sliding-window layers without a sliding_window size")
+        if self.kv_ring and not (self.sliding_window and self.kv_ring > self.sliding_window):
+            raise UnsupportedModelError(f"config kv_ring {self.kv_ring} is not above sliding_window "
+                                        f"{self.sliding_window}; the config is corrupt")
         if self.kv_shared_layers >= self.num_layers:
             raise UnsupportedModelError(f"{self.kv_shared_layers} KV-sharing layers of {self.num_layers}: at least "
                                         "the first layer must compute its own cache")
@@ -218,6 +224,8 @@ class GemmaConfig:
         d["embed_hot"] = list(self.embed_hot)
         if not self.embed_hot:  # files with one embedding table stay readable by earlier versions
             del d["embed_hot"]
+        if not self.kv_ring:  # likewise files with full-length caches
+            del d["kv_ring"]
         return d
 
     @classmethod

@@ -14,6 +14,13 @@ Signatures (LiteRT-LM runs the first two; the others are gemma-edge's own, ignor
 ``decode`` by its exact name, so no other signature may start with ``prefill``.)
 KV caches: ``kv_cache_k_<i>`` / ``kv_cache_v_<i>``, float32 [1, K, S, H], one pair for every
 layer i that owns a cache (``kv_layers``), bound as both input and output (updated in place).
+With ``cfg.kv_ring`` = R (``ring_length``), a sliding layer's cache is a ring of ``ring_slots``
+= 2R - W slots instead of S: a chunk starting at position p is written at slots p % R ..
+p % R + T - 1 (never past the end, since T <= R - W + 1), and ``kv_cache_k_ring_pos``
+(float32 [1, 1, 2R - W, 1], ``RING_POS``, bound the same way) holds 1 + the position each slot
+holds, 0 for none. A slot holding position x has x % R == slot % R, so each position has two
+candidate slots; writing one empties the other, and a sliding layer attends to the slots whose
+position is inside its window.
 
 An embedding model (EmbeddingGemma) has only cache-free signatures, one per chunk length T:
     embed_<T>     tokens [1, T], input_pos [T], segments [T]  -> embeddings [1, G, E]
@@ -43,6 +50,7 @@ SEGMENTS = "segments"
 LOGITS = "logits"
 EMBEDDINGS = "embeddings"
 KV_PREFIX = "kv_cache_"
+RING_POS = "kv_cache_k_ring_pos"  # a ring file's slot positions (see the module docstring)
 EMBED_TOKENS_PER_SLOT = 8  # embed_<T> holds a text per 8 tokens of T (a text is at least <bos> <eos>)
 
 # What a signature returns besides the caches: nothing, the last token's logits, every token's;
@@ -152,12 +160,41 @@ def kv_names(cfg: GemmaConfig) -> list[str]:
 
 
 def kv_shape(cfg: GemmaConfig, layer: int, context: int) -> tuple[int, int, int, int]:
-    """[1, K, S, H]: LiteRT-LM reads the context length S from dim 2 of a K cache."""
-    return (1, cfg.kv_heads_for(layer), int(context), cfg.head_dim_for(layer))
+    """[1, K, S, H], or [1, K, ring_slots, H] for a sliding layer of a ring file."""
+    slots = ring_slots(cfg) if cfg.kv_ring and cfg.is_sliding(layer) else int(context)
+    return (1, cfg.kv_heads_for(layer), slots, cfg.head_dim_for(layer))
 
 
 def kv_shapes(cfg: GemmaConfig, context: int) -> dict[str, tuple[int, int, int, int]]:
-    return {kv_name(c, i): kv_shape(cfg, i, context) for i in kv_layers(cfg) for c in "kv"}
+    """Every cache tensor of a file and its shape: each layer's K and V, and a ring file's ``RING_POS``."""
+    shapes = {kv_name(c, i): kv_shape(cfg, i, context) for i in kv_layers(cfg) for c in "kv"}
+    if cfg.kv_ring:
+        shapes[RING_POS] = (1, 1, ring_slots(cfg), 1)
+    return shapes
+
+
+def ring_length(cfg: GemmaConfig, context: int, longest_chunk: int) -> int:
+    """R for a file whose longest prefill or score chunk has ``longest_chunk`` tokens: W + T - 1,
+    so that a chunk's keys and the window of its first token fit in the ring together; 0 (caches
+    of the full context) when the ring would not be shorter, or for a model without sliding
+    layers or without a cache (bidirectional)."""
+    W = cfg.sliding_window
+    if not W or cfg.bidirectional or not any(cfg.is_sliding(i) for i in kv_layers(cfg)):
+        return 0
+    R = W + int(longest_chunk) - 1
+    return R if 2 * R - W < int(context) else 0
+
+
+def ring_slots(cfg: GemmaConfig) -> int:
+    """Slots of a ring cache: R for positions modulo R, and R - W more, so that a chunk of up to
+    R - W + 1 tokens written from slot p % R stays contiguous."""
+    return 2 * cfg.kv_ring - cfg.sliding_window
+
+
+def ring_rewind_limit(cfg: GemmaConfig) -> int | None:
+    """How far below the highest slot written a ring file's cache may be rewound: R - W (the
+    slots past it hold positions the ring has overwritten within the window); None without a ring."""
+    return cfg.kv_ring - cfg.sliding_window if cfg.kv_ring else None
 
 
 # ---- weights -----------------------------------------------------------------------------

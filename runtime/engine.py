@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from . import chat as chat_format
-from . import embedding, host_memory, weight_cache
+from . import contract, embedding, host_memory, weight_cache
 from .backend import make_backend, run_prefill
 from .config import from_ranges
 from .detokenizer import StreamingDetokenizer
@@ -224,8 +224,11 @@ class Model:
         while keep < limit and self._cached[keep] == ids[keep]:
             keep += 1
         released = getattr(self.backend, "released", 0)
-        if released and keep < len(self._cached) and keep < released + (self.config.sliding_window or 0):
-            # rewound to where sliding layers' keys were already given back: start over
+        ring = contract.ring_rewind_limit(self.config)
+        if (released and keep < len(self._cached) and keep < released + (self.config.sliding_window or 0)) or (
+                ring is not None and keep < getattr(self.backend, "written", 0) - ring):
+            # rewound to where sliding layers' keys were already given back, or to before what a
+            # ring still holds of the window (contract.ring_rewind_limit): start over
             keep = 0
             self.backend.clear_cache()
         self._cached = self._cached[:keep]
@@ -247,7 +250,7 @@ class Model:
         rewinds such as a speculative draft's), in steps of ``RELEASE_STEP`` slots."""
         W = self.config.sliding_window
         release = getattr(self.backend, "release_window", None)
-        if not W or release is None:
+        if not W or release is None or self.config.kv_ring:  # a ring holds about a window already
             return
         upto = len(self._cached) - W - RELEASE_MARGIN
         if upto - self.backend.released >= RELEASE_STEP:

@@ -2,11 +2,14 @@
 only their window, and a KV cache whose memory follows the tokens it holds.
 
 A tiny Gemma 3 (sliding window 8, one global layer of four) is converted with a context of
-4096, so its file has ``decode_s512`` and ``decode_s2048`` beside ``decode``. Its logits at
-positions on both sides of 512 and 2048 are checked against transformers' on the same 2300
-tokens; the memory tests use a variant with 256-wide heads, where a cache slot is 1 KB and pages
-are measurable. A variant with a window of 600 checks ``decode_s512`` within the window, where
-the sliding layers read slots from 0.
+4096, so its file has ``decode_s512`` and ``decode_s2048`` beside ``decode``; its sliding
+layers' caches are rings of 262 slots (``contract.ring_length``: R = 8 + 128 - 1). The same
+checkpoint is also converted with full-length caches (``ring_caches=False``, the earlier layout,
+whose sliding slots are given back as they leave the window). Logits at positions on both sides
+of 512 and 2048 are checked against transformers' on the same 2300 tokens; the memory tests use
+a variant with 256-wide heads, where a cache slot is 1 KB and pages are measurable. A variant
+with a window of 600 checks ``decode_s512`` within the window, where the sliding layers read
+slots from 0.
 """
 
 from __future__ import annotations
@@ -61,6 +64,23 @@ def long(tmp_path_factory, sp_model_path):
     return path, hf, ids, hf_logits(hf, ids)
 
 
+@pytest.fixture(scope="module")
+def long_full(long):
+    """``long``'s checkpoint with full-length caches (a slot per position)."""
+    from gemma_edge.convert.pipeline import convert
+
+    path = os.path.join(os.path.dirname(long[0]), "long_full.tflite")
+    convert(os.path.join(os.path.dirname(long[0]), "ckpt"), path, quant="fp32", max_context=CONTEXT,
+            prefill_lengths=(8, 32, 128), progress=False, ring_caches=False)
+    return (path, *long[1:])
+
+
+@pytest.fixture(params=["ring", "full"])
+def layout(request, long, long_full):
+    """``long`` (ring caches) or ``long_full``, with the name of its layout."""
+    return request.param, (long if request.param == "ring" else long_full)
+
+
 def _close(got, want, what):
     err = float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
     assert err < 1e-4, f"{what}: max relative error {err:.2e}"
@@ -73,15 +93,29 @@ def test_the_file_has_a_short_span_decode_signature(long):
     assert info.decode_spans == [512, 2048]
 
 
+def test_the_ring_layout_and_its_caches(long, long_full):
+    """The ring file's sliding caches hold 2R - W slots and it records R; the full one holds the
+    context in every cache and records no ring (so earlier gemma-edge versions read it)."""
+    from gemma_edge.runtime import contract
+    from gemma_edge.runtime.modelfile import read_info
+
+    ring, full = read_info(long[0]).config, read_info(long_full[0]).config
+    assert ring.kv_ring == 8 + 128 - 1 and full.kv_ring == 0 and "kv_ring" not in full.to_dict()
+    shapes = contract.kv_shapes(ring, CONTEXT)
+    assert shapes[contract.RING_POS] == (1, 1, 2 * 135 - 8, 1)
+    assert {s[2] for n, s in shapes.items() if n != contract.RING_POS} == {262, CONTEXT}
+    assert {s[2] for s in contract.kv_shapes(full, CONTEXT).values()} == {CONTEXT}
+
+
 @pytest.mark.parametrize("start", [2036, 700, 500])
-def test_decode_on_both_sides_of_the_span_matches_transformers(long, start):
-    """Prefill (chunks whose sliding layers read only their window), then decode across 2048
-    (decode_s2048 below it, decode above it) or across 512 (decode_s512, then decode_s2048);
-    every step's logits are transformers'."""
+def test_decode_on_both_sides_of_the_span_matches_transformers(layout, start):
+    """Prefill (chunks whose sliding layers read their ring, or only their window of a full
+    cache), then decode across 2048 (decode_s2048 below it, decode above it) or across 512
+    (decode_s512, then decode_s2048); every step's logits are transformers'."""
     from gemma_edge.runtime.backend import CompiledBackend, run_prefill
     from gemma_edge.runtime.modelfile import read_info
 
-    path, _, ids, want = long
+    path, _, ids, want = layout[1]
     b = CompiledBackend(read_info(path), threads=1)
     used = []
     run = b._run
@@ -128,9 +162,9 @@ def _computed_slice_starts(path: str, signature: str) -> int:
 
 def test_a_span_within_the_window_reads_its_slots_from_zero(wide_window):
     """Below 512, inside a window of 600, every sliding layer sees all slots 0 .. pos: decode_s512
-    reads them with SLICEs of constant start (plain decode's sliding layers slice from pos - 599,
-    a start computed in the graph), and decode across 512 and past the window (prefill 590,
-    decode to 660) matches transformers at every step."""
+    reads them with SLICEs of constant start, and plain decode's sliding layers read their whole
+    ring (no SLICE with a start computed in the graph in either), and decode across 512 and past
+    the window (prefill 590, decode to 660) matches transformers at every step."""
     from gemma_edge.runtime.backend import CompiledBackend, run_prefill
     from gemma_edge.runtime.modelfile import read_info
 
@@ -138,7 +172,8 @@ def test_a_span_within_the_window_reads_its_slots_from_zero(wide_window):
     info = read_info(path)
     assert info.decode_spans == [512]
     assert _computed_slice_starts(path, "decode_s512") == 0
-    assert _computed_slice_starts(path, "decode") == 2 * 3  # K and V of the three sliding layers
+    assert info.config.kv_ring == 600 + 128 - 1  # the window and the longest chunk (prefill_128)
+    assert _computed_slice_starts(path, "decode") == 0
     b = CompiledBackend(info, threads=1)
     used = []
     run = b._run
@@ -153,11 +188,12 @@ def test_a_span_within_the_window_reads_its_slots_from_zero(wide_window):
     assert {sig for sig in used if sig.startswith("decode")} == {"decode_s512", "decode"}
 
 
-def test_scoring_a_long_text_matches_transformers(long):
-    """score_<T> chunks over 2300 positions (sliding layers read W + T - 1 slots of the cache)."""
+def test_scoring_a_long_text_matches_transformers(layout):
+    """score_<T> chunks over 2300 positions (sliding layers read their ring, or W + T - 1 slots
+    of a full cache)."""
     import gemma_edge
 
-    path, _, ids, want = long
+    path, _, ids, want = layout[1]
     m = gemma_edge.load(path)
     got = dict(m._log_probs(ids))
     lp = want.astype(np.float64)
@@ -166,7 +202,7 @@ def test_scoring_a_long_text_matches_transformers(long):
         assert np.max(np.abs(z - lp[i:i + len(z)])) < 2e-3, i
 
 
-def test_generation_past_released_slots_and_a_rewind_match_transformers(long, monkeypatch):
+def test_generation_past_released_slots_and_a_rewind_match_transformers(long_full, monkeypatch):
     """With the sliding layers' old slots given back every few tokens, greedy generation over
     ~2300 tokens still follows transformers; a rewind to before the released slots starts over."""
     import gemma_edge
@@ -174,7 +210,7 @@ def test_generation_past_released_slots_and_a_rewind_match_transformers(long, mo
 
     monkeypatch.setattr(engine, "RELEASE_MARGIN", 16)
     monkeypatch.setattr(engine, "RELEASE_STEP", 64)
-    path, hf, ids, want = long
+    path, hf, ids, want = long_full
     m = gemma_edge.load(path)
     prompt = ids[:2250]
     out = m.generate(prompt, max_tokens=20, temperature=0.0, stop_tokens=False)
@@ -192,6 +228,33 @@ def test_generation_past_released_slots_and_a_rewind_match_transformers(long, mo
     for step, t in enumerate(again.tokens):
         row = ref[len(other) - 1 + step]
         assert row[t] >= row.max() - 1e-3, step
+
+
+def test_rewinds_of_a_ring_cache_match_transformers(long):
+    """A ring holds the window and R - W = 127 slots more. A new prompt that shares all but the
+    last few tokens of the cache (rewound by up to 127) goes on from the cache; one that shares
+    less starts over, since the ring has overwritten the window it would need; one that extends it
+    goes on. The logits of the next token match transformers' after each, and after 600 tokens
+    decoded one by one, round the ring twice."""
+    import gemma_edge
+
+    path, hf, ids, want = long
+    m = gemma_edge.load(path)
+    V = m.tokenizer.vocab_size
+    m._prefill(ids[:1000])
+    for prompt, starts_over in ((ids[:950] + [7, 8, 9], False), (ids[:900] + [11, 12], False),
+                                (ids[:700] + [5], True), (ids[:1001], False)):
+        before = len(m._cached)
+        done = m._prefill(prompt)
+        assert (done == len(prompt) - 1) == starts_over, (before, len(prompt), done)
+        got = m._decode(prompt[-1], full_vocab=True)[:V]
+        _close(got, hf_logits(hf, prompt)[-1][:V], f"{len(prompt)} tokens after a cache of {before}")
+    m.reset()
+    m._prefill(ids[:10])
+    for p in range(9, 610):
+        got = m._decode(ids[p], full_vocab=True)
+        if p % 50 == 9 or p >= 600:
+            _close(got, want[p], f"position {p}")
 
 
 @pytest.fixture(scope="module")
@@ -212,16 +275,19 @@ def long_draft(long):
             p.add_(torch.randn_like(p) * DRAFT_NOISE * p.std())
     draft.save_pretrained(os.path.join(root, "draft_ckpt"), safe_serialization=True)
     shutil.copy(os.path.join(root, "ckpt", "tokenizer.model"), os.path.join(root, "draft_ckpt", "tokenizer.model"))
-    path = os.path.join(root, "long_draft.tflite")
-    convert(os.path.join(root, "draft_ckpt"), path, quant="fp32", max_context=CONTEXT, prefill_lengths=(8, 32, 128),
-            progress=False, score_length=0)
-    return path
+    paths = {}
+    for name, ring in (("ring", True), ("full", False)):
+        paths[name] = os.path.join(root, f"long_draft_{name}.tflite")
+        convert(os.path.join(root, "draft_ckpt"), paths[name], quant="fp32", max_context=CONTEXT,
+                prefill_lengths=(8, 32, 128), progress=False, score_length=0, ring_caches=ring)
+    return paths
 
 
-def test_speculative_decoding_across_the_span_and_released_slots(long, long_draft, monkeypatch):
+def test_speculative_decoding_across_the_span_and_released_slots(layout, long_draft, monkeypatch):
     """Rounds from position 2030 to past 2048 (the draft decodes with decode_s2048, then decode;
-    the model scores with score_<T>, whose global layers read the whole cache) while both models
-    give back sliding-layer slots every few tokens and the draft rolls back after rejections:
+    the model scores with score_<T>, whose global layers read the whole cache) while the draft
+    rolls back after rejections, and both models give back sliding-layer slots every few tokens
+    (full caches) or go round their rings (80 tokens; rings of 262 slots, written modulo 135):
     the greedy tokens are the model's own."""
     import gemma_edge
     from gemma_edge.runtime import engine, speculative
@@ -229,7 +295,9 @@ def test_speculative_decoding_across_the_span_and_released_slots(long, long_draf
     monkeypatch.setattr(engine, "RELEASE_MARGIN", 16)  # above the draft's largest rollback (MAX_DRAFT - 1)
     monkeypatch.setattr(engine, "RELEASE_STEP", 64)
     monkeypatch.setattr(speculative, "PROBE_EVERY", 0)  # rounds throughout, whatever the timings
-    path, n = long[0], 80
+    kind, (path, *_) = layout
+    long_draft = long_draft[kind]
+    n = 80
     plain = gemma_edge.load(path)
     V = plain.tokenizer.vocab_size  # the penalty takes only ids the tokenizer has
     prompt = [2] + [int(t) for t in np.random.default_rng(1).integers(10, V, 2029)]
@@ -254,6 +322,9 @@ def test_speculative_decoding_across_the_span_and_released_slots(long, long_draf
     assert s.rounds > 5 and 0 < s.accepted < s.drafted, s
     first, *rest = rewinds  # the draft's first catch-up prefills the prompt; then it only rolls back
     assert first[1] == len(prompt) and max(r[0] for r in rest) >= 1 and all(r[1] == 0 for r in rest), rewinds
+    if kind == "ring":  # nothing to give back
+        assert released[-2] == (0, 0) and m.config.kv_ring and d.config.kv_ring, released
+        return
     after_prefill = len(prompt) - 1 - m.config.sliding_window - engine.RELEASE_MARGIN
     # given back while drafting (the last token is decoded alone, as Model._decode does)
     assert min(released[-2]) > after_prefill, released
@@ -277,31 +348,37 @@ print(json.dumps({"grew_mb": status('RssAnon') - before, "peak_grew_mb": status(
 """
 
 
-def test_cache_memory_follows_the_tokens_and_the_window(tmp_path, sp_model_path):
+@pytest.mark.parametrize("ring", [False, True])
+def test_cache_memory_follows_the_tokens_and_the_window(tmp_path, sp_model_path, ring):
     """A context-8192 file with 1 KB slots (head_dim 256, one KV head): its cache would be 64 MB
     written whole. After 6000 tokens the process grew by about the global layer's 6000 slots
     (12 MB for K and V) plus three sliding layers' windows, not by the 36 MB the sliding layers
     would hold without giving their old slots back, nor by the 64 MB of the whole cache. That holds
     at the peak too: the slots are given back chunk by chunk while the prompt is prefilled, not
-    once it is all in (when the sliding layers would have held all 6000 for a moment)."""
+    once it is all in (when the sliding layers would have held all 6000 for a moment). With ring
+    caches nothing is given back: the sliding layers' caches are 262 slots (1.5 MB in all)."""
     from gemma_edge.convert.pipeline import convert
 
     _checkpoint(tmp_path / "ckpt", sp_model_path, head_dim=256, kv_heads=1)
     path = str(tmp_path / "wide.tflite")
-    convert(str(tmp_path / "ckpt"), path, quant="fp32", max_context=8192, prefill_lengths=(8, 128), progress=False)
+    convert(str(tmp_path / "ckpt"), path, quant="fp32", max_context=8192, prefill_lengths=(8, 128), progress=False,
+            ring_caches=ring)
     out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, path, "6000"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
     global_mb = 2 * 6000 / 1024  # one global layer, K and V, 1 KB a slot
     sliding_full_mb = 3 * 2 * 6000 / 1024
-    assert r["released"] > 5000, r
+    assert (r["released"] == 0) if ring else (r["released"] > 5000), r
     assert r["grew_mb"] < global_mb + 0.25 * sliding_full_mb, r
     assert r["peak_grew_mb"] < global_mb + 0.25 * sliding_full_mb, r
 
 
-def test_litert_lm_runs_a_file_with_span_signatures(long, sp_model_path, tmp_path):
-    """LiteRT-LM ignores decode_s2048 and runs the packed file like gemma-edge (greedy)."""
+@pytest.mark.parametrize("n_prompt", [40, 700])
+def test_litert_lm_runs_a_file_with_span_signatures(long, sp_model_path, tmp_path, n_prompt):
+    """LiteRT-LM ignores decode_s2048 and runs the packed file like gemma-edge (greedy), with its
+    own prefill chunks: 700 tokens go round the sliding layers' rings (262 slots) twice."""
     import gemma_edge
+    from gemma_edge.runtime import contract
     from gemma_edge.runtime.litertlm import pack
     from test_litertlm import explain_divergence, litert_engine, litert_greedy
     from test_runtime import prompt_ids
@@ -310,7 +387,8 @@ def test_litert_lm_runs_a_file_with_span_signatures(long, sp_model_path, tmp_pat
     engine = litert_engine(packed, tmp_path / "cache")
     try:
         m = gemma_edge.load(long[0])
-        text = m.tokenizer.decode(prompt_ids(sp_model_path, 40, seed=9)[1:])
+        assert contract.ring_slots(m.config) < n_prompt or n_prompt == 40
+        text = m.tokenizer.decode(prompt_ids(sp_model_path, n_prompt, seed=9)[1:])
         ours = m.generate(text, max_tokens=12, temperature=0)
         theirs, _, _ = litert_greedy(engine, text, 12)
         assert theirs == ours.text, explain_divergence(m, m.encode(text), ours, theirs)
@@ -332,7 +410,8 @@ def test_an_interrupted_long_prefill_leaves_a_cache_that_says_what_it_holds(tmp_
     monkeypatch.setattr(engine, "RELEASE_STEP", 64)
     hf = _checkpoint(tmp_path / "ckpt", sp_model_path, head_dim=256, kv_heads=1)
     path = str(tmp_path / "wide.tflite")
-    convert(str(tmp_path / "ckpt"), path, quant="fp32", max_context=4096, prefill_lengths=(8, 128), progress=False)
+    convert(str(tmp_path / "ckpt"), path, quant="fp32", max_context=4096, prefill_lengths=(8, 128), progress=False,
+            ring_caches=False)  # the released slots: full-length caches
     ids = [2] + [int(t) for t in np.random.default_rng(1).integers(10, 500, 2299)]
     m = gemma_edge.load(path)
     m.generate(ids[:1000], max_tokens=1, temperature=0.0, stop_tokens=False)  # the cache holds that prompt
