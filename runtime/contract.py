@@ -14,7 +14,7 @@ Signatures (LiteRT-LM runs the first two; the others are gemma-edge's own, ignor
 ``decode`` by its exact name, so no other signature may start with ``prefill``.)
 KV caches: ``kv_cache_k_<i>`` / ``kv_cache_v_<i>``, float32 [1, K, S, H], one pair for every
 layer i that owns a cache (``kv_layers``), bound as both input and output (updated in place).
-With ``cfg.kv_ring`` = R (``ring_length``), a sliding layer's cache is a ring of ``ring_slots``
+With ``cfg.kv_ring`` = R (``ring_length``; Gemma 3 files), a sliding layer's cache is a ring of ``ring_slots``
 = 2R - W slots instead of S: a chunk starting at position p is written at slots p % R ..
 p % R + T - 1 (never past the end, since T <= R - W + 1), and ``kv_cache_k_ring_pos``
 (float32 [1, 1, 2R - W, 1], ``RING_POS``, bound the same way) holds 1 + the position each slot
@@ -180,6 +180,11 @@ def ring_length(cfg: GemmaConfig, context: int, longest_chunk: int) -> int:
     layers or without a cache (bidirectional)."""
     W = cfg.sliding_window
     if not W or cfg.bidirectional or not any(cfg.is_sliding(i) for i in kv_layers(cfg)):
+        return 0
+    if cfg.family != 3:
+        # LiteRT-LM (0.18.1) takes a gemma4 file's token limit from its sliding caches' length
+        # (70 slots: "Input token ids are too long ... 120 >= 70"), where for gemma3 it reads the
+        # metadata; Gemma 2 files are not checked under LiteRT-LM. So only Gemma 3 gets rings.
         return 0
     R = W + int(longest_chunk) - 1
     return R if 2 * R - W < int(context) else 0

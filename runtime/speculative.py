@@ -30,7 +30,9 @@ Nothing relies on slots past the current position, and no call writes more than
 ``max(score lengths)`` (at most 32 in default files) slots past it. The draft rewinds by at
 most k - 1 tokens, well inside ``engine.RELEASE_MARGIN``: the sliding-layer slots both models
 give back as their positions advance (``Model._release_window``) are never reached by a rollback
-(if they were, ``Model._prefill`` would start over, slower but still right).
+(if they were, ``Model._prefill`` would start over, slower but still right). In a file with ring
+caches a rollback stays within ``contract.ring_rewind_limit`` (R - W is at least the longest
+chunk less one, and no round writes more than a score_<T>), so the ring still holds the window.
 
 Long contexts: ``decode`` picks the shortest ``decode_s<S'>`` span that holds the position, but
 there is one ``score_<T>`` per T, whose global layers read the whole cache. The slots past the
@@ -64,6 +66,7 @@ from typing import Iterator
 
 import numpy as np
 
+from . import contract
 from .errors import DraftError
 from .sampling import REPETITION_WINDOW, Distribution, apply_repetition_penalty, make_distribution
 
@@ -336,9 +339,12 @@ class Speculator:
 
     def _room(self, pos: int, left: int) -> int:
         """The largest k a round at ``pos`` may draft: tokens left to generate, a score_<T> that
-        fits the model's cache, and the draft's cache (it decodes up to position pos + k)."""
+        fits the model's cache, and the draft's cache (it decodes up to position pos + k, and a
+        ring file's draft may roll back by at most ``contract.ring_rewind_limit``)."""
         m, d = self.model, self.draft
         fits = [T for T in m.info.score_lengths if pos + T <= m.context_length]
         if not fits:
             return 0
-        return max(0, min(MAX_DRAFT, left - 1, max(fits) - 1, d.context_length - 1 - pos))
+        ring = contract.ring_rewind_limit(d.config)  # a draft's rollback must stay within its ring
+        return max(0, min(MAX_DRAFT, left - 1, max(fits) - 1, d.context_length - 1 - pos,
+                          MAX_DRAFT if ring is None else ring))

@@ -571,6 +571,40 @@ def test_litert_lm_runs_a_packed_gemma4_like_gemma_edge(e2b_file, tmp_path):
         engine.close()
 
 
+RING_CONTEXT = 256  # the tiny models' limit; rings would be 2R - W = 70 slots (R = 8 + 32 - 1)
+
+
+def test_a_gemma4_file_keeps_full_caches_that_litert_lm_reads_whole(e2b, g4_tokenizer, tmp_path):
+    """Gemma 4 files keep full-length caches even where a Gemma 3 file would get rings:
+    LiteRT-LM 0.18.1 takes a gemma4 file's token limit from its sliding caches' length (a ring
+    file of this model refused a 120-token prompt: "120 >= 70"). At context 256, LiteRT-LM
+    continues a 120-token text with gemma-edge's greedy tokens."""
+    from conftest import corpus_ids
+
+    import gemma_edge
+    from gemma_edge.convert.pipeline import convert
+    from gemma_edge.runtime import contract
+    from gemma_edge.runtime.litertlm import pack
+    from gemma_edge.runtime.modelfile import read_info
+    from test_litertlm import litert_engine, litert_greedy
+
+    path = tmp_path / "g4.tflite"
+    convert(str(e2b.checkpoint), str(path), quant="fp32", max_context=RING_CONTEXT, prefill_lengths=PREFILL,
+            progress=False)
+    cfg = read_info(str(path)).config
+    assert cfg.kv_ring == 0 and contract.ring_length(dataclasses.replace(cfg, family=3), RING_CONTEXT, 32) == 39
+    engine = litert_engine(pack(path, tmp_path / "g4.litertlm"), tmp_path / "cache")
+    try:
+        m = gemma_edge.load(str(path))
+        text = m.tokenizer.decode(corpus_ids(g4_tokenizer, 160, seed=17)[:120])
+        ours = m.generate(text, max_tokens=12, temperature=0)
+        assert ours.prompt_tokens > 70
+        theirs, n_in, _ = litert_greedy(engine, text, 12)
+        assert theirs == ours.text + ours.reasoning and n_in == ours.prompt_tokens
+    finally:
+        engine.close()
+
+
 # ---- multimodal checkpoints: the text decoder, the towers skipped -----------------------------------
 
 def test_gemma4_multimodal_checkpoint_converts_its_text_decoder(e2b, g4_tokenizer, tmp_path):

@@ -330,6 +330,35 @@ def test_speculative_decoding_across_the_span_and_released_slots(layout, long_dr
     assert min(released[-2]) > after_prefill, released
 
 
+def test_a_draft_with_a_short_ring_drafts_no_more_than_it_can_roll_back(long, long_draft, monkeypatch):
+    """A draft converted with prefill_8 only has rings of R = 8 + 8 - 1 (22 slots): it can roll
+    back 7 tokens. Rounds then draft at most 7, so the draft never has to start over, and the
+    greedy tokens are still the model's own."""
+    import gemma_edge
+    from gemma_edge.convert.pipeline import convert
+    from gemma_edge.runtime import contract, speculative
+
+    monkeypatch.setattr(speculative, "PROBE_EVERY", 0)
+    monkeypatch.setattr(speculative, "_PRIOR", (99.0, 1.0))  # an acceptance prior that asks for long drafts
+    root = os.path.dirname(long_draft["ring"])
+    short = os.path.join(root, "short_ring_draft.tflite")
+    convert(os.path.join(root, "draft_ckpt"), short, quant="fp32", max_context=CONTEXT, prefill_lengths=(8,),
+            progress=False, score_length=0)
+    V = gemma_edge.load(long[0]).tokenizer.vocab_size
+    prompt = [2] + [int(t) for t in np.random.default_rng(3).integers(10, V, 300)]
+    kw = dict(max_tokens=60, temperature=0.0, stop_tokens=False, repetition_penalty=3.0)
+    want = gemma_edge.load(long[0]).generate(prompt, **kw)
+    m = gemma_edge.load(long[0], draft=short)
+    assert contract.ring_rewind_limit(m.draft.config) == 7
+    ks, prefilled, choose, catch_up = [], [], m.speculator._schedule.choose, m.draft._prefill
+    m.speculator._schedule.choose = lambda k_max, *a: (ks.append(k_max), choose(k_max, *a))[1]
+    m.draft._prefill = lambda ids: (prefilled.append(catch_up(ids)), prefilled[-1])[1]
+    got = m.generate(prompt, **kw)
+    assert got.tokens == want.tokens
+    assert ks and max(ks) == 7, ks
+    assert prefilled[0] == len(prompt) and all(p <= 1 for p in prefilled[1:]), prefilled  # never started over
+
+
 MEMORY_CHILD = r"""
 import json, re, sys
 import gemma_edge
