@@ -106,7 +106,8 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
 
     tokens [1, T] int32, input_pos [T] int32 (real tokens are consecutive; padding
     slots carry position 0 and are overwritten later), caches name -> [1, K, S, H] for the
-    layers that own one (``contract.kv_layers``; the others read ``cfg.kv_source(layer)``'s).
+    layers that own one (``contract.kv_layers``; the others read ``cfg.kv_source(layer)``'s),
+    a ring file's sliding layers' [1, K, 2R - W, H] and its ``RING_POS`` (``_ring_mask``).
     ``span`` (< S) makes global layers attend only to slots 0 .. span-1 (``decode_s<span>``,
     for positions below it). Returns the updated caches, and ``logits``: of the last token
     [1, 1, V] (LAST_LOGITS), of every token [1, T, V] (ALL_LOGITS), or none.
@@ -264,8 +265,8 @@ def _ring_mask(cfg: GemmaConfig, input_pos, ring_pos):
     position, or 0 for padding (a token whose position is not input_pos[0] + its index: LiteRT-LM
     and gemma-edge pad a chunk with position 0). The other slot of each position written (x % R
     and x % R + R) is emptied, so after a rewind no position is held twice. A query at q sees a
-    slot holding x when q - W < x <= q and x % R == slot % R (what the graph writes; so a buffer
-    that was never cleared shows nothing it did not write)."""
+    slot holding x when q - W < x <= q and x % R == slot % R (true of every value the graph
+    writes, and rarely of anything else in a buffer a runtime did not clear)."""
     R, W = cfg.kv_ring, cfg.sliding_window
     T = input_pos.shape[0]
     P = ring_pos.shape[2]
