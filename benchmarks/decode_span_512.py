@@ -49,50 +49,70 @@ def bench(model: str, p: int, n: int, threads: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--max-context", type=int, default=2048)
-    ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "gemma-edge-bench"))
-    ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 4))
+    ap = ab_parser(__doc__)
     args = ap.parse_args()
     if args.max_context <= 512:
         ap.error("--max-context must be above 512 (a file gets decode_s512 only then)")
 
-    os.makedirs(args.work_dir, exist_ok=True)
-    files = {}
-    for which in ("before", "now"):
-        path = os.path.join(args.work_dir, f"gemma3-270m-int8-ctx{args.max_context}-spans-{which}.tflite")
+    files = converted(CONVERT, {w: os.path.join(args.work_dir, f"gemma3-270m-int8-ctx{args.max_context}-spans-{w}.tflite")
+                                for w in ("before", "now")}, args.max_context, args.threads)
+
+    alternate(files, POINTS, args.rounds, args.threads,
+              f"Gemma 3 270M int8, context {args.max_context}, {args.threads} threads, medians of {args.rounds} "
+              "alternating runs (load average now {load:.2f}); before = the same file without decode_s512")
+
+
+def ab_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of a two-file A/B script: --rounds, --max-context, --work-dir, --threads."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--max-context", type=int, default=2048)
+    ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "gemma-edge-bench"))
+    ap.add_argument("--threads", type=int, default=min(os.cpu_count() or 2, 4))
+    return ap
+
+
+def converted(script: str, paths: dict[str, str], context: int, threads: int) -> dict[str, str]:
+    """``paths`` (name -> .tflite), each made once by ``script`` (argv: path, context, name) if
+    missing, then loaded once so that its weight cache is packed and later loads are warm."""
+    for which, path in paths.items():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         if not os.path.exists(path):
             print(f"converting {path}", file=sys.stderr)
-            subprocess.run([sys.executable, "-c", CONVERT, path, str(args.max_context), which], check=True,
+            subprocess.run([sys.executable, "-c", script, path, str(context), which], check=True,
                            stdout=subprocess.DEVNULL)
-        files[which] = path
-        bench(path, 8, 2, args.threads)  # packs the weight cache: later loads are warm
+        bench(path, 8, 2, threads)
+    return paths
 
-    runs = {(w, pt): [] for w in files for pt in POINTS}
-    for r in range(args.rounds):
-        for pt, (p, n) in POINTS.items():
-            for which in (("before", "now") if r % 2 == 0 else ("now", "before")):
-                runs[which, pt].append(bench(files[which], p, n, args.threads))
+
+def alternate(files: dict[str, str], points: dict[str, tuple[int, int]], rounds: int, threads: int,
+              title: str) -> None:
+    """``gemma-edge bench`` on each of two ``files`` (name -> path: the baseline first) at each
+    of ``points`` (label -> (prompt tokens, generated)), alternating the order by round; prints
+    medians and the ratios (second / first). ``title`` may hold ``{load}``."""
+    base, new = list(files)
+    runs = {(w, pt): [] for w in files for pt in points}
+    for r in range(rounds):
+        for pt, (p, n) in points.items():
+            for which in ((base, new) if r % 2 == 0 else (new, base)):
+                runs[which, pt].append(bench(files[which], p, n, threads))
         print(f"round {r + 1}: " + ", ".join(f"{w} {pt} {runs[w, pt][-1]['decode_tps']:.1f}"
-                                              for pt in POINTS for w in files), file=sys.stderr)
+                                              for pt in points for w in files), file=sys.stderr)
 
     def med(which, pt, key):
         return statistics.median(x[key] for x in runs[which, pt])
 
-    load = os.getloadavg()[0]
-    print(f"Gemma 3 270M int8, context {args.max_context}, {args.threads} threads, medians of {args.rounds} "
-          f"alternating runs (load average now {load:.2f}); before = the same file without decode_s512")
-    print(f"{'':20}{'':8}{'decode tok/s':>13}{'prefill tok/s':>14}{'load s':>8}{'peak RSS MB':>12}")
-    for pt in POINTS:
+    print(title.format(load=os.getloadavg()[0]))
+    width = max(len(pt) for pt in points) + 2
+    print(f"{'':{width}}{'':8}{'decode tok/s':>13}{'prefill tok/s':>14}{'load s':>8}{'peak RSS MB':>12}")
+    for pt in points:
         for which in files:
-            print(f"{pt:<20}{which:<8}{med(which, pt, 'decode_tps'):>13.1f}{med(which, pt, 'prefill_tps'):>14.0f}"
+            print(f"{pt:<{width}}{which:<8}{med(which, pt, 'decode_tps'):>13.1f}{med(which, pt, 'prefill_tps'):>14.0f}"
                   f"{med(which, pt, 'load_s'):>8.3f}{med(which, pt, 'peak_rss_mb'):>12.0f}")
-        print(f"{'':20}{'ratio':<8}{med('now', pt, 'decode_tps') / med('before', pt, 'decode_tps'):>12.2f}x"
-              f"{med('now', pt, 'prefill_tps') / med('before', pt, 'prefill_tps'):>13.2f}x"
-              f"{med('now', pt, 'load_s') / med('before', pt, 'load_s'):>7.2f}x"
-              f"{med('now', pt, 'peak_rss_mb') / med('before', pt, 'peak_rss_mb'):>11.2f}x")
-
+        print(f"{'':{width}}{'ratio':<8}{med(new, pt, 'decode_tps') / med(base, pt, 'decode_tps'):>12.2f}x"
+              f"{med(new, pt, 'prefill_tps') / med(base, pt, 'prefill_tps'):>13.2f}x"
+              f"{med(new, pt, 'load_s') / med(base, pt, 'load_s'):>7.2f}x"
+              f"{med(new, pt, 'peak_rss_mb') / med(base, pt, 'peak_rss_mb'):>11.2f}x")
 
 if __name__ == "__main__":
     main()
