@@ -129,6 +129,19 @@ def test_decode_on_both_sides_of_the_span_matches_transformers(layout, start):
                      500: {"decode_s512", "decode_s2048"}}[start], spans
 
 
+def test_the_interpreter_backend_runs_a_ring_file(long):
+    """The fallback without CompiledModel copies every cache between calls, the ring's slot
+    positions included: past the ring (262 slots) its logits are transformers'."""
+    from gemma_edge.runtime.backend import make_backend, run_prefill
+    from gemma_edge.runtime.modelfile import read_info
+
+    path, _, ids, want = long
+    b = make_backend(read_info(path), kind="interp")
+    run_prefill(b, ids[:600], 0)
+    for p in range(600, 606):
+        _close(b.decode(ids[p], p), want[p], f"position {p}")
+
+
 @pytest.fixture(scope="module")
 def wide_window(tmp_path_factory, sp_model_path):
     """The tiny Gemma 3 with a sliding window of 600 at context 1024: decode_s512 lies within the
