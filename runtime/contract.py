@@ -14,9 +14,9 @@ Signatures (LiteRT-LM runs the first two; the others are gemma-edge's own, ignor
 ``decode`` by its exact name, so no other signature may start with ``prefill``.)
 KV caches: ``kv_cache_k_<i>`` / ``kv_cache_v_<i>``, float32 [1, K, S, H], one pair for every
 layer i that owns a cache (``kv_layers``), bound as both input and output (updated in place).
-With ``cfg.kv_ring`` = R (``ring_length``; Gemma 3 files), a sliding layer's cache is a ring of ``ring_slots``
-= 2R - W slots instead of S: a chunk starting at position p is written at slots p % R ..
-p % R + T - 1 (never past the end, since T <= R - W + 1), and ``kv_cache_k_ring_pos``
+With ``cfg.kv_ring`` = R (``ring_length``; Gemma 3 files), a sliding layer's cache is a ring
+of ``ring_slots`` = 2R - W slots instead of S: a chunk starting at position p is written at
+slots p % R .. p % R + T - 1 (never past the end, since T <= R - W + 1), and ``kv_cache_k_ring_pos``
 (float32 [1, 1, 2R - W, 1], ``RING_POS``, bound the same way) holds 1 + the position each slot
 holds, 0 for none. A slot holding position x has x % R == slot % R, so each position has two
 candidate slots; writing one empties the other, and a sliding layer attends to the slots whose
