@@ -72,11 +72,31 @@ def ab_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
-def converted(script: str, paths: dict[str, str], context: int, threads: int) -> dict[str, str]:
+def stale(path: str, full: bool) -> bool:
+    """Is the file at ``path`` not laid out as the converter lays it out now: full-length caches
+    if ``full``, else rings where ``contract.ring_length`` gives them (a file kept in the work
+    folder by a run before ring caches has full-length ones)?"""
+    import dataclasses
+
+    from gemma_edge.runtime import contract
+    from gemma_edge.runtime.modelfile import read_info
+
+    info = read_info(path)
+    cfg = info.config
+    now = contract.ring_length(dataclasses.replace(cfg, kv_ring=0), info.context_length,
+                               max([*info.prefill_lengths, *info.score_lengths]))
+    return cfg.kv_ring != (0 if full else now)
+
+
+def converted(script: str, paths: dict[str, str], context: int, threads: int, full=()) -> dict[str, str]:
     """``paths`` (name -> .tflite), each made once by ``script`` (argv: path, context, name) if
-    missing, then loaded once so that its weight cache is packed and later loads are warm."""
+    missing or ``stale`` (the names in ``full`` with full-length caches), then loaded once so
+    that its weight cache is packed and later loads are warm."""
     for which, path in paths.items():
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if os.path.exists(path) and stale(path, which in full):
+            print(f"{path} was converted before its cache layout changed: converting it again", file=sys.stderr)
+            os.remove(path)
         if not os.path.exists(path):
             print(f"converting {path}", file=sys.stderr)
             subprocess.run([sys.executable, "-c", script, path, str(context), which], check=True,

@@ -33,6 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from decode_span_512 import stale  # noqa: E402
 from runtime_vs_llamacpp import find_llama_python  # noqa: E402
 
 CHUNK, DECODE = 512, 32
@@ -101,6 +102,9 @@ convert(sys.argv[1], sys.argv[2], quant="int8", max_context=int(sys.argv[3]), pr
 
 def convert(gguf: str, context: int, work: str, layout: str = "ring") -> str:
     path = os.path.join(work, f"gemma3-270m-int8-ctx{context}{'-full-caches' if layout == 'full' else ''}.tflite")
+    if os.path.exists(path) and stale(path, layout == "full"):
+        print(f"{path} was converted before its cache layout changed: converting it again", file=sys.stderr)
+        os.remove(path)
     if not os.path.exists(path):
         subprocess.run([sys.executable, "-c", CONVERT, gguf, path, str(context), layout], check=True)
     return path

@@ -41,7 +41,7 @@ def main() -> None:
               f"positions {args.max_context - 200}-{args.max_context - 137}": (args.max_context - 200, 64)}
 
     files = converted(CONVERT, {w: os.path.join(args.work_dir, f"gemma3-270m-int8-ctx{args.max_context}-{w}-caches.tflite")
-                                for w in ("full", "ring")}, args.max_context, args.threads)
+                                for w in ("full", "ring")}, args.max_context, args.threads, full=("full",))
     alternate(files, points, args.rounds, args.threads,
               f"Gemma 3 270M int8, context {args.max_context}, {args.threads} threads, medians of {args.rounds} "
               "alternating runs (load average now {load:.2f}); full = the same file with full-length caches")
