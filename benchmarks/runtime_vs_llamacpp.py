@@ -163,6 +163,11 @@ def main():
         os.makedirs(args.work_dir, exist_ok=True)
         stem = "gemma3-270m" if args.gguf is None else Path(args.gguf).stem
         model = os.path.join(args.work_dir, f"{stem}-int8-ctx{args.max_context}.tflite")
+        from decode_span_512 import stale
+
+        if os.path.exists(model) and stale(model, full=False):  # kept from a run before the layout changed
+            print(f"{model} was converted before its layout changed: converting it again", file=sys.stderr)
+            os.remove(model)
         if not os.path.exists(model):
             exe = Path(sys.executable).with_name("gemma-convert")
             subprocess.run([str(exe), gguf, "-o", model, "--quant", "int8", "--max-context",

@@ -44,13 +44,28 @@ def _linear(x, w):
     return tf.matmul(x, w, transpose_b=True)
 
 
+def _rows(w: dict, name: str, ids):
+    """Rows ``ids`` of table ``name``, times their scales when the file keeps those as a tensor
+    (``contract.row_scales_name``; a GATHER of T floats, the lookup itself reading the stored values)."""
+    rows = tf.gather(w[name], ids)
+    scales = w.get(C.row_scales_name(name))
+    return rows if scales is None else rows * tf.gather(scales, ids)[:, None]
+
+
+def _head(w: dict, name: str, h):
+    """[T, D] x table ``name`` -> [T, rows], times the rows' scales when kept as a tensor."""
+    out = _linear(h, w[name])
+    scales = w.get(C.row_scales_name(name))
+    return out if scales is None else out * scales
+
+
 def _lookup(cfg: GemmaConfig, w: dict, ids):
     """The embedding rows of ``ids`` [T]. A split embedding (``cfg.embed_hot``) looks each id up in
     both tables, at its row in each (clamped into range: the other table's row is not used), and
     keeps the row of the table that holds it: two EMBEDDING_LOOKUPs of T rows and a select, so
     each table keeps its own scheme."""
     if not cfg.embed_hot:
-        return tf.gather(w[C.EMBED], ids)
+        return _rows(w, C.EMBED, ids)
     H = cfg.embed_hot_rows
     hot_row, below, is_hot, at = tf.zeros_like(ids), tf.zeros_like(ids), tf.zeros_like(ids, dtype=tf.bool), 0
     for a, b in C.embed_segments(C.EMBED_HOT, cfg):
@@ -59,8 +74,8 @@ def _lookup(cfg: GemmaConfig, w: dict, ids):
         hot_row = tf.where(inside, ids - a + at, hot_row)
         below = below + tf.clip_by_value(ids - a, 0, b - a)  # hot rows before the id: a cold id's offset
         at += b - a
-    hot = tf.gather(w[C.EMBED_HOT], hot_row)
-    cold = tf.gather(w[C.EMBED_COLD], tf.clip_by_value(ids - below, 0, cfg.vocab_size - H - 1))
+    hot = _rows(w, C.EMBED_HOT, hot_row)
+    cold = _rows(w, C.EMBED_COLD, tf.clip_by_value(ids - below, 0, cfg.vocab_size - H - 1))
     return tf.where(is_hot[:, None], hot, cold)
 
 
@@ -68,8 +83,8 @@ def _lm_head(cfg: GemmaConfig, w: dict, h):
     """[T, D] -> logits [T, V] on the tied embedding; a split one is two FULLY_CONNECTED whose
     columns are put back in vocabulary order (slices and a concatenation)."""
     if not cfg.embed_hot:
-        return _linear(h, w[C.EMBED])
-    z = {C.EMBED_HOT: _linear(h, w[C.EMBED_HOT]), C.EMBED_COLD: _linear(h, w[C.EMBED_COLD])}
+        return _head(w, C.EMBED, h)
+    z = {name: _head(w, name, h) for name in (C.EMBED_HOT, C.EMBED_COLD)}
     segments = sorted((a, b, name) for name in z for a, b in C.embed_segments(name, cfg))
     parts, at = [], {name: 0 for name in z}
     for a, b, name in segments:
@@ -135,7 +150,7 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
         P = cfg.ple_dim
         proj = _linear(x, w[C.PLE_PROJ]) * np.float32(cfg.hidden_size ** -0.5)  # [T, L*P]
         proj = tf.unstack(_rms_norm(tf.reshape(proj, [T, L, P]), w[C.PLE_PROJ_NORM], eps), axis=1)  # L x [T, P]
-        ple = [(proj[i] + tf.gather(w[C.weight_name(i, "ple_embed")], ids) * np.float32(P ** 0.5))
+        ple = [(proj[i] + _rows(w, C.weight_name(i, "ple_embed"), ids) * np.float32(P ** 0.5))
                * np.float32(2 ** -0.5) for i in range(L)]  # L x [T, P]
 
     # A ring file (cfg.kv_ring, contract.ring_slots): sliding layers write at position % R and
@@ -316,9 +331,10 @@ def _pool(cfg: GemmaConfig, w: dict, x, segments):
     return e[None]  # [1, G, E]
 
 
-def _signature_fn(cfg: GemmaConfig, name: str, context: int):
+def _signature_fn(cfg: GemmaConfig, name: str, context: int, row_scaled=()):
     T, logits, span = C.parse_signature(name)
     shapes = C.weight_shapes(cfg)
+    shapes |= {C.row_scales_name(n): shapes[n][:1] for n in row_scaled}
     kv = {} if logits == C.POOLED else C.kv_shapes(cfg, context)
     specs = [tf.TensorSpec([1, T], tf.int32, name=C.TOKENS), tf.TensorSpec([T], tf.int32, name=C.INPUT_POS)]
     extra = [C.SEGMENTS] if logits == C.POOLED else []
@@ -337,12 +353,14 @@ def _signature_fn(cfg: GemmaConfig, name: str, context: int):
     return tf.function(fn, input_signature=specs, autograph=False)
 
 
-def build_template(cfg: GemmaConfig, context: int, signatures: list[str]) -> bytes:
-    """Convert the graph (weights as inputs) to a template .tflite: one subgraph per signature."""
+def build_template(cfg: GemmaConfig, context: int, signatures: list[str], row_scaled=()) -> bytes:
+    """Convert the graph (weights as inputs) to a template .tflite: one subgraph per signature.
+    ``row_scaled``: vocabulary tables whose per-row scales are an input of their own
+    (``contract.vocab_tables``)."""
     module = tf.Module()
     fns = []
     for name in signatures:
-        setattr(module, name, _signature_fn(cfg, name, context))
+        setattr(module, name, _signature_fn(cfg, name, context, row_scaled))
         fns.append(getattr(module, name).get_concrete_function())
     converter = tf.lite.TFLiteConverter.from_concrete_functions(fns, module)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -353,8 +371,8 @@ if __name__ == "__main__":  # one signature per child process: see template.py
     import json
     import sys
 
-    cfg_json, context, signature, out_path = sys.argv[1:5]
+    cfg_json, context, signature, out_path, row_scaled = sys.argv[1:6]
     cfg = GemmaConfig.from_dict(json.loads(cfg_json))
-    data = build_template(cfg, int(context), [signature])
+    data = build_template(cfg, int(context), [signature], json.loads(row_scaled))
     with open(out_path, "wb") as f:
         f.write(data)

@@ -227,6 +227,10 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
 
         slots = [WeightSlot(n, s, get_scheme(recipe[kind_of(n)]) if kind_of(n) else SCHEMES["fp32"])
                  for n, s in shapes.items()]
+        vocab = set(contract.vocab_tables(cfg))
+        for s in slots:  # a quantized vocabulary table's row scales: a tensor, not copied into each signature
+            s.row_scales = s.name in vocab and s.scheme.granularity == "channel"
+        row_scaled = [s.name for s in slots if s.row_scales]
         for s in slots:  # the per-layer tables are one packed source table: written from one pass over it
             source = contract.source_rows(s.name, cfg, 0, 0)[0]
             if src.map[source][1] == PLE_COLUMNS:
@@ -246,9 +250,9 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         if embedding is None and ring_caches:  # sliding layers' caches as rings of about their window
             cfg = dataclasses.replace(cfg, kv_ring=contract.ring_length(cfg, context, max([*lengths, *score])))
         stage("build template")
-        spans = () if embedding else contract.decode_spans(context)  # no cache, no decode
+        spans = () if embedding else contract.decode_spans(context, cfg)  # no cache, no decode
         tpl = template.build_template(cfg, context, lengths, score, spans, progress=progress,  # TF in children
-                                      embed_lengths=embedding.lengths if embedding else ())
+                                      embed_lengths=embedding.lengths if embedding else (), row_scaled=row_scaled)
         meta = modelfile.FileMeta(
             config=cfg, context_length=context, prefill_lengths=tuple(lengths), score_lengths=tuple(score),
             decode_spans=spans,

@@ -82,9 +82,10 @@ ISOLATE_ABOVE_PARAMS = 100_000_000  # smaller models (tests) convert in-process:
 
 
 def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], score_lengths=(), spans=(),
-                   isolate: bool | None = None, progress: bool = False, embed_lengths=()) -> bytes:
+                   isolate: bool | None = None, progress: bool = False, embed_lengths=(), row_scaled=()) -> bytes:
     """Convert every signature in its own child process and merge them into one model
-    (``embed_lengths``: an embedding model's embed_<T> signatures instead)."""
+    (``embed_lengths``: an embedding model's embed_<T> signatures instead; ``row_scaled``: the
+    vocabulary tables whose per-row scales are a tensor of their own, ``contract.vocab_tables``)."""
     from ai_edge_litert import schema_py_generated as fb
 
     signatures = contract.signature_names(prefill_lengths, score_lengths, spans, embed_lengths)
@@ -94,7 +95,7 @@ def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], s
         from . import graph
 
         try:
-            return graph.build_template(cfg, context, signatures)
+            return graph.build_template(cfg, context, signatures, row_scaled)
         except Exception as e:  # TensorFlow reports conversion failures as assorted exceptions
             raise _conversion_error("the graph", f"{type(e).__name__}: {e}", None) from None
 
@@ -112,7 +113,8 @@ def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], s
         for sig in steps:
             out = os.path.join(tmp, f"{sig}.tflite")
             proc = subprocess.run(
-                [sys.executable, "-m", "gemma_edge.convert.graph", json.dumps(cfg.to_dict()), str(context), sig, out],
+                [sys.executable, "-m", "gemma_edge.convert.graph", json.dumps(cfg.to_dict()), str(context), sig, out,
+                 json.dumps(list(row_scaled))],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=child_dies_with_parent,
                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "0"})
             if proc.returncode != 0:

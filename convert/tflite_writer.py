@@ -3,7 +3,10 @@
 1. Surgery: every weight input of every signature becomes a constant tensor backed by
    one buffer shared by all signatures (fp32; int8 or int4 with per-channel scales in
    the header; or blockwise int4, whose fp16 scales are a tensor of each subgraph over
-   one more shared buffer); it is removed from the subgraph and signature inputs. GATHER on the embedding becomes
+   one more shared buffer); it is removed from the subgraph and signature inputs. A
+   vocabulary table with ``row_scales`` keeps its per-row scales as a float32 tensor over a
+   buffer of its own (``contract.row_scales_name``, applied by the graph) and a single scale
+   of 1 as its quantization: LiteRT copies per-channel parameters into every signature. GATHER on the embedding becomes
    EMBEDDING_LOOKUP, which reads quantized tables, so the tied embedding / LM head is
    stored once.
 2. Streaming write: weight and metadata buffers live *after* the flatbuffer header
@@ -29,7 +32,7 @@ from ai_edge_litert import schema_py_generated as fb
 
 from ..quantize.reference import NonFiniteError, dequantize_rows, quantize_rows
 from ..quantize.schemes import Scheme
-from ..runtime import modelfile
+from ..runtime import contract, modelfile
 
 ALIGN = 64
 _PLACEHOLDER_OFFSET = 1 << 40  # non-zero, so the field is serialised at its final width
@@ -49,6 +52,7 @@ class WeightSlot:
     zero_points: np.ndarray | None = None  # per-channel zero points (0), shared like the scales
     quant_params: list = field(default_factory=list)  # QuantizationParametersT of every signature
     scale_buffer: int = -1  # blockwise: fp16 scales [rows, cols / block] in a buffer of their own
+    row_scales: bool = False  # per-channel: float32 scales [rows] in a buffer of their own (see apply_surgery)
     scale_offset: int = 0
     group: str | None = None  # consecutive slots of one group are written row chunk by row chunk together
     read_cols: int = 0  # columns one row of the group's source holds (sizes its row chunks)
@@ -65,9 +69,13 @@ class WeightSlot:
         return rows * self.scheme.row_bytes(cols)
 
     @property
+    def scale_row_nbytes(self) -> int:
+        """Bytes of one row's scales in the scale buffer (0 when they live in the header)."""
+        return 4 if self.row_scales else self.scheme.scale_row_bytes(self.rows_cols[1])
+
+    @property
     def scale_nbytes(self) -> int:
-        rows, cols = self.rows_cols
-        return rows * self.scheme.scale_row_bytes(cols)
+        return self.rows_cols[0] * self.scale_row_nbytes
 
 
 def _opcode_index(model, builtin: int) -> int:
@@ -86,10 +94,16 @@ def apply_surgery(template: bytes, slots: list[WeightSlot], metadata: dict[str, 
     """Return (ModelT, metadata slots) with weights as constants and metadata as buffers."""
     model = fb.ModelT.InitFromPackedBuf(template, 0)
     by_name = {s.name: s for s in slots}
+    scale_inputs = {contract.row_scales_name(s.name): s for s in slots if s.row_scales}
     for s in slots:
         model.buffers.append(fb.BufferT(offset=_PLACEHOLDER_OFFSET, size=s.nbytes))
         s.buffer = len(model.buffers) - 1
-        if s.scheme.granularity == "channel":
+        if s.row_scales:
+            if s.scheme.granularity != "channel":
+                raise ValueError(f"{s.name}: row scales need a per-channel scheme, not {s.scheme.name}")
+            model.buffers.append(fb.BufferT(offset=_PLACEHOLDER_OFFSET, size=s.scale_nbytes))
+            s.scale_buffer = len(model.buffers) - 1
+        elif s.scheme.granularity == "channel":
             s.scales = np.ones(s.shape[0], dtype=np.float32)
             s.zero_points = _zeros(s.shape[0])
         elif s.scheme.granularity == "block":
@@ -100,13 +114,21 @@ def apply_surgery(template: bytes, slots: list[WeightSlot], metadata: dict[str, 
 
     for sig in model.signatureDefs:
         sg = model.subgraphs[sig.subgraphIndex]
-        weight_inputs = {t.name.decode(): t.tensorIndex for t in sig.inputs if t.name.decode() in by_name}
+        weight_inputs = {t.name.decode(): t.tensorIndex for t in sig.inputs
+                         if t.name.decode() in by_name or t.name.decode() in scale_inputs}
         for name, ti in weight_inputs.items():
-            s = by_name[name]
             t = sg.tensors[ti]
+            if name in scale_inputs:  # a table's row scales: float32 [rows], a constant like a weight
+                t.buffer = scale_inputs[name].scale_buffer
+                continue
+            s = by_name[name]
             t.buffer = s.buffer
             t.type = s.scheme.tflite_type
-            if s.scheme.granularity == "channel":
+            if s.row_scales:  # one scale of 1: the stored values times the row's scale come after, in the graph
+                qp = _SharedQuantization()
+                qp.scale, qp.zeroPoint, qp.quantizedDimension = _ONE, _zeros(1), 0
+                t.quantization = qp
+            elif s.scheme.granularity == "channel":
                 qp = _SharedQuantization()  # every signature's tensor points at one scale vector
                 qp.scale = s.scales
                 qp.zeroPoint = s.zero_points
@@ -134,7 +156,7 @@ def apply_surgery(template: bytes, slots: list[WeightSlot], metadata: dict[str, 
         sig.inputs = [t for t in sig.inputs if t.tensorIndex not in constant]
         # GATHER(table, ids) -> EMBEDDING_LOOKUP(ids, table): reads int8/int4 tables (the
         # embedding, Gemma 4's per-layer tables) and touches only the rows it looks up
-        tables = set(weight_inputs.values())
+        tables = {ti for name, ti in weight_inputs.items() if name not in scale_inputs}  # not the 1-D scales
         for op in sg.operators:
             if op.opcodeIndex == gather and op.inputs[0] in tables:
                 if lookup is None:
@@ -182,6 +204,7 @@ class _SharedQuantization(fb.QuantizationParametersT):
 
 
 _packing = threading.local()
+_ONE = np.ones(1, dtype=np.float32)  # the single scale of a table with row scales (one vector per file)
 
 
 @functools.lru_cache(maxsize=None)
@@ -298,7 +321,7 @@ def _units(slots: list[WeightSlot]) -> Iterator[list[WeightSlot]]:
 
 def _write_rows(fd: int, s: WeightSlot, read_rows: RowReader, r0: int, r1: int, data_hash, scale_hash,
                 errors: dict | None) -> None:
-    """Quantize rows [r0, r1) of one weight and write them (and blockwise scales) into place."""
+    """Quantize rows [r0, r1) of one weight and write them (and scales kept in a buffer) into place."""
     cols = s.rows_cols[1]
     w = read_rows(s.name, r0, r1).reshape(r1 - r0, cols)
     try:
@@ -311,9 +334,9 @@ def _write_rows(fd: int, s: WeightSlot, read_rows: RowReader, r0: int, r1: int, 
         e0, n0 = errors.get(s.name, (0.0, 0.0))
         errors[s.name] = (e0 + float(np.dot(d.ravel(), d.ravel())), n0 + float(np.dot(w64.ravel(), w64.ravel())))
     if scale_hash is not None:
-        block = memoryview(np.ascontiguousarray(scales)).cast("B")
+        block = memoryview(np.ascontiguousarray(scales, dtype=np.float32 if s.row_scales else None)).cast("B")
         scale_hash.update(block)
-        _pwrite_all(fd, block, s.scale_offset + r0 * s.scheme.scale_row_bytes(cols))
+        _pwrite_all(fd, block, s.scale_offset + r0 * s.scale_row_nbytes)
     elif scales is not None:
         s.scales[r0:r1] = scales
     block = memoryview(np.ascontiguousarray(data)).cast("B")

@@ -90,9 +90,15 @@ def decode_span_name(span: int) -> str:
 DECODE_SPANS = (512, 2048, 8192, 32768)
 
 
-def decode_spans(context: int) -> tuple[int, ...]:
-    """The decode_s<S'> spans a file with this context gets."""
-    return tuple(s for s in DECODE_SPANS if s < int(context))
+def decode_spans(context: int, cfg: GemmaConfig | None = None) -> tuple[int, ...]:
+    """The decode_s<S'> spans a file with this context gets. A ring file (``cfg.kv_ring``) gets
+    none within the sliding window: there such a span spares the sliding layers the copy of their
+    window out of a full-length cache, which a ring does not make. What it would still do, spare
+    the global layers part of their read below it, came to 0-7% of decode on the 270M (about 3%
+    over ten alternating rounds) for a signature's 7-11 MB and 10-14 ms of load
+    (benchmarks/decode_span_512.py)."""
+    inside = cfg.sliding_window if cfg is not None and cfg.kv_ring else 0
+    return tuple(s for s in DECODE_SPANS if inside < s < int(context))
 
 
 def signature_names(prefill_lengths, score_lengths=(), spans=(), embed_lengths=()) -> list[str]:
@@ -212,6 +218,22 @@ EMBED_COLD = "embed_cold"
 FINAL_NORM = "final_norm"
 PLE_PROJ = "ple_proj"  # per-layer embeddings: the projection of the token embedding, [L * P, D]
 PLE_PROJ_NORM = "ple_proj_norm"  # and its norm, [P]
+
+
+def vocab_tables(cfg: GemmaConfig) -> list[str]:
+    """The weights with a row per vocabulary entry: the tied embedding (or its two tables) and
+    Gemma 4's per-layer tables. A quantized one may keep its per-row scales as a float32 [rows]
+    tensor of their own (``row_scales_name``) that the graph applies after the lookup and the LM
+    head, its own quantization then being a single scale of 1: LiteRT copies a tensor's
+    per-channel parameters into every signature at load (8 bytes a row, 2 MB a signature for
+    Gemma's 262144), where a tensor's buffer stays in the file."""
+    names = [EMBED_HOT, EMBED_COLD] if cfg.embed_hot_rows else [EMBED]
+    return names + ([weight_name(i, "ple_embed") for i in range(cfg.num_layers)] if cfg.ple_dim else [])
+
+
+def row_scales_name(name: str) -> str:
+    """``embed`` -> ``embed_row_scales``: the per-row scales of a vocabulary table (``vocab_tables``)."""
+    return f"{name}_row_scales"
 
 
 def dense_name(k: int) -> str:

@@ -8,8 +8,8 @@ checkpoint is also converted with full-length caches (``ring_caches=False``, the
 whose sliding slots are given back as they leave the window). Logits at positions on both sides
 of 512 and 2048 are checked against transformers' on the same 2300 tokens; the memory tests use
 a variant with 256-wide heads, where a cache slot is 1 KB and pages are measurable. A variant
-with a window of 600 checks ``decode_s512`` within the window, where the sliding layers read
-slots from 0.
+with a window of 600 and full-length caches checks ``decode_s512`` within the window, where the
+sliding layers read slots from 0 (a ring file gets no span within its window).
 """
 
 from __future__ import annotations
@@ -144,15 +144,15 @@ def test_the_interpreter_backend_runs_a_ring_file(long):
 
 @pytest.fixture(scope="module")
 def wide_window(tmp_path_factory, sp_model_path):
-    """The tiny Gemma 3 with a sliding window of 600 at context 1024: decode_s512 lies within the
-    window."""
+    """The tiny Gemma 3 with a sliding window of 600 at context 1024, with full-length caches:
+    decode_s512 lies within the window."""
     from gemma_edge.convert.pipeline import convert
 
     root = tmp_path_factory.mktemp("window")
     hf = _checkpoint(root / "ckpt", sp_model_path, window=600)
     path = str(root / "w600.tflite")
     convert(str(root / "ckpt"), path, quant="fp32", max_context=1024, prefill_lengths=(8, 32, 128), progress=False,
-            score_length=0)
+            score_length=0, ring_caches=False)
     ids = [2] + [int(t) for t in np.random.default_rng(2).integers(10, 500, 659)]
     return path, hf, ids, hf_logits(hf, ids)
 
@@ -175,18 +175,25 @@ def _computed_slice_starts(path: str, signature: str) -> int:
 
 def test_a_span_within_the_window_reads_its_slots_from_zero(wide_window):
     """Below 512, inside a window of 600, every sliding layer sees all slots 0 .. pos: decode_s512
-    reads them with SLICEs of constant start, and plain decode's sliding layers read their whole
-    ring (no SLICE with a start computed in the graph in either), and decode across 512 and past
-    the window (prefill 590, decode to 660) matches transformers at every step."""
+    reads them with SLICEs of constant start where plain decode slices each sliding layer's
+    window from a start computed in the graph (the copy decode_s512 spares), and decode across
+    512 and past the window (prefill 590, decode to 660) matches transformers at every step. With
+    rings (what gemma-convert writes for Gemma 3 by default) the file gets no such span: its
+    sliding layers read their ring in place."""
+    import dataclasses
+
+    from gemma_edge.runtime import contract
     from gemma_edge.runtime.backend import CompiledBackend, run_prefill
     from gemma_edge.runtime.modelfile import read_info
 
     path, _, ids, want = wide_window
     info = read_info(path)
-    assert info.decode_spans == [512]
+    assert info.decode_spans == [512] and info.config.kv_ring == 0
     assert _computed_slice_starts(path, "decode_s512") == 0
-    assert info.config.kv_ring == 600 + 128 - 1  # the window and the longest chunk (prefill_128)
-    assert _computed_slice_starts(path, "decode") == 0
+    assert _computed_slice_starts(path, "decode") == 6  # the K and V windows of the three sliding layers
+    ring = dataclasses.replace(info.config, kv_ring=contract.ring_length(info.config, 1024, 128))
+    assert ring.kv_ring == 600 + 128 - 1 and contract.decode_spans(1024, ring) == ()
+    assert contract.decode_spans(4096, ring) == (2048,) and contract.decode_spans(4096) == (512, 2048)
     b = CompiledBackend(info, threads=1)
     used = []
     run = b._run

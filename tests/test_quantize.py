@@ -109,6 +109,11 @@ def test_blockwise_reference():
 
 @pytest.mark.parametrize("quant", ["int8", "int4", "int4-b32"])
 def test_written_file_holds_the_reference_bytes_and_scales(tmp_path, quant):
+    """Every stored byte and scale is the reference quantizer's, and the file computes with them.
+    A per-channel embedding keeps its row scales as a float32 tensor of their own
+    (``contract.row_scales_name``) with a single scale of 1 as its quantization, as
+    gemma-convert writes it: the logits below check that the graph applies them after both the
+    lookup and the LM head (a missing or misplaced one changes every logit)."""
     from ai_edge_litert import schema_py_generated as fb
 
     from gemma_edge.convert import tflite_writer as tw
@@ -123,10 +128,13 @@ def test_written_file_holds_the_reference_bytes_and_scales(tmp_path, quant):
     rng = np.random.default_rng(1)
     weights = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
     slots = [tw.WeightSlot(n, s, SCHEMES[quant if len(s) == 2 else "fp32"]) for n, s in shapes.items()]
+    row_scaled = [] if quant == "int4-b32" else ["embed"]
+    for slot in slots:
+        slot.row_scales = slot.name in row_scaled
     tw.CHUNK_BYTES, saved = 1024, tw.CHUNK_BYTES  # many row chunks even for tiny tensors
     try:
         path = tmp_path / "m.tflite"
-        tw.write_model(build_template(cfg, 16, [4], isolate=False), slots,
+        tw.write_model(build_template(cfg, 16, [4], isolate=False, row_scaled=row_scaled), slots,
                        lambda n, a, b: weights[n].reshape(-1, weights[n].shape[-1])[a:b],
                        {modelfile.CONFIG_KEY: json.dumps({"x": 1}).encode()}, str(path))
     finally:
@@ -162,7 +170,14 @@ def test_written_file_holds_the_reference_bytes_and_scales(tmp_path, quant):
                     else:
                         assert t.type == fb.TensorType.INT4
                         np.testing.assert_array_equal(unpack_int4(raw.reshape(q.shape[0], -1)), q)
-                    np.testing.assert_array_equal(np.asarray(t.quantization.scale, np.float32), s)
+                    if canon in row_scaled:  # one scale of 1; the rows' own in a float32 tensor
+                        np.testing.assert_array_equal(np.asarray(t.quantization.scale, np.float32), [1.0])
+                        st = next(x for x in sg.tensors if x.name.decode().endswith("_embed_row_scales:0"))
+                        sb = model.buffers[st.buffer]
+                        assert st.type == fb.TensorType.FLOAT32 and list(st.shape) == [s.size] and sb.offset % tw.ALIGN == 0
+                        np.testing.assert_array_equal(np.frombuffer(data, np.float32, count=s.size, offset=sb.offset), s)
+                    else:
+                        np.testing.assert_array_equal(np.asarray(t.quantization.scale, np.float32), s)
                     assert t.quantization.quantizedDimension == 0 and not np.any(t.quantization.zeroPoint)
                 else:
                     np.testing.assert_array_equal(raw.view(np.float32), weights[canon])

@@ -82,6 +82,32 @@ def test_matches_llama_cpp_reference(real_file):
         assert sum(clear) >= len(clear) - 1
 
 
+def test_the_embedding_row_scales_are_one_tensor_not_copied_into_each_signature(real_file):
+    """LiteRT copies a tensor's per-channel quantization parameters into every signature at load
+    (8 bytes a channel): the embedding's 262144 rows cost 2 MB a signature that way. The int8
+    file keeps them as one float32 tensor (a constant over one buffer, read in place), the
+    table's own quantization a single scale of 1; llama.cpp's ids above check the values."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    quant, path = real_file
+    with open(path, "rb") as f:
+        model = fb.Model.GetRootAsModel(f.read(), 0)
+    if quant == "fp32":
+        pytest.skip("an fp32 file has no scales")
+    assert model.SubgraphsLength() == 7
+    buffers = set()
+    for g in range(model.SubgraphsLength()):
+        sg = model.Subgraphs(g)
+        by_name = {sg.Tensors(t).Name().decode(): sg.Tensors(t) for t in range(sg.TensorsLength())}
+        widest = max(t.Quantization().ScaleLength() for t in by_name.values() if t.Quantization())
+        assert widest == 2048, (sg.Name(), widest)  # the FFN's gate and up; no 262144-row vector
+        assert by_name["serving_default_embed:0"].Quantization().ScaleAsNumpy().tolist() == [1.0]
+        scales = by_name["serving_default_embed_row_scales:0"]
+        assert scales.ShapeAsNumpy().tolist() == [262144] and scales.Type() == fb.TensorType.FLOAT32
+        buffers.add(scales.Buffer())
+    assert len(buffers) == 1
+
+
 def test_cli_run_streams_the_continuation(real_file):
     quant, path = real_file
     if quant != "int8":
