@@ -66,7 +66,8 @@ regions = reads['lookup_regions']
 maps = {}
 from gemma_edge.runtime.weight_cache import keep_vocab, vocab_for
 vocab, derived = vocab_for(info)  # as gemma_edge.load does: the compact vocabulary, else SentencePiece
-tok = Tokenizer(info.tokenizer_model, model_proto_source=lambda: info.tokenizer_model, vocab=vocab)
+tok = Tokenizer(None if vocab is not None else info.tokenizer_model, model_proto_source=lambda: info.tokenizer_model,
+                vocab=vocab)
 info.release_tokenizer(); out['tokenizer'] = st()
 if derived is not None:
     keep_vocab(info, derived)

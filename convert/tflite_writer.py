@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -170,11 +171,13 @@ def apply_surgery(template: bytes, slots: list[WeightSlot], metadata: dict[str, 
     model.metadata = list(model.metadata or [])
     for name, blob in metadata.items():
         model.buffers.append(fb.BufferT(offset=_PLACEHOLDER_OFFSET, size=len(blob)))
+        meta_slots.append((len(model.buffers) - 1, blob))
         m = fb.MetadataT()
-        m.name = name
-        m.buffer = len(model.buffers) - 1
+        m.name, m.buffer = modelfile.APART.get(name, name), len(model.buffers) - 1
+        if name in modelfile.APART:  # a buffer no metadata names, so LiteRT does not read it: its index, inline
+            model.buffers.append(fb.BufferT(data=list(struct.pack("<I", m.buffer))))
+            m.buffer = len(model.buffers) - 1
         model.metadata.append(m)
-        meta_slots.append((m.buffer, blob))
     model.description = "gemma-edge"
     return model, meta_slots
 
@@ -282,8 +285,10 @@ def write_model(template: bytes, slots: list[WeightSlot], read_rows: RowReader,
                     digests.append(scale_hash.digest())
         if on_finish:
             on_finish()
-        for buf, blob in meta_slots:
+        for (buf, blob), name in zip(meta_slots, metadata):
             _pwrite_all(fd, blob, buffers_at[buf])
+            if name in modelfile.APART:  # counted with the weights (after them in the file)
+                digests.append(hashlib.sha256(blob).digest())
         for i, off in buffers_at.items():
             model.buffers[i].offset = off
         header = pack(model)

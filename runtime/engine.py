@@ -21,7 +21,7 @@ from . import contract, embedding, host_memory, weight_cache
 from .backend import make_backend, run_prefill
 from .config import from_ranges
 from .detokenizer import StreamingDetokenizer
-from .errors import DraftError, EmbeddingError, GenerationError, ModelKindError, TokenizerError
+from .errors import DraftError, EmbeddingError, GenerationError, ModelFileError, ModelKindError, TokenizerError
 from .modelfile import read_info
 from .sampling import REPETITION_WINDOW, apply_repetition_penalty, make_sampler, validate_sampling
 from .stopping import StopStringMatcher
@@ -66,7 +66,9 @@ def _tokenizer_beside(info, make_backend_):
     """(the file's Tokenizer, ``make_backend_()``), the tokenizer loaded on a thread while LiteRT
     compiles the graph (its vocabulary read from beside the weight cache in a few ms; else derived
     once, or parsed by SentencePiece, which releases the GIL, so it runs while the compile, which
-    holds it most of the time, does). The tokenizer's error comes first, as when loaded first. A
+    holds it most of the time, does). The tokenizer's error comes first, as when loaded first, but
+    for a damaged file (ModelFileError from the backend: the tokenizer's bytes are checked with the
+    weights). A
     vocabulary derived here is kept only once the model has loaded (in this thread: an interrupt
     leaves no part of it)."""
     loaded: list = []
@@ -74,7 +76,9 @@ def _tokenizer_beside(info, make_backend_):
     def load() -> None:
         try:
             vocab, derived = weight_cache.vocab_for(info)
-            loaded.append(Tokenizer(info.tokenizer_model, special_ids=from_ranges(info.meta.tokenizer.special_ranges) or None,
+            lazy = vocab is not None and info.tokenizer_region  # the bytes are read only if asked for
+            loaded.append(Tokenizer(None if lazy else info.tokenizer_model,
+                                    special_ids=from_ranges(info.meta.tokenizer.special_ranges) or None,
                                     model_proto_source=(lambda: info.tokenizer_model) if info.tokenizer_region else None,
                                     vocab=vocab))
             loaded.append(derived)
@@ -85,6 +89,9 @@ def _tokenizer_beside(info, make_backend_):
     loader.start()
     try:
         made = make_backend_()
+    except ModelFileError:  # a damaged file (its first load checks every weight, the tokenizer's bytes
+        loader.join()       # among them in format 3): that explains a tokenizer that did not parse too
+        raise
     except Exception:
         loader.join()
         if isinstance(loaded[0], BaseException):

@@ -7,15 +7,23 @@ TFLite metadata entries describe it:
     gemma_edge.config      JSON: FileMeta (config, quantization, context, signatures' chunk
                            lengths, tokenizer ids, chat template, source; for an embedding
                            model its pooling, vector sizes and task prompts)
-    gemma_edge.tokenizer   the serialized SentencePiece model
+    gemma_edge.tokenizer_buffer
+                           4 bytes (uint32 LE): the index of the buffer that holds the
+                           serialized SentencePiece model (format 3). LiteRT reads and copies
+                           every metadata entry at load (10 MB of resident memory for Gemma's
+                           5 MB tokenizer), so the tokenizer is a buffer of its own that nothing
+                           in the graph names, read by gemma-edge only when it needs it
+    gemma_edge.tokenizer   format 2: the serialized SentencePiece model itself
     gemma_edge.checksums   fixed-size: the header's length and sha256 (LiteRT parses the graph
                            without verifying it; a flipped bit there can crash it), the sha256
-                           of the two entries above, and the sha256 of the weights (every other
-                           buffer after the header, in file order)
+                           of the config and (format 2) tokenizer entries, and the sha256 of the
+                           weights (every other buffer after the header, in file order: in
+                           format 3 the tokenizer's is the last of them)
 
 ``read_info`` parses only the header and the metadata (from a memory map), checks the header
 and metadata digests (cheap: the header is a few hundred KB, the metadata a few MB) and
-returns a ``ModelInfo`` (a loaded model then drops the tokenizer's bytes: ``release_tokenizer``);
+returns a ``ModelInfo`` (a format 3 file's tokenizer is read when first asked for; a loaded
+model drops a format 2 file's: ``release_tokenizer``);
 ``verify_weights`` reads every weight byte against its digest (what
 ``gemma-edge info --verify`` runs, and the first load of a file on a machine, when XNNPACK
 packs the weights anyway). Files of format 1 carry only the header digest
@@ -37,9 +45,14 @@ from .config import GemmaConfig, are_ranges
 from .errors import GemmaEdgeError, ModelFileError
 
 FORMAT = "gemma-edge"
-FORMAT_VERSION = 2  # 2: gemma_edge.checksums covers metadata and weights, not only the header
+# 2: gemma_edge.checksums covers metadata and weights, not only the header; 3: the tokenizer is a
+# buffer outside the metadata (an earlier version then finds the checksums intact and says "upgrade")
+FORMAT_VERSION = 3
 CONFIG_KEY = "gemma_edge.config"
 TOKENIZER_KEY = "gemma_edge.tokenizer"
+TOKENIZER_BUFFER_KEY = "gemma_edge.tokenizer_buffer"
+# entries a writer stores as a buffer of their own, and the (inline, 4-byte) entry naming its index
+APART = {TOKENIZER_KEY: TOKENIZER_BUFFER_KEY}
 CHECKSUMS_KEY = "gemma_edge.checksums"
 HEADER_CHECKSUM_KEY = "gemma_edge.header_sha256"  # format 1: header length (uint64 LE) + sha256
 _DIGEST = 32
@@ -259,8 +272,9 @@ def _ids(d: dict, key: str) -> tuple[int, ...]:
 # ---- writing -------------------------------------------------------------------------------
 
 def metadata_entries(meta: FileMeta, tokenizer_model: bytes) -> dict[str, bytes]:
-    """The metadata entries a writer stores; the checksums entry is a zeroed placeholder of its
-    final size, filled by ``checksums_blob`` once header and weights are written."""
+    """The entries a writer stores: as TFLite metadata, except those in ``APART`` (a buffer of
+    their own, after the weights, its index in an inline entry); the checksums entry is a zeroed
+    placeholder of its final size, filled by ``checksums_blob`` once header and weights are written."""
     return {CONFIG_KEY: meta.to_json(), TOKENIZER_KEY: bytes(tokenizer_model), CHECKSUMS_KEY: bytes(CHECKSUMS_BYTES)}
 
 
@@ -279,6 +293,9 @@ def weights_digest(buffer_digests: list[bytes]) -> bytes:
 
 
 def checksums_blob(header: bytes, entries: dict[str, bytes], weight_buffer_digests: list[bytes]) -> bytes:
+    """The checksums entry: ``entries`` as ``metadata_entries`` gave them (those stored ``APART``
+    count as weights: their digests are among ``weight_buffer_digests``, in file order)."""
+    entries = {k: v for k, v in entries.items() if k not in APART}
     return (struct.pack("<Q", len(header)) + hashlib.sha256(header).digest() + metadata_digest(entries)
             + weights_digest(weight_buffer_digests))
 
@@ -382,7 +399,7 @@ class _FlatBuffer:
 
 def _parse(buf, size: int) -> tuple[dict[str, bytes], list[tuple[int, int]], dict[str, tuple[int, int]]]:
     """(metadata entries, (offset, size) of every other buffer stored after the header, and of
-    each entry stored after the header by name)."""
+    each entry stored after the header by name: an ``APART`` one under its own name, not read)."""
     if size < 8 or bytes(buf[4:8]) != b"TFL3":
         raise ModelFileError("not a TensorFlow Lite flatbuffer (no TFL3 identifier)")
     fbuf = _FlatBuffer(buf, size)
@@ -415,6 +432,16 @@ def _parse(buf, size: int) -> tuple[dict[str, bytes], list[tuple[int, int]], dic
             if vec + 4 + n > size:
                 raise ModelFileError(f"metadata {name!r} runs past the end of the file")
             out[name] = bytes(buf[vec + 4:vec + 4 + n])
+    for name, pointer in APART.items():
+        if pointer in out:
+            raw = out.pop(pointer)
+            index = struct.unpack("<I", raw)[0] if len(raw) == 4 else len(buffers)
+            if index >= len(buffers):
+                raise ModelFileError(f"metadata {pointer!r} does not name one of the {len(buffers)} buffers")
+            offset, n = fbuf.scalar(buffers[index], 1, "<Q"), fbuf.scalar(buffers[index], 2, "<Q")
+            if offset <= 1 or not n or index in meta_buffers:
+                raise ModelFileError(f"metadata {pointer!r} names buffer {index}, which holds no {name}")
+            regions[name] = (offset, n)  # checked against the file's size with the weights
     stored = _stored_buffers(buf, size, buffers)
     if stored is None:  # an offset out of bounds: reading one by one names it
         stored = [(i, fbuf.scalar(b, 1, "<Q"), fbuf.scalar(b, 2, "<Q")) for i, b in enumerate(buffers)]
@@ -466,7 +493,7 @@ class ModelInfo:
 
     path: str
     meta: FileMeta
-    _tokenizer: bytes | None  # the tokenizer's bytes; None once released (``tokenizer_model``)
+    _tokenizer: bytes | None  # the tokenizer's bytes; None once released, or not read yet (``tokenizer_model``)
     weight_regions: tuple[tuple[int, int], ...] = ()  # (offset, size) of every weight buffer
     checksums: bytes = b""  # the CHECKSUMS_KEY entry (format 2)
     identity: tuple[int, ...] = ()  # file_identity(path) taken before it was read
@@ -585,11 +612,14 @@ def read_info(path: str, checked_before=None) -> ModelInfo:
     if past:
         raise ModelFileError(f"{path}: the file is truncated: its weights reach byte {max(o + n for o, n in past)} "
                              f"but it has {size} bytes; {_DAMAGED}")
-    tokenizer_model = entries.get(TOKENIZER_KEY, b"")
-    if not tokenizer_model:
+    region = entry_regions.get(TOKENIZER_KEY)
+    tokenizer_model = entries.get(TOKENIZER_KEY)
+    if tokenizer_model is None and region and not identity:  # format 3, and no identity to read it again by
+        with open(path, "rb") as f:
+            tokenizer_model = os.pread(f.fileno(), region[1], region[0])
+    if not (tokenizer_model if tokenizer_model is not None else region):
         raise ModelFileError(f"{path}: the embedded tokenizer is missing; convert the checkpoint again")
-    return ModelInfo(path, meta, tokenizer_model, tuple(regions), checksums, identity,
-                     entry_regions.get(TOKENIZER_KEY))
+    return ModelInfo(path, meta, tokenizer_model, tuple(regions), checksums, identity, region)
 
 
 def verify_weights(info: ModelInfo, progress=None) -> bool | None:

@@ -43,17 +43,19 @@ class Tokenizer:
         the model is ignored. ``model_proto_source``: returns these bytes again when asked
         (``model_proto``), so the Tokenizer need not keep them (a loaded file's, 5 MB for Gemma).
         ``vocab``: this model's ``vocab.Vocab``, which then encodes and decodes in place of
-        SentencePiece (the same results, in a fifth of its memory)."""
-        if not isinstance(model_proto, (bytes, bytearray, memoryview)):
-            raise TokenizerError(
-                f"Tokenizer needs the serialized SentencePiece model as bytes, got {type(model_proto).__name__}; "
-                f"use Tokenizer.from_file(path) for a tokenizer.model file"
-            )
-        model_proto = bytes(model_proto)
-        if not model_proto:
-            raise TokenizerError(
-                "the tokenizer model is empty (0 bytes); the model file carries no tokenizer, re-run gemma-convert"
-            )
+        SentencePiece (the same results, in a fifth of its memory); with both, ``model_proto``
+        may be None (not read until asked)."""
+        if not (model_proto is None and vocab is not None and model_proto_source is not None):
+            if not isinstance(model_proto, (bytes, bytearray, memoryview)):
+                raise TokenizerError(
+                    f"Tokenizer needs the serialized SentencePiece model as bytes, got {type(model_proto).__name__}; "
+                    f"use Tokenizer.from_file(path) for a tokenizer.model file"
+                )
+            model_proto = bytes(model_proto)
+            if not model_proto:
+                raise TokenizerError(
+                    "the tokenizer model is empty (0 bytes); the model file carries no tokenizer, re-run gemma-convert"
+                )
         sp = vocab
         if sp is None:
             sp = SentencePieceProcessor()

@@ -115,15 +115,20 @@ from test_cli import (GEMMA_CONVERT, GEMMA_EDGE, PROMPT, assert_convert_failed, 
 
 
 def _blob_fields(data: bytes, key: str) -> tuple[int, int]:
-    """File positions of the Buffer.offset and Buffer.size fields of metadata entry ``key``."""
-    from gemma_edge.runtime.modelfile import _FlatBuffer
+    """File positions of the Buffer.offset and Buffer.size fields of metadata entry ``key``, or
+    of the buffer a format 3 file names for it (``modelfile.APART``: the tokenizer)."""
+    from gemma_edge.runtime.modelfile import APART, _FlatBuffer
 
     fbuf = _FlatBuffer(data, len(data))
     root = fbuf.u32(0)
     buffers = fbuf.table_vector(root, 4)  # Model.buffers
     for m in fbuf.table_vector(root, 6):  # Model.metadata
-        if fbuf.string(m, 0) == key:
+        name = fbuf.string(m, 0)
+        if name in (key, APART.get(key)):
             b = buffers[fbuf.scalar(m, 1, "<I")]
+            if name != key:  # the pointer: 4 bytes inline, the index of the buffer
+                vec = fbuf.field(b, 0) + fbuf.u32(fbuf.field(b, 0))
+                b = buffers[struct.unpack_from("<I", data, vec + 4)[0]]
             return fbuf.field(b, 1), fbuf.field(b, 2)
     raise KeyError(key)
 
@@ -140,11 +145,11 @@ def replace_blob(data: bytes, key: str, blob: bytes) -> bytes:
 
 
 def resign(data: bytes) -> bytes:
-    """``data`` with its checksums recomputed over its (edited) header and metadata, as a
-    converter that wrote them would have (the weights' digest is kept: they are unchanged)."""
+    """``data`` with its checksums recomputed over its (edited) header, metadata and weights (a
+    format 3 file's tokenizer is among them), as a converter that wrote them would have."""
     import hashlib
 
-    from gemma_edge.runtime.modelfile import CHECKSUMS_KEY, _parse, metadata_digest
+    from gemma_edge.runtime.modelfile import CHECKSUMS_KEY, _parse, metadata_digest, weights_digest
 
     try:
         at_offset, _ = _blob_fields(data, CHECKSUMS_KEY)
@@ -152,10 +157,11 @@ def resign(data: bytes) -> bytes:
         return data
     where = struct.unpack_from("<Q", data, at_offset)[0]
     n = struct.unpack_from("<Q", data, where)[0]
-    entries = _parse(data, len(data))[0]
+    entries, weights, _ = _parse(data, len(data))
     out = bytearray(data)
     out[where + 8:where + 40] = hashlib.sha256(bytes(data[:n])).digest()
     out[where + 40:where + 72] = metadata_digest(entries)
+    out[where + 72:where + 104] = weights_digest([hashlib.sha256(data[o:o + k]).digest() for o, k in weights])
     return bytes(out)
 
 
@@ -524,7 +530,7 @@ JSON_FLIPS = {
     "quote": (b'"context_length"', b"'context_length\"", ["metadata is corrupt"]),
     "key": (b'"context_length"', b'"context_lengtx"', ["metadata is corrupt", "context_length"]),
     "format": (b'"gemma-edge",', b'"gemma-edgf",', ["metadata is corrupt", "gemma-edgf"]),
-    "format_version": (b'"format_version": 2', b'"format_version": 9', ["format 9", "upgrade gemma-edge"]),
+    "format_version": (b'"format_version": 3', b'"format_version": 9', ["format 9", "upgrade gemma-edge"]),
     "not_utf8": (b'"gemma-edge",', b'"gemma-ed\xff\xfe",', ["metadata is corrupt", "UnicodeDecodeError"]),
     "number": (b'"context_length": 64', b'"context_length": 6x', ["metadata is corrupt"]),
 }
@@ -1651,6 +1657,40 @@ def test_damaged_weights_are_found(model_bytes, tmp_path):
     ok = _model_file(tmp_path, model_bytes, "ok.tflite")
     verified = cli(GEMMA_EDGE, "info", ok, "--verify")
     assert verified.returncode == 0, verified.stderr
+
+
+def test_the_tokenizer_is_a_buffer_that_litert_does_not_read(tiny, model_bytes, tmp_path):
+    """File format 3: LiteRT reads and copies every TFLite metadata entry when it loads a file
+    (10 MB resident for Gemma's 5 MB tokenizer), so the tokenizer is a buffer that no metadata
+    entry and no tensor names; an inline entry gives its index. read_info does not read it (a
+    load with the kept vocabulary never does); its bytes are the checkpoint's tokenizer.model.
+    The weights' digest covers it, so a flipped byte there passes read_info but `info --verify`
+    and a first run on the machine say damaged. An earlier gemma-edge (format 2) finds its own
+    checksums intact and reads format 3: the "upgrade" of the format_version lie above."""
+    from ai_edge_litert import schema_py_generated as fb
+
+    from gemma_edge.runtime.modelfile import TOKENIZER_BUFFER_KEY, TOKENIZER_KEY, read_info, read_metadata
+
+    ok = _model_file(tmp_path, model_bytes, "ok.tflite")
+    model = fb.ModelT.InitFromPackedBuf(model_bytes, 0)
+    names = {m.name.decode(): m.buffer for m in model.metadata}
+    assert TOKENIZER_BUFFER_KEY in names and TOKENIZER_KEY not in names and TOKENIZER_KEY not in read_metadata(str(ok))
+    index = struct.unpack("<I", bytes(model.buffers[names[TOKENIZER_BUFFER_KEY]].data))[0]
+    assert index not in names.values()
+    assert all(t.buffer != index for sg in model.subgraphs for t in sg.tensors)
+    info = read_info(str(ok))
+    assert info._tokenizer is None  # not read
+    offset, size = info.tokenizer_region
+    assert (model.buffers[index].offset, model.buffers[index].size) == (offset, size)
+    assert info.tokenizer_model == (tiny.checkpoint / "tokenizer.model").read_bytes()
+
+    data = bytearray(model_bytes)
+    data[offset + size // 2] ^= 0x10
+    bad = _model_file(tmp_path, bytes(data))
+    read_info(str(bad))  # header and metadata intact
+    assert_user_error(cli(GEMMA_EDGE, "info", bad, "--verify"), "gemma-edge", str(bad), "damaged")
+    cache = tmp_path / "cache"
+    assert_user_error(cli(GEMMA_EDGE, "run", bad, *RUN, env=cache_env(cache)), "gemma-edge", str(bad), "damaged")
 
 
 def test_metadata_edited_without_signing_is_damaged(model_bytes, tmp_path):
