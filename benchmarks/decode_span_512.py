@@ -86,14 +86,14 @@ def stale(path: str, full: bool, row_scales: bool = True, spans=None) -> bool:
     """Is the file at ``path`` not laid out as the converter lays it out now: full-length caches
     if ``full``, else rings where ``contract.ring_length`` gives them; the int8 embedding's row
     scales as a tensor of their own unless not ``row_scales``; the decode spans
-    ``contract.decode_spans`` gives, or ``spans`` (a file kept in the work folder by an earlier
-    run may predate any of these)?"""
+    ``contract.decode_spans`` gives, or ``spans``; the file format of this gemma-edge (a file kept
+    in the work folder by an earlier run may predate any of these)?"""
     import dataclasses
     import mmap
 
     from ai_edge_litert import schema_py_generated as fb
 
-    from gemma_edge.runtime import contract
+    from gemma_edge.runtime import contract, modelfile
     from gemma_edge.runtime.modelfile import read_info
 
     info = read_info(path)
@@ -105,7 +105,8 @@ def stale(path: str, full: bool, row_scales: bool = True, spans=None) -> bool:
         scaled = any(sg.Tensors(i).Name().endswith(b"_row_scales:0") for i in range(sg.TensorsLength()))
     if spans is None:
         spans = contract.decode_spans(info.context_length, dataclasses.replace(cfg, kv_ring=0 if full else now))
-    return cfg.kv_ring != (0 if full else now) or scaled != row_scales or info.decode_spans != sorted(spans)
+    return (cfg.kv_ring != (0 if full else now) or scaled != row_scales or info.decode_spans != sorted(spans)
+            or info.meta.format_version != modelfile.FORMAT_VERSION)
 
 
 def converted(script: str, paths: dict[str, str], context: int, threads: int, full=(), params=(),

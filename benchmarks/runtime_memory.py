@@ -54,7 +54,7 @@ import json, os, sys, time
 sys.path.insert(0, sys.argv[4])
 path, weight_cache, n = sys.argv[1], sys.argv[2] == '1', int(sys.argv[3])
 out = {'start': st()}
-import numpy, sentencepiece
+import numpy
 out['imports'] = st()
 from gemma_edge.runtime.modelfile import read_info
 from gemma_edge.runtime.tokenizer import Tokenizer

@@ -3,10 +3,11 @@
 A loaded model holds its tokenizer for every prompt it encodes. SentencePiece parses the model
 into a protobuf message per piece and a hash map over them; ``runtime/vocab.py`` keeps the same
 pieces as a few arrays and encodes with SentencePiece's BPE in Python. For each, in a fresh
-child process (``--runs`` times, alternating; medians), this prints the anonymous memory the
-tokenizer adds (RssAnon before and after, with the serialized model already in memory for
-SentencePiece and the kept vocabulary's bytes read from a file for the vocabulary, as a load
-reads them), the time to load it, and the time to encode texts once (nothing cached): the
+child process (``--runs`` times, alternating; medians), this prints the memory the tokenizer
+adds: anonymous (RssAnon before and after, with the serialized model already in memory for
+SentencePiece) and, for the vocabulary, which a load maps from its kept file, the resident pages
+of that file once loaded and once it has encoded the texts below (RssFile); the time to load
+it, and the time to encode texts once (nothing cached): the
 two documents under ``tests/data`` (English prose, Python prose and code) and 20,000 random CJK
 characters (no spaces: one long segment). The ids must be SentencePiece's, or it exits with an
 error. Also printed: the time to derive the vocabulary from the model (once per model and
@@ -33,11 +34,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "tests", "data")
 
 CHILD = r"""
-import json, random, sys, time
-def anon():
+import json, mmap, random, sys, time
+def rss(key='RssAnon'):
     for line in open('/proc/self/status'):
-        if line.startswith('RssAnon:'):
+        if line.startswith(key + ':'):
             return int(line.split()[1]) / 1024
+def anon():
+    return rss()
 kind, proto_path, vocab_path, data = sys.argv[1:5]
 texts = [open(f'{data}/{n}', encoding='utf-8').read() for n in ('gpl-3.0.txt', 'python-execution-model.txt')]
 rng = random.Random(0)
@@ -51,18 +54,21 @@ if kind == 'sentencepiece':
     tok.LoadFromSerializedProto(proto)
 else:
     from gemma_edge.runtime.vocab import Vocab
-    before = anon()
+    before, file_before = anon(), rss('RssFile')
     t = time.perf_counter()
-    with open(vocab_path, 'rb') as f:
-        tok = Vocab(f.read())
+    with open(vocab_path, 'rb') as f:  # as weight_cache.vocab_for maps it
+        tok = Vocab(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 load = time.perf_counter() - t
 added = anon() - before
+mapped = rss('RssFile') - file_before if kind != 'sentencepiece' else 0.0
 times, ids = [], []
 for text in texts:
     t = time.perf_counter()
     ids.append(tok.EncodeAsIds(text))
     times.append(time.perf_counter() - t)
-print(json.dumps({'anon_mb': added, 'load_s': load, 'encode_s': times, 'ids': ids}))
+used = rss('RssFile') - file_before if kind != 'sentencepiece' else 0.0
+print(json.dumps({'anon_mb': added, 'file_mb': mapped, 'file_used_mb': used, 'load_s': load, 'encode_s': times,
+                  'ids': ids}))
 """
 
 
@@ -123,11 +129,14 @@ def main() -> None:
     print(f"tokenizer of {args.model or 'the bundled Gemma 3 270M'}: {len(proto) / 1e6:.1f} MB serialized; "
           f"compact vocabulary {len(vocab) / 1e6:.1f} MB, derived in {derive:.2f} s (once per model and machine); "
           f"medians of {args.runs} child processes each, alternating")
-    print(f"  {'':<14} {'anon MB':>8} {'load ms':>8}   encode ms: {'English':>8} {'Python':>8} {'CJK':>8}")
+    print(f"  {'':<14} {'anon MB':>8} {'mapped MB: loaded':>18} {'after the texts':>16} {'load ms':>8}   "
+          f"encode ms: {'English':>8} {'Python':>8} {'CJK':>8}")
     for kind in ("sentencepiece", "vocab"):
         enc = "".join(f" {med(kind, 'encode_s', i) * 1000:8.1f}" for i in range(3))
-        print(f"  {kind:<14} {med(kind, 'anon_mb'):8.1f} {med(kind, 'load_s') * 1000:8.1f}   {'':>10}{enc}")
-    print(f"  vocab / sentencepiece: memory {med('vocab', 'anon_mb') / med('sentencepiece', 'anon_mb'):.2f}x, "
+        print(f"  {kind:<14} {med(kind, 'anon_mb'):8.1f} {med(kind, 'file_mb'):18.1f} {med(kind, 'file_used_mb'):16.1f} "
+              f"{med(kind, 'load_s') * 1000:8.1f}   {'':>10}{enc}")
+    held = med('vocab', 'anon_mb') + med('vocab', 'file_used_mb')  # all of it resident, after the texts
+    print(f"  vocab / sentencepiece: memory {held / med('sentencepiece', 'anon_mb'):.2f}x (anonymous and mapped), "
           f"encode " + ", ".join(f"{med('vocab', 'encode_s', i) / med('sentencepiece', 'encode_s', i):.1f}x"
                                  for i in range(3)) + f" (texts of {', '.join(map(str, n_tokens))} tokens); "
           "every id the same")

@@ -68,22 +68,24 @@ class Vocab:
     """The tables of one SentencePiece BPE model (``build``'s bytes), answering as a
     ``SentencePieceProcessor`` of that model does."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data):
+        """``data``: ``build``'s bytes, or a read-only memory map of a file holding them. The tables
+        are views of it, not copies: mapped, only the pages a text's pieces touch are read (a short
+        chat reads a fraction of Gemma's 8 MB), and they are clean pages processes share."""
         if data[:8] != MAGIC:
             raise ValueError("not a gemma-edge vocabulary")
         (n_head,) = struct.unpack_from("<I", data, 8)
-        head = json.loads(data[12:12 + n_head])
+        head = json.loads(bytes(data[12:12 + n_head]))
         at = 12 + n_head
+        view = memoryview(data)
         arrays = {}
         for name, code, count in head["arrays"]:
-            a = array(code)
-            size = a.itemsize * count
-            a.frombytes(data[at:at + size])
-            if len(a) != count:
+            size = array(code).itemsize * count
+            if at + size > len(view):
                 raise ValueError(f"the vocabulary's {name} is cut short")
-            arrays[name] = a
+            arrays[name] = view[at:at + size].cast(code)
             at += size
-        self._blob = bytes(data[at:at + head["blob"]])
+        self._blob = view[at:at + head["blob"]]
         if len(self._blob) != head["blob"] or at + head["blob"] != len(data):
             raise ValueError("the vocabulary's size does not match its header")
         self._off, self._scores, self._types = arrays["offsets"], arrays["scores"], arrays["types"]
@@ -91,10 +93,13 @@ class Vocab:
         self._n = len(self._types)
         self._ids = {k: head[k] for k in ("bos", "eos", "pad", "unk")}
         self._unk_surface = head["unk_surface"]
-        self._reserved = {self.IdToPiece(i): i for i in head["reserved"]}  # control, unknown and byte pieces
+        # control, unknown and byte pieces, by their text (in the head, so that a mapped file's tables
+        # are not read at load: Gemma's 6505 are spread over all of them; a file kept before has ids only)
+        names = head.get("reserved_pieces") or [self.IdToPiece(i) for i in head["reserved"]]
+        self._reserved = dict(zip(names, head["reserved"]))
         self._byte_id = [self._reserved[f"<0x{b:02X}>"] for b in range(256)]
         self._byte_of = {i: b for b, i in enumerate(self._byte_id)}
-        user = sorted(map(self.IdToPiece, head["user"]), key=len, reverse=True)
+        user = sorted(head.get("user_pieces") or map(self.IdToPiece, head["user"]), key=len, reverse=True)
         self._user = re.compile("|".join(map(re.escape, user))) if user else None
         joins = head["joins"]  # characters some piece joins to a following '▁'
         self._cut = re.compile(f"(?<=[^{re.escape(_SPACE + joins)}])(?={_SPACE})")
@@ -130,7 +135,7 @@ class Vocab:
     def IdToPiece(self, i):
         if isinstance(i, list):
             return [self.IdToPiece(j) for j in i]
-        return self._blob[self._off[i]:self._off[i + 1]].decode("utf-8")
+        return str(self._blob[self._off[i]:self._off[i + 1]], "utf-8")
 
     def PieceToId(self, piece: str) -> int:
         i = self._reserved.get(piece)
@@ -398,11 +403,17 @@ def build(model_proto: bytes) -> bytes | None:
               ("types", array("B", kinds.tobytes())), ("keys", array("I", crcs[order].astype("<u4").tobytes())),
               ("key_ids", array("i", mergeable[order].astype("<i4").tobytes()))]
     total = int(offsets[-1])
+    reserved = np.flatnonzero((kinds == CONTROL) | (kinds == UNKNOWN) | (kinds == BYTE)).tolist()
+    user = np.flatnonzero(kinds == USER_DEFINED).tolist()
+    try:
+        reserved_pieces, user_pieces = ([pieces[i].decode("utf-8") for i in ids] for ids in (reserved, user))
+    except UnicodeDecodeError:  # a piece that is no UTF-8
+        return None
     head = json.dumps({"arrays": [(name, a.typecode, len(a)) for name, a in arrays], "blob": total,
                        "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id(), "unk": sp.unk_id(),
                        "unk_surface": unk_surface, "joins": "".join(joins),
-                       "reserved": np.flatnonzero((kinds == CONTROL) | (kinds == UNKNOWN) | (kinds == BYTE)).tolist(),
-                       "user": np.flatnonzero(kinds == USER_DEFINED).tolist()}).encode()
+                       "reserved": reserved, "reserved_pieces": reserved_pieces,
+                       "user": user, "user_pieces": user_pieces}).encode()
     data = b"".join([MAGIC, struct.pack("<I", len(head)), head, *(a.tobytes() for _, a in arrays), *pieces])
     try:
         vocab = Vocab(data)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import re
 import resource
@@ -262,7 +263,8 @@ def vocab_for(info: ModelInfo):
     if _read_record(path) is not None:
         if _valid(path, _key(info)[1]):
             try:
-                data = path.read_bytes()
+                with open(path, "rb") as f:  # mapped: only the pages a text touches are read (Vocab)
+                    data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
                 return (Vocab(data) if data else None), None
             except (OSError, ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError, struct.error):
                 pass

@@ -584,9 +584,12 @@ def _vocab_texts(seed: int) -> list[str]:
 
 
 @pytest.mark.parametrize("which", ["gemma3", "trained"])
-def test_vocab_encodes_and_decodes_as_sentencepiece(which, gemma_model_proto, sp_model_path):
+def test_vocab_encodes_and_decodes_as_sentencepiece(which, gemma_model_proto, sp_model_path, tmp_path):
     """The compact vocabulary gives SentencePiece's ids for every text, SentencePiece's text for every
-    id sequence (runs of byte pieces that form no character included), and the same pieces."""
+    id sequence (runs of byte pieces that form no character included), and the same pieces. It
+    reads its tables in place from a memory map of its kept file, as a load maps it."""
+    import mmap
+
     import sentencepiece as spm
 
     from gemma_edge.runtime.vocab import Vocab, build
@@ -594,7 +597,9 @@ def test_vocab_encodes_and_decodes_as_sentencepiece(which, gemma_model_proto, sp
     proto = gemma_model_proto if which == "gemma3" else Path(sp_model_path).read_bytes()  # the tests' model
     sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(proto)
-    vocab = Vocab(build(proto))
+    (tmp_path / "kept.vocab").write_bytes(build(proto))
+    with open(tmp_path / "kept.vocab", "rb") as f:
+        vocab = Vocab(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
     n = sp.GetPieceSize()
     assert vocab.GetPieceSize() == n and vocab.IdToPiece(list(range(n))) == sp.IdToPiece(list(range(n)))
     assert [vocab.bos_id(), vocab.eos_id(), vocab.pad_id(), vocab.unk_id()] == [sp.bos_id(), sp.eos_id(), sp.pad_id(),
