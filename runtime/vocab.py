@@ -70,8 +70,9 @@ class Vocab:
 
     def __init__(self, data):
         """``data``: ``build``'s bytes, or a read-only memory map of a file holding them. The tables
-        are views of it, not copies: mapped, only the pages a text's pieces touch are read (a short
-        chat reads a fraction of Gemma's 8 MB), and they are clean pages processes share."""
+        are views of it, not copies: mapped, they are clean file pages that processes share and the
+        kernel can drop, not anonymous memory (once a text has touched them they count in RSS all
+        the same: on the development machine one sentence made 6.6 of Gemma's 6.8 MB resident)."""
         if data[:8] != MAGIC:
             raise ValueError("not a gemma-edge vocabulary")
         (n_head,) = struct.unpack_from("<I", data, 8)
