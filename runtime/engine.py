@@ -89,12 +89,13 @@ def _tokenizer_beside(info, make_backend_):
     loader.start()
     try:
         made = make_backend_()
-    except ModelFileError:  # a damaged file (its first load checks every weight, the tokenizer's bytes
-        loader.join()       # among them in format 3): that explains a tokenizer that did not parse too
-        raise
-    except Exception:
+    except BaseException as e:
+        # Ctrl-C too: an interpreter that exits while the thread is inside SentencePiece's native
+        # code (importing it, or parsing the model to derive the vocabulary) can abort (SIGABRT).
         loader.join()
-        if isinstance(loaded[0], BaseException):
+        # a damaged file (its first load checks every weight, the tokenizer's bytes among them in
+        # format 3) explains a tokenizer that did not parse too
+        if isinstance(e, Exception) and not isinstance(e, ModelFileError) and isinstance(loaded[0], BaseException):
             raise loaded[0] from None
         raise
     loader.join()
