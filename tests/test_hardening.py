@@ -1665,8 +1665,9 @@ def test_the_tokenizer_is_a_buffer_that_litert_does_not_read(tiny, model_bytes, 
     entry and no tensor names; an inline entry gives its index. read_info does not read it (a
     load with the kept vocabulary never does); its bytes are the checkpoint's tokenizer.model.
     The weights' digest covers it, so a flipped byte there passes read_info but `info --verify`
-    and a first run on the machine say damaged. An earlier gemma-edge (format 2) finds its own
-    checksums intact and reads format 3: the "upgrade" of the format_version lie above."""
+    and a first run on the machine say damaged. (An earlier gemma-edge, which reads format 2, finds
+    its own checksums intact and so reaches its format check: it says to upgrade. That was checked
+    by hand with the previous commit; the format_version lie above checks this version's message.)"""
     from ai_edge_litert import schema_py_generated as fb
 
     from gemma_edge.runtime.modelfile import TOKENIZER_BUFFER_KEY, TOKENIZER_KEY, read_info, read_metadata
