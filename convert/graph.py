@@ -125,7 +125,8 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
     a ring file's sliding layers' [1, K, 2R - W, H] and its ``RING_POS`` (``_ring_mask``).
     ``span`` (< S) makes global layers attend only to slots 0 .. span-1 (``decode_s<span>``,
     for positions below it). Returns the updated caches, and ``logits``: of the last token
-    [1, 1, V] (LAST_LOGITS), of every token [1, T, V] (ALL_LOGITS), or none.
+    [1, 1, V] (LAST_LOGITS), of every token [1, T, V] (ALL_LOGITS), of the last token over the
+    hot table's rows [1, 1, H] (HOT_LOGITS, ``decode_hot``; needs ``cfg.embed_hot``), or none.
 
     ``caches=None`` (an embedding model): no cache; ``segments`` [T] int32 numbers each token's
     text and ``input_pos`` is its position in that text (``_chunk_masks``); returns
@@ -265,11 +266,12 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
         return {C.EMBEDDINGS: _pool(cfg, w, _rms_norm(x, w[C.FINAL_NORM], eps), segments)}
     out = dict(new_caches)
     if logits != C.NO_LOGITS:
-        h = _rms_norm(x[-1:] if logits == C.LAST_LOGITS else x, w[C.FINAL_NORM], eps)  # [1 or T, D]
-        z = _lm_head(cfg, w, h)  # [1 or T, V]
+        h = _rms_norm(x if logits == C.ALL_LOGITS else x[-1:], w[C.FINAL_NORM], eps)  # [1 or T, D]
+        # [1 or T, V]; decode_hot: [1, H], the hot table's rows only (a draft's step)
+        z = _head(w, C.EMBED_HOT, h) if logits == C.HOT_LOGITS else _lm_head(cfg, w, h)
         if cfg.final_softcap:
             z = tf.tanh(z / cfg.final_softcap) * cfg.final_softcap
-        out[C.LOGITS] = tf.reshape(z, [1, -1, cfg.vocab_size])
+        out[C.LOGITS] = tf.reshape(z, [1, -1, z.shape[-1]])
     return out
 
 

@@ -148,7 +148,8 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
             prefill_lengths=DEFAULT_PREFILL, force: bool = False, progress: bool = True,
             score_length=DEFAULT_SCORE, report: bool = False,
             lora: str | None = None, on_stage=None, notes=None, calibration=None,
-            calibrate: str | None = None, embed_lengths=DEFAULT_EMBED, ring_caches: bool = True) -> ConvertResult:
+            calibrate: str | None = None, embed_lengths=DEFAULT_EMBED, ring_caches: bool = True,
+            for_draft: bool = False) -> ConvertResult:
     """Convert ``source`` (HF checkpoint dir or .gguf) to ``output`` (.tflite).
 
     ``score_length`` (one T or several) adds ``score_<T>`` signatures (logits of every position
@@ -170,6 +171,10 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     ``ring_caches`` (default) gives sliding layers caches of about their window, written round
     as a ring, when that is shorter than the context (``contract.ring_length``); False keeps every
     cache at the full context, a slot per position (the layout of earlier files).
+    ``for_draft`` makes a faster speculative draft: the tied embedding is stored as two tables
+    (its frequent pieces' rows, ``contract.hot_ranges``, and the rest; each keeps the recipe's
+    scheme) and a ``decode_hot`` signature computes the logits of the first table's rows only,
+    which a draft's step uses (``runtime/speculative.py``). The file runs as any other.
 
     An embedding checkpoint (EmbeddingGemma: a sentence-transformers layout, or a
     gemma-embedding GGUF) gets ``embed_<T>`` signatures for each of ``embed_lengths`` below the
@@ -217,7 +222,13 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         # the file's own config: the tied embedding in two tables when its rows of frequent pieces
         # have a scheme of their own (a causal LM's LM head; an embedding model only looks rows up)
         hot = contract.hot_ranges(cfg.vocab_size, src.tokenizer.piece_to_id)
-        if embedding is None and hot and recipe.get("embedding_hot", recipe["embedding"]) != recipe["embedding"]:
+        if for_draft and (embedding is not None or not hot):
+            raise GemmaEdgeError(
+                "--for-draft makes a speculative draft of a causal language model with a vocabulary to split; "
+                + ("this checkpoint is an embedding model" if embedding is not None else
+                   f"this one's {cfg.vocab_size} pieces are too few") + " (convert it without --for-draft)")
+        if embedding is None and hot and (for_draft or recipe.get("embedding_hot", recipe["embedding"]) !=
+                                          recipe["embedding"]):
             cfg = dataclasses.replace(cfg, embed_hot=hot)
             shapes = contract.weight_shapes(cfg)
         present = {kind_of(n) for n in shapes} - {None}
@@ -252,10 +263,11 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
         stage("build template")
         spans = () if embedding else contract.decode_spans(context, cfg)  # no cache, no decode
         tpl = template.build_template(cfg, context, lengths, score, spans, progress=progress,  # TF in children
-                                      embed_lengths=embedding.lengths if embedding else (), row_scaled=row_scaled)
+                                      embed_lengths=embedding.lengths if embedding else (), row_scaled=row_scaled,
+                                      decode_hot=for_draft)
         meta = modelfile.FileMeta(
             config=cfg, context_length=context, prefill_lengths=tuple(lengths), score_lengths=tuple(score),
-            decode_spans=spans,
+            decode_spans=spans, decode_hot=for_draft,
             quantization=_quantization(quant, recipe, {s.name: s.scheme.name for s in slots}, cfg.embed_hot_rows),
             tokenizer=special_tokens(src.tokenizer, cfg, src.declared_stop_ids, src.add_eos),
             chat_template=modelfile.ChatTemplate(kind=chat.format_for(src.tokenizer).name,

@@ -82,13 +82,15 @@ ISOLATE_ABOVE_PARAMS = 100_000_000  # smaller models (tests) convert in-process:
 
 
 def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], score_lengths=(), spans=(),
-                   isolate: bool | None = None, progress: bool = False, embed_lengths=(), row_scaled=()) -> bytes:
+                   isolate: bool | None = None, progress: bool = False, embed_lengths=(), row_scaled=(),
+                   decode_hot: bool = False) -> bytes:
     """Convert every signature in its own child process and merge them into one model
     (``embed_lengths``: an embedding model's embed_<T> signatures instead; ``row_scaled``: the
-    vocabulary tables whose per-row scales are a tensor of their own, ``contract.vocab_tables``)."""
+    vocabulary tables whose per-row scales are a tensor of their own, ``contract.vocab_tables``;
+    ``decode_hot``: add that signature, a draft's step)."""
     from ai_edge_litert import schema_py_generated as fb
 
-    signatures = contract.signature_names(prefill_lengths, score_lengths, spans, embed_lengths)
+    signatures = contract.signature_names(prefill_lengths, score_lengths, spans, embed_lengths, decode_hot)
     if isolate is None:
         isolate = cfg.num_params > ISOLATE_ABOVE_PARAMS
     if not isolate:

@@ -30,7 +30,12 @@ def check_graph(info: ModelInfo, signatures, decode_inputs: dict, decode_outputs
     caches of the contract (``contract.kv_shapes``), and logits over vocab_size; or, for an
     embedding model, vectors of its size (``decode_*``: then the details of ``main_signature``)."""
     cfg = info.config
-    want = contract.signature_names(info.prefill_lengths, info.score_lengths, info.decode_spans, info.embed_lengths)
+    want = contract.signature_names(info.prefill_lengths, info.score_lengths, info.decode_spans, info.embed_lengths,
+                                    info.decode_hot)
+    if info.decode_hot and not cfg.embed_hot_rows:
+        raise ModelFileError(f"{info.path}: the metadata names a decode_hot signature but no split embedding "
+                             "(config embed_hot) whose rows it returns; the file is corrupt: convert the "
+                             "checkpoint again")
     missing = [s for s in want if s not in signatures]
     if missing:
         raise ModelFileError(f"{info.path}: the metadata names signatures {missing} that the graph does not have "
@@ -169,6 +174,16 @@ class CompiledBackend:
         self._run(decode_signature(self.info, pos), self._token, self._pos)
         return self.logits.read(self.vocab, np.float32)
 
+    def decode_hot(self, token: int, pos: int) -> np.ndarray:
+        """``decode_hot``: the logits of the hot rows only [H] (``contract.hot_ids``)."""
+        sig = contract.DECODE_HOT
+        if sig not in self.io:  # built on first use: a file used as a draft
+            logits = self.model.create_output_buffer_by_name(sig, contract.LOGITS)
+            self.io[sig] = self._bind(sig, {**self.kv, contract.LOGITS: logits})
+        self._token[0, 0], self._pos[0] = token, pos
+        self._run(sig, self._token, self._pos)
+        return self.io[sig][3][contract.LOGITS].read(self.info.config.embed_hot_rows, np.float32)
+
     def score(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """A prefill chunk through ``score_<T>``: logits [T, V] of every position."""
         T = tokens.shape[1]
@@ -244,6 +259,10 @@ class InterpreterBackend:
 
     def decode(self, token, pos):
         out = self._run(decode_signature(self.info, pos), np.array([[token]], np.int32), np.array([pos], np.int32))
+        return out[contract.LOGITS].reshape(-1)
+
+    def decode_hot(self, token, pos):
+        out = self._run(contract.DECODE_HOT, np.array([[token]], np.int32), np.array([pos], np.int32))
         return out[contract.LOGITS].reshape(-1)
 
     def score(self, tokens, pos):

@@ -52,7 +52,8 @@ def _sampling_options(fn):
 _DRAFT_HELP = ("Speculative decoding: a smaller gemma-edge file with the same tokenizer (e.g. an int4-b32 "
                "conversion of MODEL, or Gemma 3 270M for Gemma 3 1B) drafts tokens that MODEL checks "
                "several at a time. Greedy output is unchanged; sampled output keeps its distribution. "
-               "Not used with --json-schema / --grammar.")
+               "A draft converted with `gemma-convert --for-draft` drafts faster (its LM head computes "
+               "only the frequent pieces). Not used with --json-schema / --grammar.")
 
 
 def _draft_option(fn):
@@ -455,7 +456,8 @@ def info(model, verify, as_json):
         ]
     chunks = (f"embed chunks {', '.join(map(str, i.embed_lengths))}" if e is not None else
               f"prefill chunks {', '.join(map(str, i.prefill_lengths))}; score chunks "
-              f"{', '.join(map(str, i.score_lengths)) or 'none (no eval in chunks, no --draft)'}")
+              f"{', '.join(map(str, i.score_lengths)) or 'none (no eval in chunks, no --draft)'}"
+              + (f"; decode_hot over {c.embed_hot_rows} frequent pieces (a draft)" if i.decode_hot else ""))
     lines += [
         f"quantization  {m.quantization.name} ({m.quantization.description})",
         f"context       {i.context_length} tokens; {chunks}",

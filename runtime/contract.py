@@ -10,6 +10,9 @@ Signatures (LiteRT-LM runs the first two; the others are gemma-edge's own, ignor
     decode_s<S'>  as decode, for positions below S' < S: global layers attend to slots 0..S'-1
                   only, so a long-context file decodes a short chat as fast as a short one
                   (and sliding layers too when S' is within their window)
+    decode_hot    as decode, but logits [1, 1, H] of the split embedding's hot rows only
+                  (``hot_ids``): a speculative draft's step, whose LM head is most of its cost
+                  (files converted ``--for-draft``)
 (LiteRT-LM takes every signature whose name starts with ``prefill`` as a prefill runner and
 ``decode`` by its exact name, so no other signature may start with ``prefill``.)
 KV caches: ``kv_cache_k_<i>`` / ``kv_cache_v_<i>``, float32 [1, K, S, H], one pair for every
@@ -53,9 +56,10 @@ KV_PREFIX = "kv_cache_"
 RING_POS = "kv_cache_k_ring_pos"  # a ring file's slot positions (see the module docstring)
 EMBED_TOKENS_PER_SLOT = 8  # embed_<T> holds a text per 8 tokens of T (a text is at least <bos> <eos>)
 
-# What a signature returns besides the caches: nothing, the last token's logits, every token's;
-# or, without caches, one vector per text.
-NO_LOGITS, LAST_LOGITS, ALL_LOGITS, POOLED = "none", "last", "all", "pooled"
+DECODE_HOT = "decode_hot"
+# What a signature returns besides the caches: nothing, the last token's logits, every token's,
+# the last token's over the hot rows only; or, without caches, one vector per text.
+NO_LOGITS, LAST_LOGITS, ALL_LOGITS, HOT_LOGITS, POOLED = "none", "last", "all", "hot", "pooled"
 
 
 def prefill_name(T: int) -> str:
@@ -101,14 +105,15 @@ def decode_spans(context: int, cfg: GemmaConfig | None = None) -> tuple[int, ...
     return tuple(s for s in DECODE_SPANS if inside < s < int(context))
 
 
-def signature_names(prefill_lengths, score_lengths=(), spans=(), embed_lengths=()) -> list[str]:
+def signature_names(prefill_lengths, score_lengths=(), spans=(), embed_lengths=(), decode_hot=False) -> list[str]:
     """Every signature of a file, in the order the converter builds them: a causal LM's
-    (prefill, decode, score, decode_s<S'>), or an embedding model's (``embed_lengths``:
-    embed_<T> only; it has no cache, so no decode either)."""
+    (prefill, decode, score, decode_s<S'>, and decode_hot when ``decode_hot``), or an embedding
+    model's (``embed_lengths``: embed_<T> only; it has no cache, so no decode either)."""
     if embed_lengths:
         return [embed_name(T) for T in sorted(set(embed_lengths))]
     return ([prefill_name(T) for T in sorted(set(prefill_lengths))] + [DECODE] +
-            [score_name(T) for T in sorted(set(score_lengths))] + [decode_span_name(s) for s in sorted(set(spans))])
+            [score_name(T) for T in sorted(set(score_lengths))] + [decode_span_name(s) for s in sorted(set(spans))] +
+            ([DECODE_HOT] if decode_hot else []))
 
 
 _SIGNATURE = re.compile(rf"({PREFILL}|{SCORE}|{EMBED})_([1-9][0-9]*)")
@@ -118,17 +123,19 @@ _OUTPUTS = {PREFILL: NO_LOGITS, SCORE: ALL_LOGITS, EMBED: POOLED}
 
 def parse_signature(name: str) -> tuple[int, str, int | None]:
     """``prefill_32`` -> (32, "none", None), ``score_32`` -> (32, "all", None), ``decode`` ->
-    (1, "last", None), ``decode_s2048`` -> (1, "last", 2048), ``embed_64`` -> (64, "pooled",
-    None): tokens per call, outputs, span."""
+    (1, "last", None), ``decode_s2048`` -> (1, "last", 2048), ``decode_hot`` -> (1, "hot", None),
+    ``embed_64`` -> (64, "pooled", None): tokens per call, outputs, span."""
     if name == DECODE:
         return 1, LAST_LOGITS, None
+    if name == DECODE_HOT:
+        return 1, HOT_LOGITS, None
     m = _SPAN.fullmatch(name)
     if m:
         return 1, LAST_LOGITS, int(m.group(1))
     m = _SIGNATURE.fullmatch(name)
     if not m:
         raise ValueError(f"{name!r} is not a gemma-edge signature (prefill_<T>, decode, score_<T>, decode_s<S>, "
-                         "embed_<T>)")
+                         "decode_hot, embed_<T>)")
     return int(m.group(2)), _OUTPUTS[m.group(1)], None
 
 
@@ -292,6 +299,11 @@ def embed_segments(name: str, cfg: GemmaConfig) -> list[tuple[int, int]]:
             cold.append((at, a))
         at = b
     return cold
+
+
+def hot_ids(cfg: GemmaConfig) -> list[int]:
+    """The token of each column of ``decode_hot``'s logits: the rows of ``embed_hot``, in its order."""
+    return [t for a, b in embed_segments(EMBED_HOT, cfg) for t in range(a, b)]
 
 
 def source_rows(name: str, cfg: GemmaConfig, r0: int, r1: int) -> tuple[str, list[tuple[int, int]]]:

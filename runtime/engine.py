@@ -18,7 +18,7 @@ import numpy as np
 
 from . import chat as chat_format
 from . import contract, embedding, host_memory, weight_cache
-from .backend import make_backend, run_prefill
+from .backend import decode_signature, make_backend, run_prefill
 from .config import from_ranges
 from .detokenizer import StreamingDetokenizer
 from .errors import DraftError, EmbeddingError, GenerationError, ModelFileError, ModelKindError, TokenizerError
@@ -272,6 +272,18 @@ class Model:
         if full_vocab:  # the model's whole distribution (scoring)
             return logits
         return logits[:self.tokenizer.vocab_size]  # embedding rows past the tokenizer have no text
+
+    def _decode_hot(self, token: int) -> np.ndarray | None:
+        """As ``_decode``, through ``decode_hot``: the logits of ``contract.hot_ids`` only (a draft's
+        step). None, and nothing run, where the file has no decode_hot or the position needs a
+        shorter span than it reads (``backend.decode_signature``: decode_hot reads the whole cache)."""
+        pos = len(self._cached)
+        if not self.info.decode_hot or decode_signature(self.info, pos) != contract.DECODE:
+            return None
+        logits = self.backend.decode_hot(token, pos)
+        self._cached.append(token)
+        self._release_window()
+        return logits
 
     def stream_generate(self, prompt, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
                         top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,

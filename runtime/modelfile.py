@@ -128,6 +128,7 @@ class FileMeta:
     prefill_lengths: tuple[int, ...]
     score_lengths: tuple[int, ...] = ()
     decode_spans: tuple[int, ...] = ()  # decode_s<S'> signatures (contract.decode_spans); older files have none
+    decode_hot: bool = False  # a decode_hot signature (a file converted --for-draft)
     quantization: Quantization = Quantization("fp32")
     tokenizer: TokenizerMeta = TokenizerMeta()
     chat_template: ChatTemplate = ChatTemplate()
@@ -142,6 +143,8 @@ class FileMeta:
         d["quantization"]["scheme"] = {**self.quantization.scheme, "name": self.quantization.name,
                                        "description": self.quantization.description}
         del d["quantization"]["name"], d["quantization"]["description"]
+        if not self.decode_hot:  # as files without it have always been written
+            del d["decode_hot"]
         return {"format": FORMAT, **d,
                 "kv_cache": {"layout": "[1, num_kv_heads, context_length, head_dim]", "dtype": "float32"}}
 
@@ -168,6 +171,7 @@ class FileMeta:
             prefill_lengths=tuple(_count(t, "prefill_lengths") for t in _list(d, "prefill_lengths")),
             score_lengths=tuple(_count(t, "score_lengths") for t in _list(d, "score_lengths", [])),
             decode_spans=tuple(_count(t, "decode_spans") for t in _list(d, "decode_spans", [])),
+            decode_hot=_bool(d, "decode_hot", False),
             quantization=Quantization(
                 name=_str(scheme, "name"), description=_str(scheme, "description", ""),
                 recipe=_obj(q, "recipe", {}), tensors=_obj(q, "tensors", {}),
@@ -550,6 +554,11 @@ class ModelInfo:
     def decode_spans(self) -> list[int]:
         """Spans S' of ``decode_s<S'>`` signatures, ascending (older files have none)."""
         return sorted(self.meta.decode_spans)
+
+    @property
+    def decode_hot(self) -> bool:
+        """Whether the file has ``decode_hot`` (converted ``--for-draft``)."""
+        return self.meta.decode_hot
 
     @property
     def quant(self) -> str:

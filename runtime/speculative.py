@@ -3,7 +3,9 @@
 A round, with the model's KV cache holding the context but its last token (as in plain decoding):
 
 1. the draft catches up with the context, then decodes k tokens ``d_1 .. d_k``, one call each,
-   drawing ``d_i`` from its filtered distribution ``q_i``;
+   drawing ``d_i`` from its filtered distribution ``q_i`` (a draft converted ``--for-draft``
+   calls ``decode_hot``, whose LM head computes only the frequent pieces' logits: ``q_i`` is 0
+   on the other tokens, which the rule below allows);
 2. the model runs ``[last, d_1 .. d_k]`` through one ``score_<T>`` call (the smallest T >= k + 1,
    padded): its filtered distributions ``p_1 .. p_{k+1}``, in the time of a few decode steps;
 3. each position is decided by the same rule (Leviathan et al. 2023, Chen et al. 2023): the
@@ -230,6 +232,24 @@ class Speculator:
         self.model, self.draft = model, draft
         self.stats = SpeculationStats()  # of the last generation
         self._schedule = _Schedule([T for T in model.info.score_lengths])
+        vocab = model.tokenizer.vocab_size
+        # a draft converted --for-draft: its steps compute the hot rows' logits only
+        self._hot = (np.array([t for t in contract.hot_ids(draft.config) if t < vocab], np.int64)
+                     if draft.info.decode_hot else None)
+
+    def _draft_step(self, token: int) -> np.ndarray:
+        """The draft reads ``token``: its logits over the vocabulary. Through ``decode_hot`` when it
+        has one: only the hot rows' (``contract.hot_ids``), the others -inf, so ``q`` gives them no
+        mass. The rule needs nothing more of ``q`` (a token it cannot draw is never proposed, and
+        a rejection draws from ``p - q``, which is ``p`` there), so the output is unchanged; only
+        the acceptance rate drops by the model's tokens outside those rows."""
+        d = self.draft
+        z = d._decode_hot(token) if self._hot is not None else None
+        if z is None:
+            return d._decode(token)
+        logits = np.full(d.tokenizer.vocab_size, -np.inf, np.float32)
+        logits[self._hot] = z[:self._hot.size]
+        return logits
 
     def tokens(self, ids: list[int], max_tokens: int, history: list[int], repetition_penalty: float,
                sample, temperature: float, top_k: int, top_p: float, min_p: float,
@@ -286,7 +306,7 @@ class Speculator:
                 prev = ctx[-1]
                 t0 = time.perf_counter()
                 for i in range(k):
-                    q = dist(penalized(d._decode(prev), hist))
+                    q = dist(penalized(self._draft_step(prev), hist))
                     prev = int(q.tokens[0] if greedy else q.draw(rng[i][0]))
                     drafts.append(prev)
                     qs.append(q)
@@ -309,7 +329,7 @@ class Speculator:
                 for i in range(k + 1):
                     if i == k:  # every draft token kept: the draft reads d_k and proposes one more
                         t0 = time.perf_counter()
-                        q = dist(penalized(d._decode(drafts[-1]), hist))
+                        q = dist(penalized(self._draft_step(drafts[-1]), hist))
                         sched.draft_time(time.perf_counter() - t0)
                         proposal = int(q.tokens[0] if greedy else q.draw(rng[i][0]))
                     else:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +270,16 @@ def test_calibration_is_refused_for_an_embedding_model(case, tmp_path):
     with pytest.raises(GemmaEdgeError, match="embedding model"):
         convert(str(case.checkpoint), str(tmp_path / "x.tflite"), quant="int8", calibrate="-", progress=False,
                 notes=lambda line: None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_for_draft_is_refused_for_an_embedding_model(case, tmp_path):
+    """--for-draft adds a decode step over the frequent pieces; an embedding model has no decode."""
+    proc = subprocess.run([str(Path(sys.executable).with_name("gemma-convert")), str(case.checkpoint), "-o",
+                           str(tmp_path / "x.tflite"), "--for-draft", "-q"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--for-draft" in proc.stderr and "embedding model" in proc.stderr
     assert not list(tmp_path.iterdir())
 
 

@@ -555,6 +555,8 @@ METADATA_LIES = {
     "head_dim": ((b'"head_dim": 16', b'"head_dim": 99'), ["head_dim"]),
     "vocab_size": ((b'"vocab_size": 512', b'"vocab_size": 999'), ["vocab"]),
     "prefill_lengths": ((b'"prefill_lengths": [\n  8,', b'"prefill_lengths": [\n  9,'), ["prefill_9"]),
+    # a decode_hot signature (--for-draft) the file does not have, over a split embedding it does not have
+    "decode_hot": ((b'"decode_spans": [],', b'"decode_hot": true,'), ["decode_hot"]),
 }
 METADATA_ZERO = {"num_kv_heads_zero": ((b'"num_kv_heads": 2', b'"num_kv_heads": 0'), ["num_kv_heads"])}
 

@@ -1,9 +1,10 @@
 """Speculative decoding (``runtime/speculative.py``) on tiny real files run by LiteRT.
 
-The model is the session's tiny Gemma 3 (fp32, context 64; ``conftest.tiny_gemma3``). Two
-drafts share its tokenizer: its own int8 conversion (a draft of itself: mostly right), and a
+The model is the session's tiny Gemma 3 (fp32, context 64; ``conftest.tiny_gemma3``). Three
+drafts share its tokenizer: its own int8 conversion (a draft of itself: mostly right), a
 smaller Gemma 3 of another shape, trained briefly on the same text, at a shorter context (the
-"270M drafting for 1B" pairing: often wrong, so rounds are rejected and the caches roll back).
+"270M drafting for 1B" pairing: often wrong, so rounds are rejected and the caches roll back),
+and that smaller model converted ``--for-draft`` (its steps' logits cover only the hot rows).
 Greedy output must equal decoding without a draft, token for token; sampled output must have
 the same distribution (chi-square against the plain sampler, with a control that must fail).
 """
@@ -44,15 +45,14 @@ def self_draft(tiny, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def small_draft(tmp_path_factory, sp_model_path) -> str:
-    """Another Gemma 3 shape (2 layers, d_model 32, 2 heads), same tokenizer, context 48."""
+def small_ckpt(tmp_path_factory, sp_model_path) -> Path:
+    """Another Gemma 3 shape (2 layers, d_model 32, 2 heads), same tokenizer, trained briefly."""
     import shutil
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_hf_config
-    from gemma_edge.convert.pipeline import convert
 
     d = tmp_path_factory.mktemp("small_draft")
     cfg = tiny_hf_config(3)
@@ -69,9 +69,30 @@ def small_draft(tmp_path_factory, sp_model_path) -> str:
         torch.set_num_threads(threads)
     model.save_pretrained(d / "ckpt", safe_serialization=True)
     shutil.copy(sp_model_path, d / "ckpt" / "tokenizer.model")
-    out = d / "small.tflite"
-    convert(str(d / "ckpt"), str(out), quant="fp32", max_context=DRAFT_CONTEXT, prefill_lengths=(8,),
+    return d / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def small_draft(small_ckpt) -> str:
+    """``small_ckpt`` at context 48, fp32."""
+    from gemma_edge.convert.pipeline import convert
+
+    out = small_ckpt.parent / "small.tflite"
+    convert(str(small_ckpt), str(out), quant="fp32", max_context=DRAFT_CONTEXT, prefill_lengths=(8,),
             progress=False, score_length=0)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def hot_draft(small_ckpt) -> str:
+    """``small_ckpt`` converted --for-draft (int8): its steps go through decode_hot, whose logits
+    cover the 64 hot rows of the 512 (``contract.hot_ranges``), so the draft cannot propose the
+    other tokens the model writes (more rejections, and q is 0 where p is not)."""
+    from gemma_edge.convert.pipeline import convert
+
+    out = small_ckpt.parent / "small_hot.tflite"
+    convert(str(small_ckpt), str(out), quant="int8", max_context=DRAFT_CONTEXT, prefill_lengths=(8,),
+            progress=False, score_length=0, for_draft=True)
     return str(out)
 
 
@@ -82,11 +103,18 @@ def plain(path):
     return gemma_edge.load(path)
 
 
-@pytest.fixture(scope="module", params=["self_int8", "small"])
-def spec(request, path, self_draft, small_draft):
+@pytest.fixture(scope="module", params=["self_int8", "small", "hot"])
+def spec(request, path, self_draft, small_draft, hot_draft):
     import gemma_edge
 
-    return gemma_edge.load(path, draft=self_draft if request.param == "self_int8" else small_draft)
+    return gemma_edge.load(path, draft={"self_int8": self_draft, "small": small_draft, "hot": hot_draft}[request.param])
+
+
+@pytest.fixture(scope="module")
+def spec_hot(path, hot_draft):
+    import gemma_edge
+
+    return gemma_edge.load(path, draft=hot_draft)
 
 
 @pytest.fixture(scope="module")
@@ -265,9 +293,12 @@ def plain_draws(plain, sp_model_path):
     return _outcomes(plain, prompts(sp_model_path)[1], DRAWS)
 
 
-def test_sampled_distribution_is_unchanged(spec_small, plain_draws, sp_model_path):
-    got = _outcomes(spec_small, prompts(sp_model_path)[1], DRAWS)
-    stats = spec_small.speculator.stats
+@pytest.mark.parametrize("which", ["small", "hot"])
+def test_sampled_distribution_is_unchanged(which, spec_small, spec_hot, plain_draws, sp_model_path):
+    """Also with a --for-draft draft, whose q gives no mass to the tokens outside its hot rows."""
+    spec = {"small": spec_small, "hot": spec_hot}[which]
+    got = _outcomes(spec, prompts(sp_model_path)[1], DRAWS)
+    stats = spec.speculator.stats
     assert stats.rounds > 0
     p = _homogeneity_p(plain_draws, got)
     assert p > 1e-3, f"speculative sampling changed the distribution (chi-square p = {p:.2g})"
@@ -317,6 +348,45 @@ def test_acceptance_rule_gives_p(case):
 
     assert fits_p(out)
     assert not fits_p(drafts)  # control: the draft's own tokens, all kept
+
+
+def test_a_for_draft_file_drafts_through_decode_hot(hot_draft, spec_hot, plain, sp_model_path):
+    """decode_hot's logits are decode's at the hot rows (``contract.hot_ids``), position by
+    position; the speculator's draft steps go through it, and the output is the model's own."""
+    import gemma_edge
+    from gemma_edge.runtime import contract
+
+    d = gemma_edge.load(hot_draft)
+    assert d.info.decode_hot and d.config.embed_hot_rows == 64
+    hot = contract.hot_ids(d.config)
+    assert len(hot) == 64 and hot == sorted(set(hot))
+    ids = prompts(sp_model_path)[2][:20]
+    d._prefill(ids)
+    token = ids[-1]
+    for pos in range(len(ids) - 1, len(ids) + 5):
+        full = d.backend.decode(token, pos).copy()
+        part = d.backend.decode_hot(token, pos).copy()  # the same slot written again, with the same token
+        np.testing.assert_allclose(part, full[hot], rtol=0, atol=1e-5)
+        token = int(np.argmax(full))
+
+    spec_hot.reset()
+    draft = spec_hot.draft
+    calls = []
+    real = draft.backend.decode_hot
+
+    def counted(token, pos):
+        calls.append(pos)
+        return real(token, pos)
+
+    draft.backend.decode_hot = counted
+    try:
+        for ids in prompts(sp_model_path)[:3]:
+            want = plain.generate(ids, max_tokens=25, temperature=0.0).tokens
+            assert spec_hot.generate(ids, max_tokens=25, temperature=0.0).tokens == want
+    finally:
+        del draft.backend.decode_hot
+    s = spec_hot.speculator.stats
+    assert s.rounds > 0 and len(calls) >= s.k_total
 
 
 def test_seeded_sampling_repeats_with_a_draft(spec_small, sp_model_path):
@@ -392,6 +462,24 @@ def test_cli_run_with_a_draft(path, small_draft, plain):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == want + "\n"
     assert "draft" in proc.stderr and "accepted" in proc.stderr
+
+
+def test_cli_convert_for_draft_then_run_with_it(path, small_ckpt, plain, tmp_path):
+    """`gemma-convert --for-draft` writes a draft `gemma-edge info` names as one, which `run
+    --draft` uses (the model's own text), and which runs alone as any file does."""
+    out = tmp_path / "d.tflite"
+    proc = subprocess.run([str(Path(sys.executable).with_name("gemma-convert")), str(small_ckpt), "-o", str(out),
+                           "--quant", "int4-b32", "--max-context", str(DRAFT_CONTEXT), "--prefill-lengths", "8",
+                           "--score-lengths", "0", "--for-draft", "-q"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    info = _cli("info", out)
+    assert info.returncode == 0 and "decode_hot over 64 frequent pieces" in info.stdout, info.stdout + info.stderr
+    want = plain.generate("the model", max_tokens=10, temperature=0.0).text
+    proc = _cli("run", path, "--draft", out, "-p", "the model", "-t", "0", "-n", "10", "-v")
+    assert proc.returncode == 0 and proc.stdout == want + "\n", proc.stderr
+    assert "rounds" in proc.stderr
+    alone = _cli("run", out, "-p", "the model", "-t", "0", "-n", "5")
+    assert alone.returncode == 0 and alone.stdout.strip(), alone.stderr
 
 
 def test_cli_draft_errors_exit_2(path, self_draft, tmp_path):
