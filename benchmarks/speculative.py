@@ -68,7 +68,9 @@ def files(workdir: str, quants=("fp32", "int8", "int4-b32")) -> dict[str, str]:
     for quant in quants:
         preset, hot = quant.removesuffix(HOT), quant.endswith(HOT)
         path = os.path.join(workdir, f"gemma3-270m-{preset}{'-hot' if hot else ''}.tflite")
-        row_scales = get_scheme(parse_recipe(preset)["embedding"]).granularity == "channel"
+        recipe = parse_recipe(preset)  # an int8 vocabulary table keeps its row scales as a tensor
+        row_scales = any(get_scheme(recipe[k]).granularity == "channel" for k in ("embedding", "embedding_hot")
+                         if k in recipe)
         if not os.path.exists(path) or stale(path, full=False, row_scales=row_scales):
             print(f"converting {quant} -> {path}", file=sys.stderr)
             convert(gguf, path, quant=preset, progress=False, for_draft=hot, force=True)

@@ -399,6 +399,27 @@ def e2b_file(e2b) -> Path:
     return e2b.convert("fp32")
 
 
+def test_a_for_draft_file_gives_transformers_logits_at_the_hot_rows(e2b, tmp_path):
+    """decode_hot (``--for-draft``) on Gemma 4: per-layer embeddings and the final softcap are
+    applied to the hot table's rows only, which must be transformers' logits at those ids."""
+    from gemma_edge.convert.pipeline import convert
+    from gemma_edge.runtime import contract
+    from gemma_edge.runtime.backend import make_backend, run_prefill
+    from gemma_edge.runtime.modelfile import read_info
+
+    out = tmp_path / "draft.tflite"
+    convert(str(e2b.checkpoint), str(out), quant="fp32", max_context=CONTEXT, prefill_lengths=PREFILL,
+            progress=False, score_length=0, for_draft=True)
+    info = read_info(str(out))
+    hot = contract.hot_ids(info.config)
+    assert info.decode_hot and info.config.final_softcap and 0 < len(hot) < info.config.vocab_size
+    backend = make_backend(info)
+    run_prefill(backend, e2b.seq[:PROMPT_LEN - 1], 0)
+    got = np.stack([backend.decode_hot(e2b.seq[p], p).copy() for p in range(PROMPT_LEN - 1, PROMPT_LEN - 1 + DECODE_STEPS)])
+    want = _want(e2b)[:, hot]
+    assert float(np.max(np.abs(got - want)) / np.max(np.abs(want))) < 1e-4
+
+
 def _hf_greedy(model, ids: list[int], n: int, stops=(EOS, END_TURN)) -> list[int]:
     """transformers' greedy continuation, step by step (no generate(): id 0 is its padding)."""
     import torch
