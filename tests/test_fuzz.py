@@ -45,7 +45,6 @@ from hypothesis import strategies as st
 from gemma_edge.convert.checkpoint import open_checkpoint
 from gemma_edge.convert.gguf_checkpoint import GGUFCheckpoint, config_from_gguf
 from gemma_edge.convert.gguf_tokenizer import sentencepiece_from_gguf
-from gemma_edge.runtime.config import GemmaConfig
 from gemma_edge.runtime.errors import GemmaEdgeError, TokenizerError
 from gemma_edge.runtime.modelfile import CONFIG_KEY, TOKENIZER_KEY, read_info, read_metadata
 from gemma_edge.runtime.tokenizer import Tokenizer

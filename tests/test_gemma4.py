@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -237,7 +236,6 @@ def test_quantized_statistics(case, quant, record_property):
 
 def _with_config(model, **changes):
     """The same weights under a config with ``changes`` (a transformers model)."""
-    import torch
     from transformers import Gemma4ForCausalLM
 
     cfg = model.config.to_dict()

@@ -6,7 +6,6 @@ the unmerged PeftModel; and every refusal is a typed error naming what exists.""
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import shutil
 from pathlib import Path

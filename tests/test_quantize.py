@@ -214,7 +214,6 @@ def test_report_weight_errors_match_the_reference_quantizers(tmp_path, sp_model_
     from gemma_edge.convert import hf_checkpoint
     from gemma_edge.convert.pipeline import convert
     from gemma_edge.quantize.reference import dequantize_rows, quantize_rows
-    from gemma_edge.runtime.config import GemmaConfig
 
     from conftest import make_hf_checkpoint
 
@@ -348,7 +347,6 @@ def test_q4_0_gguf_converts_at_int4_b32_with_its_own_blocks(tmp_path, capsys):
     data = (tmp_path / "m.tflite").read_bytes()
     model = fb.ModelT.InitFromPackedBuf(data, 0)
     sg = next(model.subgraphs[s.subgraphIndex] for s in model.signatureDefs if s.signatureKey == b"decode")
-    by_name = {t.name.decode().rsplit("_", 1)[0].removeprefix("decode_"): t for t in sg.tensors}
     checked = 0
     for t in sg.tensors:
         if t.type != fb.TensorType.INT4:

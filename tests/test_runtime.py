@@ -13,12 +13,11 @@ import os
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import CONTEXT, PREFILL, TinyGemma3, corpus_ids, hf_logits, tiny_gemma3  # noqa: F401 (re-exported)
+from conftest import CONTEXT, PREFILL, corpus_ids, hf_logits
 
 BOS, EOS, SOT, EOT = 2, 1, 4, 5  # ids fixed by the test tokenizer (conftest.sp_model_path)
 
