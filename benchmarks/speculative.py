@@ -106,7 +106,10 @@ def call_ms(model, ids, reps: int = 10) -> dict[str, float]:
 
     out = {"decode": ms(lambda: b.decode(ids[-1], pos))}
     if model.info.decode_hot:
-        out["decode_hot"] = ms(lambda: b.decode_hot(ids[-1], pos))
+        from gemma_edge.runtime import contract
+
+        extra = np.full(contract.HOT_EXTRA, contract.hot_ids(model.config)[0], np.int32)
+        out["decode_hot"] = ms(lambda: b.decode_hot(ids[-1], pos, extra))
     for T in model.info.score_lengths:
         tokens = np.full((1, T), ids[-1], np.int32)
         positions = np.arange(pos, pos + T, dtype=np.int32)

@@ -116,7 +116,7 @@ def _gelu(x):
 
 
 def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, logits: str, span: int | None = None,
-            segments=None):
+            segments=None, extra_ids=None):
     """One chunk of T tokens written at slots input_pos[0] .. input_pos[0]+T-1 of every cache.
 
     tokens [1, T] int32, input_pos [T] int32 (real tokens are consecutive; padding
@@ -126,7 +126,8 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
     ``span`` (< S) makes global layers attend only to slots 0 .. span-1 (``decode_s<span>``,
     for positions below it). Returns the updated caches, and ``logits``: of the last token
     [1, 1, V] (LAST_LOGITS), of every token [1, T, V] (ALL_LOGITS), of the last token over the
-    hot table's rows [1, 1, H] (HOT_LOGITS, ``decode_hot``; needs ``cfg.embed_hot``), or none.
+    hot table's rows and the E tokens of ``extra_ids`` [1, 1, H + E] (HOT_LOGITS, ``decode_hot``;
+    needs ``cfg.embed_hot``), or none.
 
     ``caches=None`` (an embedding model): no cache; ``segments`` [T] int32 numbers each token's
     text and ``input_pos`` is its position in that text (``_chunk_masks``); returns
@@ -267,8 +268,10 @@ def forward(cfg: GemmaConfig, w: dict, tokens, input_pos, caches: dict | None, l
     out = dict(new_caches)
     if logits != C.NO_LOGITS:
         h = _rms_norm(x if logits == C.ALL_LOGITS else x[-1:], w[C.FINAL_NORM], eps)  # [1 or T, D]
-        # [1 or T, V]; decode_hot: [1, H], the hot table's rows only (a draft's step)
-        z = _head(w, C.EMBED_HOT, h) if logits == C.HOT_LOGITS else _lm_head(cfg, w, h)
+        if logits == C.HOT_LOGITS:  # [1, H + E]: the hot table's rows, then the rows of extra_ids (a draft's step)
+            z = tf.concat([_head(w, C.EMBED_HOT, h), tf.matmul(h, _lookup(cfg, w, extra_ids), transpose_b=True)], -1)
+        else:
+            z = _lm_head(cfg, w, h)  # [1 or T, V]
         if cfg.final_softcap:
             z = tf.tanh(z / cfg.final_softcap) * cfg.final_softcap
         out[C.LOGITS] = tf.reshape(z, [1, -1, z.shape[-1]])
@@ -339,8 +342,8 @@ def _signature_fn(cfg: GemmaConfig, name: str, context: int, row_scaled=()):
     shapes |= {C.row_scales_name(n): shapes[n][:1] for n in row_scaled}
     kv = {} if logits == C.POOLED else C.kv_shapes(cfg, context)
     specs = [tf.TensorSpec([1, T], tf.int32, name=C.TOKENS), tf.TensorSpec([T], tf.int32, name=C.INPUT_POS)]
-    extra = [C.SEGMENTS] if logits == C.POOLED else []
-    specs += [tf.TensorSpec([T], tf.int32, name=n) for n in extra]
+    extra = {C.SEGMENTS: [T]} if logits == C.POOLED else {C.EXTRA_IDS: [C.HOT_EXTRA]} if logits == C.HOT_LOGITS else {}
+    specs += [tf.TensorSpec(s, tf.int32, name=n) for n, s in extra.items()]
     specs += [tf.TensorSpec(s, tf.float32, name=n) for n, s in kv.items()]
     specs += [tf.TensorSpec(s, tf.float32, name=n) for n, s in shapes.items()]
     names = [C.TOKENS, C.INPUT_POS, *extra, *kv, *shapes]
@@ -349,7 +352,7 @@ def _signature_fn(cfg: GemmaConfig, name: str, context: int, row_scaled=()):
         a = dict(zip(names, args))
         caches = {n: a[n] for n in kv} if kv else None
         return forward(cfg, {n: a[n] for n in shapes}, a[C.TOKENS], a[C.INPUT_POS], caches, logits, span,
-                       a.get(C.SEGMENTS))
+                       a.get(C.SEGMENTS), a.get(C.EXTRA_IDS))
 
     fn.__name__ = name  # the signature key
     return tf.function(fn, input_signature=specs, autograph=False)

@@ -174,15 +174,19 @@ class CompiledBackend:
         self._run(decode_signature(self.info, pos), self._token, self._pos)
         return self.logits.read(self.vocab, np.float32)
 
-    def decode_hot(self, token: int, pos: int) -> np.ndarray:
-        """``decode_hot``: the logits of the hot rows only [H] (``contract.hot_ids``)."""
+    def decode_hot(self, token: int, pos: int, extra: np.ndarray) -> np.ndarray:
+        """``decode_hot``: the logits [H + E] of the hot rows (``contract.hot_ids``), then of the
+        E = ``contract.HOT_EXTRA`` tokens ``extra`` (int32)."""
         sig = contract.DECODE_HOT
         if sig not in self.io:  # built on first use: a file used as a draft
             logits = self.model.create_output_buffer_by_name(sig, contract.LOGITS)
-            self.io[sig] = self._bind(sig, {**self.kv, contract.LOGITS: logits})
+            tok, pos_buf, inputs, outputs = self._bind(sig, {**self.kv, contract.LOGITS: logits})
+            inputs[contract.EXTRA_IDS] = self.model.create_input_buffer_by_name(sig, contract.EXTRA_IDS)
+            self.io[sig] = tok, pos_buf, inputs, outputs
+        self.io[sig][2][contract.EXTRA_IDS].write(extra)
         self._token[0, 0], self._pos[0] = token, pos
         self._run(sig, self._token, self._pos)
-        return self.io[sig][3][contract.LOGITS].read(self.info.config.embed_hot_rows, np.float32)
+        return self.io[sig][3][contract.LOGITS].read(self.info.config.embed_hot_rows + contract.HOT_EXTRA, np.float32)
 
     def score(self, tokens: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """A prefill chunk through ``score_<T>``: logits [T, V] of every position."""
@@ -247,9 +251,9 @@ class InterpreterBackend:
         self.kv = {n: np.zeros(s, np.float32) for n, s in self._kv_shapes.items()}
         self.written = 0  # as CompiledBackend's
 
-    def _run(self, sig, tokens, pos):
+    def _run(self, sig, tokens, pos, extra=None):
         self.written = max(self.written, int(pos[0]) + int(tokens.shape[1]))
-        out = self.runners[sig](**{contract.TOKENS: tokens, contract.INPUT_POS: pos}, **self.kv)
+        out = self.runners[sig](**{contract.TOKENS: tokens, contract.INPUT_POS: pos}, **(extra or {}), **self.kv)
         for n in self.kv:
             self.kv[n] = out[n]
         return out
@@ -261,8 +265,9 @@ class InterpreterBackend:
         out = self._run(decode_signature(self.info, pos), np.array([[token]], np.int32), np.array([pos], np.int32))
         return out[contract.LOGITS].reshape(-1)
 
-    def decode_hot(self, token, pos):
-        out = self._run(contract.DECODE_HOT, np.array([[token]], np.int32), np.array([pos], np.int32))
+    def decode_hot(self, token, pos, extra):
+        out = self._run(contract.DECODE_HOT, np.array([[token]], np.int32), np.array([pos], np.int32),
+                        {contract.EXTRA_IDS: extra})
         return out[contract.LOGITS].reshape(-1)
 
     def score(self, tokens, pos):

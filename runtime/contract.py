@@ -10,9 +10,10 @@ Signatures (LiteRT-LM runs the first two; the others are gemma-edge's own, ignor
     decode_s<S'>  as decode, for positions below S' < S: global layers attend to slots 0..S'-1
                   only, so a long-context file decodes a short chat as fast as a short one
                   (and sliding layers too when S' is within their window)
-    decode_hot    as decode, but logits [1, 1, H] of the split embedding's hot rows only
-                  (``hot_ids``): a speculative draft's step, whose LM head is most of its cost
-                  (files converted ``--for-draft``)
+    decode_hot    as decode, plus extra_ids [E]; logits [1, 1, H + E]: of the split embedding's
+                  hot rows only (``hot_ids``), then of the E tokens ``extra_ids`` names (the
+                  runtime passes the context's recent tokens outside those rows). A speculative
+                  draft's step, whose LM head is most of its cost (files converted ``--for-draft``)
 (LiteRT-LM takes every signature whose name starts with ``prefill`` as a prefill runner and
 ``decode`` by its exact name, so no other signature may start with ``prefill``.)
 KV caches: ``kv_cache_k_<i>`` / ``kv_cache_v_<i>``, float32 [1, K, S, H], one pair for every
@@ -49,6 +50,8 @@ SCORE = "score"
 EMBED = "embed"
 TOKENS = "tokens"
 INPUT_POS = "input_pos"
+EXTRA_IDS = "extra_ids"  # decode_hot's tokens besides the hot rows
+HOT_EXTRA = 32  # how many: E
 SEGMENTS = "segments"
 LOGITS = "logits"
 EMBEDDINGS = "embeddings"
@@ -302,7 +305,8 @@ def embed_segments(name: str, cfg: GemmaConfig) -> list[tuple[int, int]]:
 
 
 def hot_ids(cfg: GemmaConfig) -> list[int]:
-    """The token of each column of ``decode_hot``'s logits: the rows of ``embed_hot``, in its order."""
+    """The token of each of ``decode_hot``'s first H logits: the rows of ``embed_hot``, in its
+    order (its last HOT_EXTRA are those of ``extra_ids``)."""
     return [t for a, b in embed_segments(EMBED_HOT, cfg) for t in range(a, b)]
 
 

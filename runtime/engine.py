@@ -273,14 +273,15 @@ class Model:
             return logits
         return logits[:self.tokenizer.vocab_size]  # embedding rows past the tokenizer have no text
 
-    def _decode_hot(self, token: int) -> np.ndarray | None:
-        """As ``_decode``, through ``decode_hot``: the logits of ``contract.hot_ids`` only (a draft's
-        step). None, and nothing run, where the file has no decode_hot or the position needs a
-        shorter span than it reads (``backend.decode_signature``: decode_hot reads the whole cache)."""
+    def _decode_hot(self, token: int, extra: np.ndarray) -> np.ndarray | None:
+        """As ``_decode``, through ``decode_hot``: the logits of ``contract.hot_ids``, then of the
+        ``contract.HOT_EXTRA`` tokens ``extra`` (int32), only (a draft's step). None, and nothing
+        run, where the file has no decode_hot or the position needs a shorter span than it reads
+        (``backend.decode_signature``: decode_hot reads the whole cache)."""
         pos = len(self._cached)
         if not self.info.decode_hot or decode_signature(self.info, pos) != contract.DECODE:
             return None
-        logits = self.backend.decode_hot(token, pos)
+        logits = self.backend.decode_hot(token, pos, extra)
         self._cached.append(token)
         self._release_window()
         return logits

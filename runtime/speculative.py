@@ -4,8 +4,9 @@ A round, with the model's KV cache holding the context but its last token (as in
 
 1. the draft catches up with the context, then decodes k tokens ``d_1 .. d_k``, one call each,
    drawing ``d_i`` from its filtered distribution ``q_i`` (a draft converted ``--for-draft``
-   calls ``decode_hot``, whose LM head computes only the frequent pieces' logits: ``q_i`` is 0
-   on the other tokens, which the rule below allows);
+   calls ``decode_hot``, whose LM head computes only the frequent pieces' logits and those of
+   the context's latest ``contract.HOT_EXTRA`` other tokens: ``q_i`` is 0 on the rest, which
+   the rule below allows);
 2. the model runs ``[last, d_1 .. d_k]`` through one ``score_<T>`` call (the smallest T >= k + 1,
    padded): its filtered distributions ``p_1 .. p_{k+1}``, in the time of a few decode steps;
 3. each position is decided by the same rule (Leviathan et al. 2023, Chen et al. 2023): the
@@ -233,22 +234,40 @@ class Speculator:
         self.stats = SpeculationStats()  # of the last generation
         self._schedule = _Schedule([T for T in model.info.score_lengths])
         vocab = model.tokenizer.vocab_size
-        # a draft converted --for-draft: its steps compute the hot rows' logits only
+        # a draft converted --for-draft: its steps compute the hot rows' logits, and a few others'
         self._hot = (np.array([t for t in contract.hot_ids(draft.config) if t < vocab], np.int64)
                      if draft.info.decode_hot else None)
+        self._hot_set = frozenset(self._hot.tolist()) if self._hot is not None else frozenset()
 
-    def _draft_step(self, token: int) -> np.ndarray:
+    def _extra(self, ctx: list[int]) -> tuple[np.ndarray, int]:
+        """decode_hot's ``extra_ids`` for a round: the context's latest distinct tokens outside the
+        hot rows, up to ``contract.HOT_EXTRA`` (a text repeats its names and rare words, which the
+        hot rows lack), padded with a hot token; and how many are real."""
+        vocab, seen = self.draft.tokenizer.vocab_size, []
+        for t in reversed(ctx):
+            if t not in self._hot_set and t not in seen and 0 <= t < vocab:
+                seen.append(t)
+                if len(seen) == contract.HOT_EXTRA:
+                    break
+        ids = np.full(contract.HOT_EXTRA, self._hot[0], np.int32)
+        ids[:len(seen)] = seen
+        return ids, len(seen)
+
+    def _draft_step(self, token: int, extra: tuple[np.ndarray, int] | None) -> np.ndarray:
         """The draft reads ``token``: its logits over the vocabulary. Through ``decode_hot`` when it
-        has one: only the hot rows' (``contract.hot_ids``), the others -inf, so ``q`` gives them no
-        mass. The rule needs nothing more of ``q`` (a token it cannot draw is never proposed, and
-        a rejection draws from ``p - q``, which is ``p`` there), so the output is unchanged; only
-        the acceptance rate drops by the model's tokens outside those rows."""
+        has one (``extra``: ``_extra``): only those of the hot rows (``contract.hot_ids``) and of
+        ``extra``'s tokens, the others -inf, so ``q`` gives them no mass. The rule needs nothing
+        more of ``q`` (a token it cannot draw is never proposed, and a rejection draws from
+        ``p - q``, which is ``p`` there), so the output is unchanged; only the acceptance rate
+        drops by the model's tokens outside those."""
         d = self.draft
-        z = d._decode_hot(token) if self._hot is not None else None
+        z = d._decode_hot(token, extra[0]) if extra is not None else None
         if z is None:
             return d._decode(token)
         logits = np.full(d.tokenizer.vocab_size, -np.inf, np.float32)
+        R, (ids, n) = d.config.embed_hot_rows, extra  # z: the hot rows' (hot ids past the tokenizer last), then extra's
         logits[self._hot] = z[:self._hot.size]
+        logits[ids[:n]] = z[R:R + n]
         return logits
 
     def tokens(self, ids: list[int], max_tokens: int, history: list[int], repetition_penalty: float,
@@ -304,9 +323,10 @@ class Speculator:
                     d._prefill(ctx)
                 drafts, qs, hist = [], [], list(history)
                 prev = ctx[-1]
+                extra = self._extra(ctx) if self._hot is not None else None
                 t0 = time.perf_counter()
                 for i in range(k):
-                    q = dist(penalized(self._draft_step(prev), hist))
+                    q = dist(penalized(self._draft_step(prev, extra), hist))
                     prev = int(q.tokens[0] if greedy else q.draw(rng[i][0]))
                     drafts.append(prev)
                     qs.append(q)
@@ -329,7 +349,7 @@ class Speculator:
                 for i in range(k + 1):
                     if i == k:  # every draft token kept: the draft reads d_k and proposes one more
                         t0 = time.perf_counter()
-                        q = dist(penalized(self._draft_step(drafts[-1]), hist))
+                        q = dist(penalized(self._draft_step(drafts[-1], extra), hist))
                         sched.draft_time(time.perf_counter() - t0)
                         proposal = int(q.tokens[0] if greedy else q.draw(rng[i][0]))
                     else:

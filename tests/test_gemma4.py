@@ -399,7 +399,8 @@ def e2b_file(e2b) -> Path:
 
 def test_a_for_draft_file_gives_transformers_logits_at_the_hot_rows(e2b, tmp_path):
     """decode_hot (``--for-draft``) on Gemma 4: per-layer embeddings and the final softcap are
-    applied to the hot table's rows only, which must be transformers' logits at those ids."""
+    applied to the hot table's rows and to ``extra_ids``' rows only, which must be transformers'
+    logits at those ids."""
     from gemma_edge.convert.pipeline import convert
     from gemma_edge.runtime import contract
     from gemma_edge.runtime.backend import make_backend, run_prefill
@@ -411,10 +412,12 @@ def test_a_for_draft_file_gives_transformers_logits_at_the_hot_rows(e2b, tmp_pat
     info = read_info(str(out))
     hot = contract.hot_ids(info.config)
     assert info.decode_hot and info.config.final_softcap and 0 < len(hot) < info.config.vocab_size
+    extra = np.array([t for t in range(info.config.vocab_size) if t not in set(hot)][-contract.HOT_EXTRA:], np.int32)
     backend = make_backend(info)
     run_prefill(backend, e2b.seq[:PROMPT_LEN - 1], 0)
-    got = np.stack([backend.decode_hot(e2b.seq[p], p).copy() for p in range(PROMPT_LEN - 1, PROMPT_LEN - 1 + DECODE_STEPS)])
-    want = _want(e2b)[:, hot]
+    got = np.stack([backend.decode_hot(e2b.seq[p], p, extra).copy()
+                    for p in range(PROMPT_LEN - 1, PROMPT_LEN - 1 + DECODE_STEPS)])
+    want = _want(e2b)[:, hot + extra.tolist()]
     assert float(np.max(np.abs(got - want)) / np.max(np.abs(want))) < 1e-4
 
 

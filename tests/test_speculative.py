@@ -351,8 +351,10 @@ def test_acceptance_rule_gives_p(case):
 
 
 def test_a_for_draft_file_drafts_through_decode_hot(hot_draft, spec_hot, plain, sp_model_path):
-    """decode_hot's logits are decode's at the hot rows (``contract.hot_ids``), position by
-    position; the speculator's draft steps go through it, and the output is the model's own."""
+    """decode_hot's logits are decode's at the hot rows (``contract.hot_ids``) and at the tokens
+    of ``extra_ids``, position by position (those through a float product of the looked-up rows,
+    not the int8 kernel's, so to within its rounding); the speculator's draft steps go through
+    it, passing the context's tokens outside the hot rows, and the output is the model's own."""
     import gemma_edge
     from gemma_edge.runtime import contract
 
@@ -362,11 +364,14 @@ def test_a_for_draft_file_drafts_through_decode_hot(hot_draft, spec_hot, plain, 
     assert len(hot) == 64 and hot == sorted(set(hot))
     ids = prompts(sp_model_path)[2][:20]
     d._prefill(ids)
+    cold = [t for t in range(d.tokenizer.vocab_size) if t not in set(hot)]
+    extra = np.array(cold[-contract.HOT_EXTRA:], np.int32)  # the last ones: rare pieces
     token = ids[-1]
     for pos in range(len(ids) - 1, len(ids) + 5):
         full = d.backend.decode(token, pos).copy()
-        part = d.backend.decode_hot(token, pos).copy()  # the same slot written again, with the same token
-        np.testing.assert_allclose(part, full[hot], rtol=0, atol=1e-5)
+        part = d.backend.decode_hot(token, pos, extra).copy()  # the same slot written again, with the same token
+        np.testing.assert_allclose(part[:64], full[hot], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(part[64:], full[extra], rtol=0, atol=0.02 * np.abs(full).max())
         token = int(np.argmax(full))
 
     spec_hot.reset()
@@ -374,9 +379,9 @@ def test_a_for_draft_file_drafts_through_decode_hot(hot_draft, spec_hot, plain, 
     calls = []
     real = draft.backend.decode_hot
 
-    def counted(token, pos):
-        calls.append(pos)
-        return real(token, pos)
+    def counted(token, pos, extra):
+        calls.append(spec_hot.speculator._hot_set.isdisjoint(extra[extra != spec_hot.speculator._hot[0]].tolist()))
+        return real(token, pos, extra)
 
     draft.backend.decode_hot = counted
     try:
@@ -386,7 +391,20 @@ def test_a_for_draft_file_drafts_through_decode_hot(hot_draft, spec_hot, plain, 
     finally:
         del draft.backend.decode_hot
     s = spec_hot.speculator.stats
-    assert s.rounds > 0 and len(calls) >= s.k_total
+    assert s.rounds > 0 and len(calls) >= s.k_total and all(calls)  # extra_ids: tokens outside the hot rows
+
+
+def test_the_draft_extra_ids_are_the_context_s_latest_tokens_outside_the_hot_rows(spec_hot):
+    from gemma_edge.runtime import contract
+
+    sp = spec_hot.speculator
+    hot = sp._hot.tolist()
+    cold = [t for t in range(300) if t not in sp._hot_set][:40]
+    ids, n = sp._extra([hot[0], cold[0], hot[1], cold[1], cold[0], hot[2]])
+    assert n == 2 and ids[:2].tolist() == [cold[0], cold[1]] and set(ids[2:].tolist()) == {hot[0]}
+    ids, n = sp._extra(cold + [hot[3]])
+    assert n == contract.HOT_EXTRA and ids.tolist() == cold[::-1][:contract.HOT_EXTRA]
+    assert sp._extra(hot[:5])[1] == 0
 
 
 def test_seeded_sampling_repeats_with_a_draft(spec_small, sp_model_path):
