@@ -394,6 +394,25 @@ def test_a_for_draft_file_drafts_through_decode_hot(hot_draft, spec_hot, plain, 
     assert s.rounds > 0 and len(calls) >= s.k_total and all(calls)  # extra_ids: tokens outside the hot rows
 
 
+def test_a_draft_step_puts_each_logit_at_its_token(spec_hot, hot_draft, sp_model_path):
+    """``_draft_step``'s logits over the vocabulary: the draft's own (``decode`` of a second copy
+    of the file, at the same position) at the hot ids and at the context's latest other tokens,
+    -inf elsewhere."""
+    import gemma_edge
+
+    sp, other = spec_hot.speculator, gemma_edge.load(hot_draft)
+    ids = prompts(sp_model_path)[3] + corpus_ids(sp_model_path, 40, seed=5)
+    extra = sp._extra(ids)
+    assert extra[1] >= 3  # the context has tokens outside the hot rows
+    sp.draft.reset()
+    sp.draft._prefill(ids)
+    other._prefill(ids)
+    got, want = sp._draft_step(ids[-1], extra), other._decode(ids[-1])
+    finite = np.flatnonzero(np.isfinite(got))
+    assert set(finite.tolist()) == set(sp._hot.tolist()) | set(extra[0][:extra[1]].tolist())
+    np.testing.assert_allclose(got[finite], want[finite], rtol=0, atol=0.02 * np.abs(want).max())
+
+
 def test_the_draft_extra_ids_are_the_context_s_latest_tokens_outside_the_hot_rows(spec_hot):
     from gemma_edge.runtime import contract
 
