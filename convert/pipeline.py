@@ -173,8 +173,10 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     cache at the full context, a slot per position (the layout of earlier files).
     ``for_draft`` makes a faster speculative draft: the tied embedding is stored as two tables
     (its frequent pieces' rows, ``contract.hot_ranges``, and the rest; each keeps the recipe's
-    scheme) and a ``decode_hot`` signature computes the logits of the first table's rows only,
-    which a draft's step uses (``runtime/speculative.py``). The file runs as any other.
+    scheme) and a ``decode_hot`` signature computes the logits of the first table's rows and of
+    ``contract.HOT_EXTRA`` tokens the caller names, which a draft's step uses
+    (``runtime/speculative.py``: the context's latest tokens outside that table). The file runs
+    as any other.
 
     An embedding checkpoint (EmbeddingGemma: a sentence-transformers layout, or a
     gemma-embedding GGUF) gets ``embed_<T>`` signatures for each of ``embed_lengths`` below the

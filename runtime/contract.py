@@ -61,7 +61,7 @@ EMBED_TOKENS_PER_SLOT = 8  # embed_<T> holds a text per 8 tokens of T (a text is
 
 DECODE_HOT = "decode_hot"
 # What a signature returns besides the caches: nothing, the last token's logits, every token's,
-# the last token's over the hot rows only; or, without caches, one vector per text.
+# the last token's over the hot rows and extra_ids only; or, without caches, one vector per text.
 NO_LOGITS, LAST_LOGITS, ALL_LOGITS, HOT_LOGITS, POOLED = "none", "last", "all", "hot", "pooled"
 
 
@@ -306,7 +306,7 @@ def embed_segments(name: str, cfg: GemmaConfig) -> list[tuple[int, int]]:
 
 def hot_ids(cfg: GemmaConfig) -> list[int]:
     """The token of each of ``decode_hot``'s first H logits: the rows of ``embed_hot``, in its
-    order (its last HOT_EXTRA are those of ``extra_ids``)."""
+    order (the HOT_EXTRA logits after them are those of ``extra_ids``' tokens)."""
     return [t for a, b in embed_segments(EMBED_HOT, cfg) for t in range(a, b)]
 
 
