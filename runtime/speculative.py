@@ -62,6 +62,7 @@ the last token of max_tokens).
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import time
 from dataclasses import dataclass
@@ -80,6 +81,7 @@ _PRIOR = (4.0, 1.0)  # pseudo-counts (accepted, rejected) before any round: acce
 _DRAFT_PRIOR = 0.25  # a draft step's time relative to the model's decode, until measured
 PROBE_EVERY = 16  # while drafting does not pay, one round after this many tokens decoded alone
 MAX_BACKOFF = 16  # ... and after twice as many each time it still does not pay, up to this factor
+EXTRA_SCAN = 1024  # a --for-draft draft's extra_ids come from at most this many latest tokens
 
 
 def check_pair(model, draft) -> None:
@@ -242,9 +244,10 @@ class Speculator:
     def _extra(self, ctx: list[int]) -> tuple[np.ndarray, int]:
         """decode_hot's ``extra_ids`` for a round: the context's latest distinct tokens outside the
         hot rows, up to ``contract.HOT_EXTRA`` (a text repeats its names and rare words, which the
-        hot rows lack), padded with a hot token; and how many are real."""
+        hot rows lack), padded with a hot token; and how many are real. Only the last
+        ``EXTRA_SCAN`` tokens are read, so a round's cost does not grow with the context."""
         vocab, seen = self.draft.tokenizer.vocab_size, []
-        for t in reversed(ctx):
+        for t in itertools.islice(reversed(ctx), EXTRA_SCAN):
             if t not in self._hot_set and t not in seen and 0 <= t < vocab:
                 seen.append(t)
                 if len(seen) == contract.HOT_EXTRA:

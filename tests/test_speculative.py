@@ -424,6 +424,10 @@ def test_the_draft_extra_ids_are_the_context_s_latest_tokens_outside_the_hot_row
     ids, n = sp._extra(cold + [hot[3]])
     assert n == contract.HOT_EXTRA and ids.tolist() == cold[::-1][:contract.HOT_EXTRA]
     assert sp._extra(hot[:5])[1] == 0
+    from gemma_edge.runtime.speculative import EXTRA_SCAN
+
+    far = [cold[0]] + [hot[0]] * EXTRA_SCAN  # a token outside the scan: a round reads a bounded tail
+    assert sp._extra(far)[1] == 0 and sp._extra(far[1:] + [cold[0]])[1] == 1
 
 
 def test_seeded_sampling_repeats_with_a_draft(spec_small, sp_model_path):
