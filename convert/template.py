@@ -83,14 +83,14 @@ ISOLATE_ABOVE_PARAMS = 100_000_000  # smaller models (tests) convert in-process:
 
 def build_template(cfg: GemmaConfig, context: int, prefill_lengths: list[int], score_lengths=(), spans=(),
                    isolate: bool | None = None, progress: bool = False, embed_lengths=(), row_scaled=(),
-                   decode_hot: bool = False) -> bytes:
+                   decode_hot: bool = False, hot_spans=()) -> bytes:
     """Convert every signature in its own child process and merge them into one model
     (``embed_lengths``: an embedding model's embed_<T> signatures instead; ``row_scaled``: the
     vocabulary tables whose per-row scales are a tensor of their own, ``contract.vocab_tables``;
-    ``decode_hot``: add that signature, a draft's step)."""
+    ``decode_hot``: add that signature, a draft's step, and ``hot_spans``' decode_hot_s<S'>)."""
     from ai_edge_litert import schema_py_generated as fb
 
-    signatures = contract.signature_names(prefill_lengths, score_lengths, spans, embed_lengths, decode_hot)
+    signatures = contract.signature_names(prefill_lengths, score_lengths, spans, embed_lengths, decode_hot, hot_spans)
     if isolate is None:
         isolate = cfg.num_params > ISOLATE_ABOVE_PARAMS
     if not isolate:

@@ -31,11 +31,16 @@ def check_graph(info: ModelInfo, signatures, decode_inputs: dict, decode_outputs
     embedding model, vectors of its size (``decode_*``: then the details of ``main_signature``)."""
     cfg = info.config
     want = contract.signature_names(info.prefill_lengths, info.score_lengths, info.decode_spans, info.embed_lengths,
-                                    info.decode_hot)
+                                    info.decode_hot, info.decode_hot_spans)
     if info.decode_hot and not cfg.embed_hot_rows:
         raise ModelFileError(f"{info.path}: the metadata names a decode_hot signature but no split embedding "
                              "(config embed_hot) whose rows it returns; the file is corrupt: convert the "
                              "checkpoint again")
+    odd = [s for s in info.decode_hot_spans if not info.decode_hot or s not in info.decode_spans]
+    if odd:
+        raise ModelFileError(f"{info.path}: the metadata names decode_hot_s{odd[0]}, which needs decode_hot and "
+                             f"decode_s{odd[0]} (it names decode_hot {info.decode_hot}, spans {info.decode_spans}); "
+                             "the file is corrupt: convert the checkpoint again")
     missing = [s for s in want if s not in signatures]
     if missing:
         raise ModelFileError(f"{info.path}: the metadata names signatures {missing} that the graph does not have "
@@ -72,6 +77,28 @@ def decode_signature(info: ModelInfo, pos: int) -> str:
         if pos < span:
             return contract.decode_span_name(span)
     return contract.DECODE
+
+
+def decode_hot_signature(info: ModelInfo, pos: int) -> str | None:
+    """The decode_hot signature that reads what ``decode_signature`` reads at ``pos``: decode_hot
+    where that is decode, decode_hot_s<S'> where it is decode_s<S'>; None where the file has no
+    such signature (not converted --for-draft, or an earlier --for-draft file, which has no
+    decode_hot_s<S'>: its step there goes through decode_s<S'>)."""
+    if not info.decode_hot:
+        return None
+    span = contract.parse_signature(decode_signature(info, pos))[2]
+    if span is None:
+        return contract.DECODE_HOT
+    return contract.decode_hot_span_name(span) if span in info.decode_hot_spans else None
+
+
+def _hot_signature(info: ModelInfo, pos: int) -> str:
+    sig = decode_hot_signature(info, pos)
+    if sig is None:
+        raise GemmaEdgeError(f"{info.path} has no decode_hot signature for position {pos}"
+                             + ("" if info.decode_hot else " (it was not converted --for-draft)")
+                             + "; use decode there (Model._decode_hot returns None where it does not apply)")
+    return sig
 
 
 def _threads(threads: int | None) -> int:
@@ -175,9 +202,10 @@ class CompiledBackend:
         return self.logits.read(self.vocab, np.float32)
 
     def decode_hot(self, token: int, pos: int, extra: np.ndarray) -> np.ndarray:
-        """``decode_hot``: the logits [H + E] of the hot rows (``contract.hot_ids``), then of the
+        """``decode_hot`` (or the ``decode_hot_s<S'>`` that ``decode_hot_signature`` picks at
+        ``pos``): the logits [H + E] of the hot rows (``contract.hot_ids``), then of the
         E = ``contract.HOT_EXTRA`` tokens ``extra`` (int32)."""
-        sig = contract.DECODE_HOT
+        sig = _hot_signature(self.info, pos)
         if sig not in self.io:  # built on first use: a file used as a draft
             logits = self.model.create_output_buffer_by_name(sig, contract.LOGITS)
             tok, pos_buf, inputs, outputs = self._bind(sig, {**self.kv, contract.LOGITS: logits})
@@ -266,7 +294,7 @@ class InterpreterBackend:
         return out[contract.LOGITS].reshape(-1)
 
     def decode_hot(self, token, pos, extra):
-        out = self._run(contract.DECODE_HOT, np.array([[token]], np.int32), np.array([pos], np.int32),
+        out = self._run(_hot_signature(self.info, pos), np.array([[token]], np.int32), np.array([pos], np.int32),
                         {contract.EXTRA_IDS: extra})
         return out[contract.LOGITS].reshape(-1)
 

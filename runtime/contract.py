@@ -14,6 +14,9 @@ Signatures (LiteRT-LM runs the first two; the others are gemma-edge's own, ignor
                   hot rows only (``hot_ids``), then of the E tokens ``extra_ids`` names (the
                   runtime passes the context's recent tokens outside those rows). A speculative
                   draft's step, whose LM head is most of its cost (files converted ``--for-draft``)
+    decode_hot_s<S'> as decode_hot, for positions below S': one beside each decode_s<S'> of a
+                  file converted ``--for-draft`` (metadata ``decode_hot_spans``), so a long-context
+                  draft's step reads only what decode_s<S'> reads
 (LiteRT-LM takes every signature whose name starts with ``prefill`` as a prefill runner and
 ``decode`` by its exact name, so no other signature may start with ``prefill``.)
 KV caches: ``kv_cache_k_<i>`` / ``kv_cache_v_<i>``, float32 [1, K, S, H], one pair for every
@@ -86,6 +89,10 @@ def decode_span_name(span: int) -> str:
     return f"{DECODE}_s{int(span)}"
 
 
+def decode_hot_span_name(span: int) -> str:
+    return f"{DECODE_HOT}_s{int(span)}"
+
+
 # Decode signatures for shorter spans: a global layer's attention reads its whole cache at every
 # step (the graph's shapes are fixed), which at S = 32k costs more than the 270M's weights. So a
 # file with a long context also gets decode_s<S'> for each of these below S, and the runtime uses
@@ -108,26 +115,30 @@ def decode_spans(context: int, cfg: GemmaConfig | None = None) -> tuple[int, ...
     return tuple(s for s in DECODE_SPANS if inside < s < int(context))
 
 
-def signature_names(prefill_lengths, score_lengths=(), spans=(), embed_lengths=(), decode_hot=False) -> list[str]:
+def signature_names(prefill_lengths, score_lengths=(), spans=(), embed_lengths=(), decode_hot=False,
+                    hot_spans=()) -> list[str]:
     """Every signature of a file, in the order the converter builds them: a causal LM's
-    (prefill, decode, score, decode_s<S'>, and decode_hot when ``decode_hot``), or an embedding
-    model's (``embed_lengths``: embed_<T> only; it has no cache, so no decode either)."""
+    (prefill, decode, score, decode_s<S'>, and decode_hot when ``decode_hot``, then
+    decode_hot_s<S'> for each of ``hot_spans``), or an embedding model's (``embed_lengths``:
+    embed_<T> only; it has no cache, so no decode either)."""
     if embed_lengths:
         return [embed_name(T) for T in sorted(set(embed_lengths))]
     return ([prefill_name(T) for T in sorted(set(prefill_lengths))] + [DECODE] +
             [score_name(T) for T in sorted(set(score_lengths))] + [decode_span_name(s) for s in sorted(set(spans))] +
-            ([DECODE_HOT] if decode_hot else []))
+            ([DECODE_HOT] if decode_hot else []) + [decode_hot_span_name(s) for s in sorted(set(hot_spans))])
 
 
 _SIGNATURE = re.compile(rf"({PREFILL}|{SCORE}|{EMBED})_([1-9][0-9]*)")
 _SPAN = re.compile(rf"{DECODE}_s([1-9][0-9]*)")
+_HOT_SPAN = re.compile(rf"{DECODE_HOT}_s([1-9][0-9]*)")
 _OUTPUTS = {PREFILL: NO_LOGITS, SCORE: ALL_LOGITS, EMBED: POOLED}
 
 
 def parse_signature(name: str) -> tuple[int, str, int | None]:
     """``prefill_32`` -> (32, "none", None), ``score_32`` -> (32, "all", None), ``decode`` ->
     (1, "last", None), ``decode_s2048`` -> (1, "last", 2048), ``decode_hot`` -> (1, "hot", None),
-    ``embed_64`` -> (64, "pooled", None): tokens per call, outputs, span."""
+    ``decode_hot_s2048`` -> (1, "hot", 2048), ``embed_64`` -> (64, "pooled", None): tokens per
+    call, outputs, span."""
     if name == DECODE:
         return 1, LAST_LOGITS, None
     if name == DECODE_HOT:
@@ -135,10 +146,13 @@ def parse_signature(name: str) -> tuple[int, str, int | None]:
     m = _SPAN.fullmatch(name)
     if m:
         return 1, LAST_LOGITS, int(m.group(1))
+    m = _HOT_SPAN.fullmatch(name)
+    if m:
+        return 1, HOT_LOGITS, int(m.group(1))
     m = _SIGNATURE.fullmatch(name)
     if not m:
         raise ValueError(f"{name!r} is not a gemma-edge signature (prefill_<T>, decode, score_<T>, decode_s<S>, "
-                         "decode_hot, embed_<T>)")
+                         "decode_hot, decode_hot_s<S>, embed_<T>)")
     return int(m.group(2)), _OUTPUTS[m.group(1)], None
 
 

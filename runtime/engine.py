@@ -18,7 +18,7 @@ import numpy as np
 
 from . import chat as chat_format
 from . import contract, embedding, host_memory, weight_cache
-from .backend import decode_signature, make_backend, run_prefill
+from .backend import decode_hot_signature, make_backend, run_prefill
 from .config import from_ranges
 from .detokenizer import StreamingDetokenizer
 from .errors import DraftError, EmbeddingError, GenerationError, ModelFileError, ModelKindError, TokenizerError
@@ -274,12 +274,13 @@ class Model:
         return logits[:self.tokenizer.vocab_size]  # embedding rows past the tokenizer have no text
 
     def _decode_hot(self, token: int, extra: np.ndarray) -> np.ndarray | None:
-        """As ``_decode``, through ``decode_hot``: the logits of ``contract.hot_ids``, then of the
+        """As ``_decode``, through ``decode_hot`` (or ``decode_hot_s<S'>`` where ``_decode`` would
+        run ``decode_s<S'>``): the logits of ``contract.hot_ids``, then of the
         ``contract.HOT_EXTRA`` tokens ``extra`` (int32), only (a draft's step). None, and nothing
-        run, where the file has no decode_hot or the position needs a shorter span than it reads
-        (``backend.decode_signature``: decode_hot reads the whole cache)."""
+        run, where the file has no such signature (``backend.decode_hot_signature``: not a
+        --for-draft file, or one converted before decode_hot_s<S'> below its spans)."""
         pos = len(self._cached)
-        if not self.info.decode_hot or decode_signature(self.info, pos) != contract.DECODE:
+        if decode_hot_signature(self.info, pos) is None:
             return None
         logits = self.backend.decode_hot(token, pos, extra)
         self._cached.append(token)

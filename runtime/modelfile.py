@@ -129,6 +129,7 @@ class FileMeta:
     score_lengths: tuple[int, ...] = ()
     decode_spans: tuple[int, ...] = ()  # decode_s<S'> signatures (contract.decode_spans); older files have none
     decode_hot: bool = False  # a decode_hot signature (a file converted --for-draft)
+    decode_hot_spans: tuple[int, ...] = ()  # decode_hot_s<S'> beside decode_s<S'>; earlier --for-draft files have none
     quantization: Quantization = Quantization("fp32")
     tokenizer: TokenizerMeta = TokenizerMeta()
     chat_template: ChatTemplate = ChatTemplate()
@@ -145,6 +146,8 @@ class FileMeta:
         del d["quantization"]["name"], d["quantization"]["description"]
         if not self.decode_hot:  # as files without it have always been written
             del d["decode_hot"]
+        if not self.decode_hot_spans:
+            del d["decode_hot_spans"]
         return {"format": FORMAT, **d,
                 "kv_cache": {"layout": "[1, num_kv_heads, context_length, head_dim]", "dtype": "float32"}}
 
@@ -172,6 +175,7 @@ class FileMeta:
             score_lengths=tuple(_count(t, "score_lengths") for t in _list(d, "score_lengths", [])),
             decode_spans=tuple(_count(t, "decode_spans") for t in _list(d, "decode_spans", [])),
             decode_hot=_bool(d, "decode_hot", False),
+            decode_hot_spans=tuple(_count(t, "decode_hot_spans") for t in _list(d, "decode_hot_spans", [])),
             quantization=Quantization(
                 name=_str(scheme, "name"), description=_str(scheme, "description", ""),
                 recipe=_obj(q, "recipe", {}), tensors=_obj(q, "tensors", {}),
@@ -559,6 +563,11 @@ class ModelInfo:
     def decode_hot(self) -> bool:
         """Whether the file has ``decode_hot`` (converted ``--for-draft``)."""
         return self.meta.decode_hot
+
+    @property
+    def decode_hot_spans(self) -> list[int]:
+        """S' of each decode_hot_s<S'> (beside decode_s<S'> in a file converted ``--for-draft``)."""
+        return sorted(self.meta.decode_hot_spans)
 
     @property
     def quant(self) -> str:

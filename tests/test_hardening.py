@@ -569,6 +569,14 @@ def test_metadata_that_lies_about_the_graph(model_bytes, tmp_path, lie):
     assert_user_error(cli(GEMMA_EDGE, "run", bad, "-p", prompt, "-n", "2", "-t", "0"), "gemma-edge", str(bad), *needles)
 
 
+def test_metadata_naming_a_decode_hot_span_the_file_does_not_have(model_bytes, tmp_path):
+    """decode_hot_s<S'> (a --for-draft file's step below decode_s<S'>): metadata naming one that
+    the graph lacks is an error that names it, not a crash."""
+    bad = _model_file(tmp_path, with_meta(model_bytes, lambda meta: {**meta, "decode_hot_spans": [512]}))
+    assert_user_error(cli(GEMMA_EDGE, "run", bad, "-p", PROMPT, "-n", "2", "-t", "0"), "gemma-edge", str(bad),
+                      "decode_hot_s512")
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.999])
 def test_truncated_model_file(model_bytes, tmp_path, keep):
     bad = _model_file(tmp_path, model_bytes[:int(len(model_bytes) * keep)])

@@ -383,6 +383,27 @@ def test_litert_lm_runs_the_tiny_model_like_gemma_edge(tiny, packed, sp_model_pa
         engine.close()
 
 
+def test_litert_lm_runs_a_for_draft_file_like_gemma_edge(tiny, sp_model_path, tmp_path):
+    """A --for-draft file (its embedding split in two tables, and decode_hot, which LiteRT-LM
+    ignores) packs and runs under LiteRT-LM like gemma-edge (greedy)."""
+    import gemma_edge
+    from gemma_edge.convert.pipeline import convert
+
+    model = tmp_path / "tiny-draft.tflite"
+    convert(str(tiny.checkpoint), str(model), quant="int8", progress=False, score_length=0, for_draft=True)
+    m = gemma_edge.load(str(model))
+    assert m.info.decode_hot and m.config.embed_hot_rows
+    engine = litert_engine(pack(model), tmp_path / "cache")
+    try:
+        for n_prompt, seed in ((5, 8), (40, 9)):
+            text = m.tokenizer.decode(prompt_ids(sp_model_path, n_prompt, seed=seed)[1:])
+            ours = m.generate(text, max_tokens=12, temperature=0)
+            theirs, _, n_out = litert_greedy(engine, text, 12)
+            assert theirs == ours.text and n_out == len(ours.tokens), explain_divergence(m, m.encode(text), ours, theirs)
+    finally:
+        engine.close()
+
+
 # ---- the real Gemma 3 270M (slow) -------------------------------------------------------------------
 
 @pytest.fixture(scope="module", params=REAL_QUANTS)

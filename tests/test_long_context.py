@@ -379,6 +379,86 @@ def test_a_draft_with_a_short_ring_drafts_no_more_than_it_can_roll_back(long, lo
     assert prefilled[0] == len(prompt) and all(p <= 1 for p in prefilled[1:]), prefilled  # never started over
 
 
+@pytest.fixture(scope="module")
+def long_hot_draft(long_draft):
+    """``long_draft``'s checkpoint converted --for-draft: decode_hot, and decode_hot_s512 and
+    decode_hot_s2048 beside decode_s512 and decode_s2048."""
+    from gemma_edge.convert.pipeline import convert
+
+    root = os.path.dirname(long_draft["ring"])
+    path = os.path.join(root, "long_hot_draft.tflite")
+    convert(os.path.join(root, "draft_ckpt"), path, quant="fp32", max_context=CONTEXT,
+            prefill_lengths=(8, 32, 128), progress=False, score_length=0, for_draft=True)
+    return path
+
+
+def _hot_parts(b, token, pos, extra):
+    """(decode's logits, decode_hot's) at ``pos``: the same slot written twice with the same token."""
+    return b.decode(token, pos).copy(), b.decode_hot(token, pos, extra).copy()
+
+
+@pytest.mark.parametrize("kind", ["compiled", "interpreter"])
+@pytest.mark.parametrize("start", [500, 2040])
+def test_a_long_context_draft_steps_through_the_span_of_its_position(long_hot_draft, long, start, kind):
+    """Below each decode_s<S'> the draft's step runs decode_hot_s<S'> (what decode_s<S'> reads),
+    past the last span decode_hot; each gives decode's logits at the hot rows and at extra_ids,
+    on both backends. (decode_s<S'> and decode are checked against transformers above.)"""
+    from gemma_edge.runtime import contract
+    from gemma_edge.runtime.backend import CompiledBackend, InterpreterBackend, run_prefill
+    from gemma_edge.runtime.modelfile import read_info
+
+    info = read_info(long_hot_draft)
+    assert info.decode_hot and info.decode_hot_spans == info.decode_spans == [512, 2048]
+    hot = contract.hot_ids(info.config)
+    cold = np.array([t for t in range(info.config.vocab_size) if t not in set(hot)][:contract.HOT_EXTRA], np.int32)
+    ids = long[2]
+    b = (CompiledBackend if kind == "compiled" else InterpreterBackend)(info, threads=1)
+    used = []
+    run = b._run
+    b._run = lambda sig, *a: (used.append(sig), run(sig, *a))[1]
+    run_prefill(b, ids[:start], 0)
+    for p in range(start, start + 16):
+        full, part = _hot_parts(b, ids[p], p, cold)
+        np.testing.assert_allclose(part[:len(hot)], full[hot], rtol=0, atol=1e-5 * np.abs(full).max())
+        np.testing.assert_allclose(part[len(hot):], full[cold], rtol=0, atol=1e-4 * np.abs(full).max())
+    steps = [sig for sig in used if sig.startswith("decode")]
+    assert set(steps) == {500: {"decode_s512", "decode_hot_s512", "decode_s2048", "decode_hot_s2048"},
+                          2040: {"decode_s2048", "decode_hot_s2048", "decode", "decode_hot"}}[start], steps
+    assert all(h == sig.replace("decode", "decode_hot", 1) for sig, h in zip(steps[::2], steps[1::2])), steps
+
+
+def test_speculative_rounds_below_a_span_draft_through_decode_hot(long, long_hot_draft, monkeypatch):
+    """Rounds from position 2030 to past 2048 with the --for-draft draft: every draft step is a
+    decode_hot signature (decode_hot_s2048, then decode_hot), none a full decode, and the greedy
+    tokens are the model's own. An earlier --for-draft file (metadata without decode_hot_spans,
+    the same graph) steps through decode_s2048 below 2048 instead, and decode_hot past it."""
+    import gemma_edge
+    from gemma_edge.runtime import speculative
+    from test_hardening import with_meta
+
+    monkeypatch.setattr(speculative, "PROBE_EVERY", 0)  # rounds throughout, whatever the timings
+    plain = gemma_edge.load(long[0])
+    V = plain.tokenizer.vocab_size
+    prompt = [2] + [int(t) for t in np.random.default_rng(1).integers(10, V, 2029)]
+    kw = dict(max_tokens=40, temperature=0.0, stop_tokens=False, repetition_penalty=3.0)
+    want = plain.generate(prompt, **kw).tokens
+    earlier = os.path.join(os.path.dirname(long_hot_draft), "long_hot_draft_earlier.tflite")
+    with open(long_hot_draft, "rb") as f:
+        data = f.read()
+    with open(earlier, "wb") as f:
+        f.write(with_meta(data, lambda meta: {k: v for k, v in meta.items() if k != "decode_hot_spans"}))
+    for path, steps in ((long_hot_draft, {"decode_hot_s2048", "decode_hot"}), (earlier, {"decode_s2048", "decode_hot"})):
+        m = gemma_edge.load(long[0], draft=path)
+        d = m.draft
+        used = []
+        run = d.backend._run
+        d.backend._run = lambda sig, *a: (used.append(sig), run(sig, *a))[1]
+        assert m.generate(prompt, **kw).tokens == want, path
+        s = m.speculator.stats
+        assert s.rounds > 5 and 0 < s.accepted < s.drafted, s
+        assert {sig for sig in used if sig.startswith("decode")} == steps, (path, set(used))
+
+
 MEMORY_CHILD = r"""
 import json, re, sys
 import gemma_edge
