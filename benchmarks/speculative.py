@@ -21,7 +21,7 @@ produced the same tokens, the load average before and after (the machine is shar
 one decode and one call of each score_<T> cost (a round's parts against a plain step).
 
     python benchmarks/speculative.py [--rounds 5] [-n 128] [--threads N] [--workdir DIR] [--json]
-        [--pairs fp32:int4-b32,fp32:int4-b32+hot] [--text] [--context 2048]
+        [--pairs fp32:int4-b32,fp32:int4-b32+hot] [--text] [--context 2048] [--profile]
     python benchmarks/speculative.py --costs MODEL.tflite:DRAFT.tflite [--rounds 5] [--threads N]
 
 ``--costs`` is for a pair whose acceptance this machine cannot measure (Gemma 3 270M drafting
@@ -146,8 +146,51 @@ def call_ms(model, ids, reps: int = 10) -> dict[str, float]:
     return out
 
 
+def where_time_goes(m, d, prompts, n: int) -> dict:
+    """One more pass over ``prompts`` with draft ``d``, each call timed where it happens (seconds):
+    the model's prompt prefill, plain decodes and score_<T> calls; the draft's steps (decode or
+    decode_hot) and its catch-up prefills (``Model._prefill``: a new prompt, or the tokens it
+    missed while drafting paused). A call inside a timed call counts as the outer one. The rest
+    of the wall time is Python: sampling, the acceptance rule, bookkeeping."""
+    keys = ["model prefill", "model decode", "score", "draft step", "draft catch-up"]
+    parts, calls = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0)
+    active = []
+    wrapped = [(m.backend, "prefill_chunk", "model prefill"), (m.backend, "decode", "model decode"),
+               (m.backend, "score", "score"), (d.backend, "decode", "draft step"),
+               (d.backend, "decode_hot", "draft step"), (d, "_prefill", "draft catch-up")]
+
+    def timed(f, key):
+        def g(*a, **k):
+            if active:  # inside another timed call (a catch-up's decodes): counted there
+                return f(*a, **k)
+            active.append(key)
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                parts[key] += time.perf_counter() - t0
+                calls[key] += 1
+                active.pop()
+        return g
+
+    for obj, name, key in wrapped:
+        setattr(obj, name, timed(getattr(obj, name), key))
+    m.set_draft(d)
+    tokens, t0 = 0, time.perf_counter()
+    try:
+        for ids in prompts:
+            m.reset()
+            tokens += len(m.generate(ids, max_tokens=n, temperature=0.0, stop_tokens=False).tokens)
+    finally:
+        wall = time.perf_counter() - t0
+        for obj, name, _ in wrapped:
+            del obj.__dict__[name]  # the class's method again
+        m.set_draft(None)
+    return {"wall": wall, "tokens": tokens, "parts": parts, "calls": calls}
+
+
 def pairings(target: str, drafts: list[tuple[str, str]], rounds: int, n: int, threads: int | None,
-             text: bool = False) -> list[dict]:
+             text: bool = False, profile: bool = False) -> list[dict]:
     """``target`` alone and with each of ``drafts``, on one loaded model: each round runs every
     prompt alone and with each draft, back to back, in an order that rotates by round and prompt
     (so a draft's ratio is against the runs alone of the same rounds, and two drafts of one model
@@ -195,7 +238,8 @@ def pairings(target: str, drafts: list[tuple[str, str]], rounds: int, n: int, th
                     "acceptance_rate": r["accepted"] / r["drafted"] if r["drafted"] else 0.0,
                     "mean_k": r["k"] / r["rounds"] if r["rounds"] else 0.0,
                     "same_tokens": r["same"], "draft_model_alone_tps": statistics.median(draft_alone),
-                    "model_ms": model_ms, "draft_ms": call_ms(d, prompts[0])})
+                    "model_ms": model_ms, "draft_ms": call_ms(d, prompts[0]),
+                    **({"profile": where_time_goes(m, d, prompts, n)} if profile else {})})
     return out
 
 
@@ -271,6 +315,8 @@ def main():
                     f"decode_hot_s<S'> beside them, which a {NOSPANS} draft leaves unused, as an earlier file)")
     ap.add_argument("--costs", metavar="MODEL:DRAFT", help="two .tflite files: their call costs and the speed-up "
                     "the schedule expects of them at each acceptance rate (no generation)")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the rounds, one more pass with each draft, every call timed: where a run's time goes")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.costs:
@@ -291,7 +337,7 @@ def main():
     for target in dict.fromkeys(t for t, _ in pairs):  # each model loaded once, with all its drafts
         drafts = [d for t, d in pairs if t == target]
         for draft, r in zip(drafts, pairings(paths[target], [(paths[d], d) for d in drafts], args.rounds,
-                                             args.gen_tokens, args.threads, args.text)):
+                                             args.gen_tokens, args.threads, args.text, args.profile)):
             results.append({"pair": f"{target}:{draft}", **r})
     load_after = os.getloadavg()
     if args.json:
@@ -315,6 +361,14 @@ def main():
         target, draft = r["pair"].split(":")
         print(f"  {target:<9} " + ", ".join(f"{k} {v:.1f}" for k, v in r["model_ms"].items())
               + f"; draft {draft} " + ", ".join(f"{k} {v:.1f}" for k, v in r["draft_ms"].items() if k.startswith("decode")))
+    if args.profile:
+        print("where a run's time goes (--profile: one pass over the prompts with the draft, every call timed):")
+        for r in results:
+            p = r["profile"]
+            rest = p["wall"] - sum(p["parts"].values())
+            print(f"  {r['pair'].replace(':', ' + '):<25} {p['tokens'] / p['wall']:.1f} tok/s with the prompts: "
+                  + ", ".join(f"{k} {v / p['wall']:.0%} ({p['calls'][k]} calls)" for k, v in p["parts"].items())
+                  + f", Python {rest / p['wall']:.0%}")
 
 
 if __name__ == "__main__":
