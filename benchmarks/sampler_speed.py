@@ -2,11 +2,14 @@
 
     python benchmarks/sampler_speed.py [--vocab 262144] [--repeat 200]
 
-Two logit rows: "peaked" looks like a language model's (a few hundred tokens far
+Three logit rows: "peaked" looks like a language model's (a few hundred tokens far
 above a Gaussian floor, so the nucleus is small), "flat" is a plain Gaussian
 (the nucleus of top-p 0.9 holds tens of thousands of tokens, the worst case for a
-sampler that only sorts candidates). The baselines sort the whole vocabulary:
-``np.sort`` alone, and a textbook top-p sampler built on ``np.argsort``.
+sampler that only sorts candidates), and "draft" is the peaked row as a speculative
+draft converted --for-draft gives it: -inf outside 17440 tokens. The baselines sort
+the whole vocabulary: ``np.sort`` alone, and a textbook top-p sampler built on
+``np.argsort``; and "argpartition top_k=64" is the top-k selection the sampler used
+before its threshold pass (one ``np.argpartition`` over the whole row).
 """
 
 from __future__ import annotations
@@ -58,22 +61,28 @@ def main() -> None:
     peaked = rng.normal(0.0, 2.0, args.vocab).astype(np.float32)
     peaked[rng.choice(args.vocab, 300, replace=False)] += rng.uniform(8.0, 20.0, 300).astype(np.float32)
     history = rng.integers(0, args.vocab, 64)
+    draft = np.full(args.vocab, -np.inf, np.float32)
+    live = rng.choice(args.vocab, min(17440, args.vocab), replace=False)
+    draft[live] = peaked[live]
+    rows = {"peaked": peaked, "flat": flat, "draft": draft}
 
     cases = [
         ("baseline: np.sort(logits)", np.sort),
         ("baseline: argsort top_p=0.9 sampler", full_sort_top_p(0.9)),
         ("greedy (temperature=0)", make_sampler(0.0)),
         ("temperature=0.8", make_sampler(0.8, seed=0)),
+        ("baseline: argpartition top_k=64", lambda x: np.argpartition(x, x.size - 64)[x.size - 64:]),
         ("top_k=40", make_sampler(0.8, top_k=40, seed=0)),
         ("top_p=0.9", make_sampler(0.8, top_p=0.9, seed=0)),
         ("min_p=0.05", make_sampler(0.8, min_p=0.05, seed=0)),
         ("top_k=64 top_p=0.95 min_p=0.05", make_sampler(0.8, top_k=64, top_p=0.95, min_p=0.05, seed=0)),
+        ("top_k=64 top_p=0.95 (run's default)", make_sampler(0.8, top_k=64, top_p=0.95, seed=0)),
         ("repetition penalty (64 ids)", lambda x: apply_repetition_penalty(x, history, 1.1)),
     ]
     print(f"vocab {args.vocab}, median of {args.repeat} calls, ms per call")
-    print(f"{'sampler':<36} {'peaked':>9} {'flat':>9}")
+    print(f"{'sampler':<36} " + " ".join(f"{r:>9}" for r in rows))
     for name, fn in cases:
-        print(f"{name:<36} {median_ms(fn, peaked, args.repeat):9.3f} {median_ms(fn, flat, args.repeat):9.3f}")
+        print(f"{name:<36} " + " ".join(f"{median_ms(fn, x, args.repeat):9.3f}" for x in rows.values()))
 
 
 if __name__ == "__main__":

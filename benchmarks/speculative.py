@@ -6,7 +6,8 @@ score_4, score_8 and score_32) at each preset ``--pairs`` names, in ``--workdir`
 run, converted again when an earlier gemma-edge laid it out otherwise); a preset with ``+hot``
 (``int4-b32+hot``) is converted ``--for-draft`` (a ``decode_hot`` signature: the draft's LM head
 over the 17408 frequent pieces only). For each pairing (default fp32 + int4-b32 draft, fp32 +
-int4-b32+hot, int8 + int4-b32+hot), each round generates ``-n`` tokens greedily for each prompt,
+int4-b32+hot, int8 + int4-b32+hot), each round generates ``-n`` tokens greedily (``--sample``:
+sampled with Gemma's recommended settings, unseeded) for each prompt,
 once with the draft and once without (the order alternates by round), on the same loaded model
 (``Model.set_draft``; a model with several drafts runs alone and with each in turn, in the same
 rounds). ``--context`` converts the files at another context: above 2048 they decode short
@@ -21,7 +22,7 @@ produced the same tokens, the load average before and after (the machine is shar
 one decode and one call of each score_<T> cost (a round's parts against a plain step).
 
     python benchmarks/speculative.py [--rounds 5] [-n 128] [--threads N] [--workdir DIR] [--json]
-        [--pairs fp32:int4-b32,fp32:int4-b32+hot] [--text] [--context 2048] [--profile]
+        [--pairs fp32:int4-b32,fp32:int4-b32+hot] [--text] [--context 2048] [--sample] [--profile]
     python benchmarks/speculative.py --costs MODEL.tflite:DRAFT.tflite [--rounds 5] [--threads N]
 
 ``--costs`` is for a pair whose acceptance this machine cannot measure (Gemma 3 270M drafting
@@ -104,8 +105,13 @@ def load_draft(path: str, preset: str, threads: int | None):
     return d
 
 
+GREEDY = {"temperature": 0.0}
+SAMPLED = {"temperature": 1.0, "top_k": 64, "top_p": 0.95}  # --sample: Gemma's recommended settings
+sampling = dict(GREEDY)  # what every run generates with (main sets it)
+
+
 def one_run(model, ids, n: int) -> dict:
-    r = model.generate(ids, max_tokens=n, temperature=0.0, stop_tokens=False)
+    r = model.generate(ids, max_tokens=n, stop_tokens=False, **sampling)
     row = {"decode_tps": r.generation_tps, "tokens": r.tokens}
     if model.speculator is not None:
         row["stats"] = model.speculator.stats.to_dict()
@@ -180,7 +186,7 @@ def where_time_goes(m, d, prompts, n: int) -> dict:
     try:
         for ids in prompts:
             m.reset()
-            tokens += len(m.generate(ids, max_tokens=n, temperature=0.0, stop_tokens=False).tokens)
+            tokens += len(m.generate(ids, max_tokens=n, stop_tokens=False, **sampling).tokens)
     finally:
         wall = time.perf_counter() - t0
         for obj, name, _ in wrapped:
@@ -315,6 +321,9 @@ def main():
                     f"decode_hot_s<S'> beside them, which a {NOSPANS} draft leaves unused, as an earlier file)")
     ap.add_argument("--costs", metavar="MODEL:DRAFT", help="two .tflite files: their call costs and the speed-up "
                     "the schedule expects of them at each acceptance rate (no generation)")
+    ap.add_argument("--sample", action="store_true",
+                    help="sample (temperature 1.0, top-k 64, top-p 0.95, no seed) instead of greedy decoding: the "
+                    "tokens then differ from run to run, so 'same' is not checked")
     ap.add_argument("--profile", action="store_true",
                     help="after the rounds, one more pass with each draft, every call timed: where a run's time goes")
     ap.add_argument("--json", action="store_true")
@@ -329,6 +338,8 @@ def main():
         except GemmaEdgeError as e:
             ap.error(str(e))
 
+    sampling.clear()
+    sampling.update(SAMPLED if args.sample else GREEDY)
     pairs = [p.split(":") for p in args.pairs.split(",")]
     paths = files(args.workdir, sorted({q for p in pairs for q in p}), args.context)
     load_before = os.getloadavg()
@@ -344,7 +355,8 @@ def main():
         print(json.dumps({"results": results, "load_before": load_before, "load_after": load_after,
                           "seconds": time.time() - t0}, indent=1))
         return
-    print(f"Gemma 3 270M, context {args.context}, greedy, {args.gen_tokens} tokens per {'text' if args.text else 'chat'} prompt x "
+    how = "sampled (temperature 1.0, top-k 64, top-p 0.95)" if args.sample else "greedy"
+    print(f"Gemma 3 270M, context {args.context}, {how}, {args.gen_tokens} tokens per {'text' if args.text else 'chat'} prompt x "
           f"{len(TEXTS if args.text else PROMPTS)} prompts x "
           f"{args.rounds} rounds; load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
           f"({os.cpu_count()} cores)")
@@ -353,7 +365,7 @@ def main():
     for r in results:
         print(f"{r['pair'].replace(':', ' + '):<25} {r['alone_tps']:>11.1f} {r['draft_tps']:>12.1f} "
               f"{r['median_ratio']:>5.2f}x {r['min_ratio']:>5.2f}-{r['max_ratio']:<5.2f} "
-              f"{r['acceptance_rate']:>7.0%} {r['mean_k']:>6.1f} {str(r['same_tokens']):>5} "
+              f"{r['acceptance_rate']:>7.0%} {r['mean_k']:>6.1f} {'n/a' if args.sample else str(r['same_tokens']):>5} "
               f"{r['draft_model_alone_tps']:>11.1f}")
     print("ratio: median over runs of (tok/s with the draft) / (tok/s alone), the two runs back to back")
     print("per call, ms (median of 10, after the first prompt):")

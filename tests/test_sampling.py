@@ -15,6 +15,7 @@ from gemma_edge.runtime.errors import GenerationError
 from gemma_edge.runtime.sampling import (
     _draw,
     _nucleus,
+    _top_k,
     apply_repetition_penalty,
     make_sampler,
     validate_sampling,
@@ -164,6 +165,37 @@ def test_nucleus_is_exact_on_the_full_vocabulary(big_logits, top_p, temperature)
     got = np.sort(_nucleus(w, top_p))
     want = np.flatnonzero(reference_probs(big_logits, temperature, top_p=top_p))
     assert np.array_equal(got, want)
+
+
+def _rows(big_logits) -> dict:
+    rng = np.random.default_rng(9)
+    V = big_logits.size
+    draft = np.full(V, -np.inf, np.float32)  # a --for-draft draft's step: logits of 17440 tokens only
+    live = rng.choice(V, 17440, replace=False)
+    draft[live] = big_logits[live]
+    few = np.full(V, -np.inf, np.float32)  # fewer finite logits than k
+    few[rng.choice(V, 30, replace=False)] = rng.normal(0.0, 1.0, 30)
+    plus = big_logits.copy()
+    plus[rng.choice(V, 3, replace=False)] = np.inf
+    return {"peaked": big_logits, "flat": rng.normal(0.0, 1.0, V).astype(np.float32),
+            "ties": (np.round(rng.normal(0.0, 1.5, V) * 2) / 2).astype(np.float32),  # a coarse grid
+            "peaked_ties": np.round(big_logits),  # ties at the edge of a peaked row's top k
+            "draft": draft, "few_finite": few, "plus_inf": plus}
+
+
+@pytest.mark.parametrize("row", ["peaked", "flat", "ties", "peaked_ties", "draft", "few_finite", "plus_inf"])
+@pytest.mark.parametrize("k", [1, 64, 5000])
+def test_top_k_is_the_k_largest_lowest_ids_first(big_logits, row, k):
+    """``_top_k`` against a full stable sort: the k largest logits, of equal ones at the edge the
+    lowest ids, ascending; whichever path it takes (the values near the largest, or the whole
+    row: flat rows, rows with fewer than k finite values, +inf)."""
+    x = _rows(big_logits)[row]
+    want = np.sort(np.argsort(-x.astype(np.float64), kind="stable")[:k])
+    got = _top_k(x, k)
+    if row == "plus_inf":  # +inf: any k of the largest (no finite ties in this row)
+        assert np.array_equal(np.sort(x[got]), np.sort(x[want])), row
+    else:
+        assert np.array_equal(got, want), (row, k)
 
 
 def test_nucleus_of_a_flat_distribution():
