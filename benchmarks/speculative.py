@@ -13,9 +13,10 @@ once with the draft and once without (the order alternates by round), on the sam
 rounds). ``--context`` converts the files at another context: above 2048 they decode short
 chats through ``decode_s2048``, and a ``+hot`` draft steps through ``decode_hot_s2048`` beside it;
 ``+hot-nospans`` is the same draft file run as one converted before those signatures (its step
-below 2048 then goes through ``decode_s2048``), in the same rounds. The prompts are chat turns, or with ``--text`` openings of plain text: the
-270M here is the pretrained model, which answers a chat turn with repetitive text a draft predicts
-easily, and continues plain text more naturally. Printed: decode
+below 2048 then goes through ``decode_s2048``), in the same rounds. The prompts are chat turns,
+or with ``--text`` openings of plain text: the 270M here is the pretrained model, which answers a
+chat turn with repetitive text a draft predicts easily, and continues plain text more naturally.
+``--profile`` adds one more pass with each draft, every call timed. Printed: decode
 tokens/s (median over rounds and prompts), the median of the per-run ratios (draft / alone, each
 pair of runs back to back), the draft's acceptance rate and mean k, whether every pair of runs
 produced the same tokens, the load average before and after (the machine is shared), and what
