@@ -44,12 +44,13 @@ def main():
 
     try:
         models = [gemma_edge.load(p, threads=args.threads) for p in args.models]
+        ids = models[0].tokenizer.encode("The history of the Roman Empire began with")
+        for m in models:
+            m._require_generative()  # an embedding model has no decode
+            m._prefill(ids + [ids[-1]])  # the cache holds ids; each timed decode writes position len(ids) again
     except GemmaEdgeError as e:
         ap.error(str(e))
     names = [os.path.basename(p) for p in args.models]
-    ids = models[0].tokenizer.encode("The history of the Roman Empire began with")
-    for m in models:
-        m._prefill(ids + [ids[-1]])  # the cache holds ids; each timed decode writes position len(ids) again
     pos, token = len(ids), ids[-1]
     for m in models:  # first calls build buffers and fault pages in
         for _ in range(3):

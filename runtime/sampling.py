@@ -18,11 +18,11 @@ Nothing sorts the whole vocabulary (262144 entries for Gemma 3). Top-k selects a
 the logits within a few units of the largest (one cheap pass; a language model's top 64
 are almost always there), with a partition over the whole vocabulary only when they
 are too few or too many. (A partition over the whole of a speculative draft's logits,
--inf outside its frequent pieces, took 4 ms: numpy's introselect is slow on runs of
-equal values.) Top-p sorts only a candidate set: the top-k survivors, or the
-tokens above a probability threshold lowered step by step until they hold
-``top_p`` of the mass (the nucleus is a prefix of the sorted order, so it lies
-inside any such set); when that set would be large, a quickselect by mass over
+-inf outside its frequent pieces, took 7.7 ms in ``benchmarks/sampler_speed.py``:
+numpy's introselect is slow on runs of equal values.) Top-p sorts only a candidate
+set: the top-k survivors, or the tokens above a probability threshold lowered step
+by step until they hold ``top_p`` of the mass (the nucleus is a prefix of the sorted
+order, so it lies inside any such set); when that set would be large, a quickselect by mass over
 the values finds the nucleus in O(vocab). Min-p is a threshold. The final
 draw over the full vocabulary is an inverse-CDF search in two levels (block sums,
 then one block), because a float64 cumsum over 262144 entries costs more than the
