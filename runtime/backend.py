@@ -131,6 +131,9 @@ class CompiledBackend:
         main = main_signature(info)
         check_graph(info, self.model.get_signature_list(), self.model.get_input_tensor_details(main),
                     self.model.get_output_tensor_details(main))
+        # what the compile read of the file (an int4 file's block scales, checked in every signature)
+        # is in the packed weights now: give those pages back; what a call reads maps again
+        host_memory.drop_file_pages(info.path)
         self.io = {}  # per signature, built once: (tokens buffer, input_pos buffer, input map, output map)
         decode = contract.DECODE
         shapes = {} if info.embed_lengths else contract.kv_shapes(cfg, info.context_length)

@@ -105,6 +105,45 @@ def release(start: int, end: int) -> int:
     return hi - lo
 
 
+def drop_file_pages(path: str) -> int:
+    """Take this process's resident pages of the file at ``path`` out of its memory, where the
+    file is mapped read-only (as LiteRT maps a model): the pages stay in the OS's page cache, and
+    a later read of one maps it again from there. For what a load reads once, such as an int4
+    file's block scales, which XNNPACK checks in every signature at each load but then reads
+    from its packed copy. A mapping that was ever writable and holds private copies of pages is
+    left alone (dropping those would lose what was written). Returns the bytes the mappings had
+    resident (0 where /proc or madvise is not available)."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    target = os.path.realpath(path)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except (OSError, AttributeError):
+        return 0
+    mappings, current = [], None  # (start, end, fields of smaps) of the file's read-only mappings
+    for line in lines:
+        head = line.split(None, 5)
+        if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's first line
+            current = None
+            if len(head) == 6 and head[5] == target and "w" not in head[1]:
+                lo, hi = (int(x, 16) for x in head[0].split("-"))
+                current = (lo, hi, {})
+                mappings.append(current)
+        elif current is not None and len(head) >= 2 and head[0].endswith(":"):
+            current[2][head[0][:-1]] = head[1]
+    dropped = 0
+    for lo, hi, fields in mappings:
+        if fields.get("Anonymous", "0") != "0":  # private copies of pages: written once
+            continue
+        if madvise(lo, hi - lo, MADV_DONTNEED) == 0:
+            dropped += int(fields.get("Rss", "0")) * 1024
+    return dropped
+
+
 def trim() -> None:
     """Give the heap's free pages back to the OS (glibc's ``malloc_trim``; nothing elsewhere): after
     a large, short-lived allocation, as SentencePiece's parse of a tokenizer the compact vocabulary
