@@ -53,8 +53,9 @@ _DRAFT_HELP = ("Speculative decoding: a smaller gemma-edge file with the same to
                "conversion of MODEL, or Gemma 3 270M for Gemma 3 1B) drafts tokens that MODEL checks "
                "several at a time. Greedy output is unchanged; sampled output keeps its distribution. "
                "A draft converted with `gemma-convert --for-draft` drafts faster (its LM head computes "
-               "only the frequent pieces and the context's recent tokens). Not used with --json-schema / "
-               "--grammar.")
+               "only the frequent pieces and the context's recent tokens). Its context may be shorter "
+               "than MODEL's: after a long prompt, or past its own context, it reads the latest 512 "
+               "tokens. Not used with --json-schema / --grammar.")
 
 
 def _draft_option(fn):

@@ -43,6 +43,15 @@ position are masked either way, so the logits are the same; only the cost differ
 schedule measures that (on a file with context above 2048, a round below position 2048 pays a
 full-length score against decode_s2048's shorter step, and drafts less or pauses).
 
+The draft reads at most the latest tokens it can hold: where it would have to prefill more than
+``DRAFT_KEEP`` tokens (Gemma 3's sliding window) to catch up, a long prompt, or where a round
+would run past its context (a 2048-token draft for an 8192-token model, cheaper to step than one
+converted for the longer context), it starts over on the latest ``DRAFT_KEEP`` tokens, at its
+own positions from 0, and goes on from there (``_draft_base``). It only proposes, so this
+changes how often it is right, never the output. A seeded sampled generation keeps the draft to
+the whole context (past the draft's, tokens are decoded without it), as it keeps it from
+pausing.
+
 k: before each round, the k in 1 .. ``MAX_DRAFT`` that maximizes the expected tokens per second,
 from the measured acceptance rate and the measured time of a draft step, of the Python around a
 round's calls and of each ``score_<T>`` (an unmeasured T is assumed as fast as the next shorter
@@ -83,6 +92,8 @@ PROBE_EVERY = 16  # while drafting does not pay, one round after this many token
 MAX_BACKOFF = 16  # ... and after twice as many each time it still does not pay, up to this factor
 PAY_MARGIN = 1.1  # draft only where rounds are expected this much faster than decoding alone
 EXTRA_SCAN = 1024  # a --for-draft draft's extra_ids come from at most this many latest tokens
+DRAFT_KEEP = 512  # a draft the context outgrows restarts on this many latest tokens (Gemma 3's window);
+# None: it reads the whole context, and past its own decodes without it (the previous behaviour)
 
 
 def check_pair(model, draft) -> None:
@@ -265,6 +276,51 @@ class Speculator:
         self._hot = (np.array([t for t in contract.hot_ids(draft.config) if t < vocab], np.int64)
                      if draft.info.decode_hot else None)
         self._hot_set = frozenset(self._hot.tolist()) if self._hot is not None else frozenset()
+        self._base = 0  # the draft reads the context from here on, at its own positions from 0
+        self._rebase = True  # may it (not with a seed: see _draft_base)
+
+    def _keep(self, pos: int) -> int:
+        """How many of the latest tokens a rebased draft reads: ``DRAFT_KEEP``, at most half its
+        context (so rounds have room after it), and no more than there are."""
+        return min(DRAFT_KEEP, (self.draft.context_length - 1) // 2, pos)
+
+    def _draft_base(self, ctx: list[int], k: int) -> int:
+        """Where the draft's view of the context starts for a round drafting ``k`` (the model's
+        cache holds ``ctx[:-1]``, ``pos = len(ctx) - 1``): the draft reads ``ctx[base:pos]``,
+        then the last token at its position ``pos - base`` and k more. Of the starts that leave
+        it room (0, and where it started before if it holds some of that), the one it lacks
+        least of; if even that leaves more than ``_keep`` tokens to prefill (a long prompt, a
+        long pause, or no room), the latest ``_keep`` tokens, prefilled anew. Not for a seeded
+        sampled output: where the draft restarts depends on k and on timings, and so would its
+        proposals' distributions, so the seed would no longer fix the output; such a generation
+        reads the context from 0, and past the draft's context decodes without it."""
+        pos = len(ctx) - 1
+        if not self._rebase:
+            self._base = 0
+            return 0
+        room = self.draft.context_length - 1 - k  # the highest position its round may read at
+        starts = [b for b in dict.fromkeys((self._base, 0)) if 0 <= b <= pos and pos - b <= room]
+        gaps = {b: self._missing(ctx, b) for b in starts}
+        # a later start only while the draft still holds some of it (else a fresh one reads more)
+        starts = [b for b in starts if b == 0 or gaps[b] < pos - b]
+        best = min(starts, key=lambda b: (gaps[b], b), default=None)
+        keep = self._keep(pos)
+        if best is None or gaps[best] > keep:
+            best = pos - keep
+        self._base = best
+        return best
+
+    def _missing(self, ctx: list[int], base: int) -> int:
+        """How many tokens of ``ctx[base:-1]`` the draft's cache lacks (those past the prefix it
+        holds)."""
+        held, want = self.draft._cached, ctx[base:-1]
+        n = min(len(held), len(want))
+        if held[:n] == want[:n]:
+            return len(want) - n
+        i = 0
+        while held[i] == want[i]:
+            i += 1
+        return len(want) - i
 
     def _extra(self, ctx: list[int]) -> tuple[np.ndarray, int]:
         """decode_hot's ``extra_ids`` for a round: the context's latest distinct tokens outside the
@@ -312,6 +368,7 @@ class Speculator:
         vocab = m.tokenizer.vocab_size
         sched, stats = self._schedule, SpeculationStats()
         self.stats = stats
+        self._rebase = may_pause and DRAFT_KEEP is not None  # seeded sampled: the draft reads the whole context
         ctx = list(ids)  # everything so far; the model's cache holds ctx[:-1]
 
         def penalized(logits, hist):
@@ -347,8 +404,9 @@ class Speculator:
                 rng = None if greedy else [np.random.default_rng([base, pos + i]).random(3) for i in range(1, k + 2)]
 
                 # 1. the draft: catch up, then k tokens
-                if d._cached != ctx[:-1]:
-                    d._prefill(ctx)
+                start = self._draft_base(ctx, k)  # the draft reads ctx[start:]
+                if d._cached != ctx[start:-1]:
+                    d._prefill(ctx[start:])
                 t_start = time.perf_counter()
                 drafts, qs, hist = [], [], list(history)
                 prev = ctx[-1]
@@ -414,12 +472,17 @@ class Speculator:
 
     def _room(self, pos: int, left: int) -> int:
         """The largest k a round at ``pos`` may draft: tokens left to generate, a score_<T> that
-        fits the model's cache, and the draft's cache (it decodes up to position pos + k, and a
-        ring file's draft may roll back by at most ``contract.ring_rewind_limit``)."""
+        fits the model's cache, and the draft's cache (it decodes up to its position
+        ``pos - base + k``, after a rebase ``_keep + k``: ``_draft_base``; a ring file's draft may
+        roll back by at most ``contract.ring_rewind_limit``)."""
         m, d = self.model, self.draft
         fits = [T for T in m.info.score_lengths if pos + T <= m.context_length]
         if not fits:
             return 0
         ring = contract.ring_rewind_limit(d.config)  # a draft's rollback must stay within its ring
-        return max(0, min(MAX_DRAFT, left - 1, max(fits) - 1, d.context_length - 1 - pos,
+        if self._rebase:  # the draft's position: now, or after a rebase
+            draft_room = d.context_length - 1 - min(pos - self._base if self._base <= pos else pos, self._keep(pos))
+        else:
+            draft_room = d.context_length - 1 - pos
+        return max(0, min(MAX_DRAFT, left - 1, max(fits) - 1, draft_room,
                           MAX_DRAFT if ring is None else ring))

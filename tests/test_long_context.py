@@ -315,6 +315,7 @@ def test_speculative_decoding_across_the_span_and_released_slots(layout, long_dr
     monkeypatch.setattr(engine, "RELEASE_MARGIN", 16)  # above the draft's largest rollback (MAX_DRAFT - 1)
     monkeypatch.setattr(engine, "RELEASE_STEP", 64)
     monkeypatch.setattr(speculative, "PROBE_EVERY", 0)  # rounds throughout, whatever the timings
+    monkeypatch.setattr(speculative, "DRAFT_KEEP", None)  # the draft reads the whole prompt, from 0
     kind, (path, *_) = layout
     long_draft = long_draft[kind]
     n = 80
@@ -437,6 +438,7 @@ def test_speculative_rounds_below_a_span_draft_through_decode_hot(long, long_hot
     from test_hardening import with_meta
 
     monkeypatch.setattr(speculative, "PROBE_EVERY", 0)  # rounds throughout, whatever the timings
+    monkeypatch.setattr(speculative, "DRAFT_KEEP", None)  # the draft reads the whole prompt, from 0
     plain = gemma_edge.load(long[0])
     V = plain.tokenizer.vocab_size
     prompt = [2] + [int(t) for t in np.random.default_rng(1).integers(10, V, 2029)]

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import CONTEXT, PREFILL, _train, corpus_ids
 
-DRAFT_CONTEXT = 48  # shorter than the model's: the last positions decode without the draft
+DRAFT_CONTEXT = 48  # shorter than the model's: past it the draft reads only the latest tokens
 
 
 @pytest.fixture(autouse=True)
@@ -145,6 +145,57 @@ def test_greedy_output_is_identical(spec, plain, sp_model_path):
             kept += s.accepted
             rejected += s.drafted - s.accepted
     assert kept > 20 and rejected > 3, (kept, rejected)
+
+
+def test_a_draft_reads_at_most_the_latest_tokens_it_can_hold(spec_small, plain, sp_model_path, monkeypatch):
+    """The draft's context is 48 tokens, the model's 64, and a draft that would have to prefill
+    more than ``_keep`` tokens (23 here, half its context; 512 for real drafts) reads only the
+    latest ``_keep``, at its own positions from 0 (``_draft_base``). So a long prompt costs the
+    draft at most that, and once a round would run past the draft's context it starts over in
+    the same way: rounds go on to the model's context end, where before every position past
+    48 - k decoded without the draft. The output is the model's own. A prompt the draft can
+    take whole is read whole, and a seeded sampled generation never rebases (where the draft
+    restarts depends on k)."""
+    from gemma_edge.runtime import speculative
+
+    sp = spec_small.speculator
+    assert spec_small.draft.context_length == DRAFT_CONTEXT < spec_small.context_length
+    rounds, prefills = [], []
+    real_base, real_prefill = speculative.Speculator._draft_base, spec_small.draft._prefill
+
+    def draft_base(self, ctx, k):
+        base = real_base(self, ctx, k)
+        rounds.append((len(ctx) - 1, k, base))
+        return base
+
+    def prefill(ids):
+        n = real_prefill(ids)
+        prefills.append((len(ids), n))
+        return n
+
+    monkeypatch.setattr(speculative.Speculator, "_draft_base", draft_base)
+    monkeypatch.setattr(spec_small.draft, "_prefill", prefill)
+    keep = sp._keep(40)
+    assert keep == (DRAFT_CONTEXT - 1) // 2
+    for ids in prompts(sp_model_path)[1:3]:  # 13 tokens (read whole), 31 (more than keep)
+        rounds.clear(), prefills.clear()
+        want = plain.generate(ids, max_tokens=200, temperature=0.0)
+        got = spec_small.generate(ids, max_tokens=200, temperature=0.0)
+        assert (got.tokens, got.finish_reason) == (want.tokens, "length")
+        first_pos, _, first_base = rounds[0]
+        assert first_base == (0 if first_pos <= keep else first_pos - keep), rounds
+        assert prefills[0] == (first_pos - first_base + 1, first_pos - first_base), prefills
+        assert all(n <= keep for _, n in prefills), prefills
+        late = [(pos, k, base) for pos, k, base in rounds if pos + k >= DRAFT_CONTEXT]
+        assert len(late) >= 3 and all(base > 0 and pos - base + k < DRAFT_CONTEXT for pos, k, base in late), rounds
+        assert max(pos for pos, _, _ in rounds) >= spec_small.context_length - 8, rounds  # to near the end
+        restarts = {base for _, _, base in rounds} - {0}
+        assert sum(1 for length, n in prefills if (length, n) == (keep + 1, keep)) >= len(restarts), (prefills, restarts)
+
+    rounds.clear()
+    kw = dict(max_tokens=200, temperature=0.9, top_k=20, seed=7)
+    assert spec_small.generate(ids, **kw).tokens == spec_small.generate(ids, **kw).tokens
+    assert rounds and all(base == 0 and pos + k < DRAFT_CONTEXT for pos, k, base in rounds), rounds
 
 
 def test_any_schedule_of_k_gives_the_same_tokens(spec_small, plain, sp_model_path, monkeypatch):
@@ -658,3 +709,4 @@ def test_schedule_rate_is_the_rounds_mean(alpha):
         assert s.rate(k) == pytest.approx(simulated[k], rel=0.01)
     assert s.rate(40) is None  # no score_<T> holds 41 tokens
     assert simulated[s.choose(11, may_pause=False)] >= 0.99 * max(simulated.values())
+
