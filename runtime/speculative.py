@@ -56,17 +56,18 @@ k: before each round, the k in 1 .. ``MAX_DRAFT`` that maximizes the expected to
 from the measured acceptance rate and the measured time of a draft step, of the Python around a
 round's calls and of each ``score_<T>`` (an unmeasured T is assumed as fast as the next shorter
 one measured, so each is tried; so is one timed only once, since a signature's first call also
-maps its memory). When even the best k is expected to be slower than decoding alone (a draft too
-close in cost to the model, or one that is rarely right), tokens are decoded without the draft,
-with one round after ``PROBE_EVERY`` tokens to measure again, then after twice as many each time
-it still does not pay (up to ``PROBE_EVERY * MAX_BACKOFF``), since such a round's draft steps
-and score call buy little. A probe also makes the draft prefill the tokens it missed, however
-rarely it comes: with a draft whose rounds barely pay the model alone is as fast (the 270M int8
-with an int4-b32 draft of itself: 0.95-1.02x, see README), so use none there. Greedy output is
-the same either way, and a sampled output with a seed never pauses (pausing follows timings, so
-the seed would no longer fix the output). The first generated token is decoded plainly (the time
-to first token stays that of the model alone), and so are positions where no round fits (the
-last slots of either model's context, the last token of max_tokens).
+maps its memory). When even the best k is not expected ``PAY_MARGIN`` (1.1) times as fast as
+decoding alone (a draft too close in cost to the model, or one that is rarely right), tokens are
+decoded without the draft, with one round after ``PROBE_EVERY`` tokens to measure again, then
+after twice as many each time it still does not pay (up to ``PROBE_EVERY * MAX_BACKOFF``), since
+such a round's draft steps and score call buy little. A probe also makes the draft prefill the
+tokens it missed, however rarely it comes: a draft whose rounds barely pay leaves the model no
+faster than alone (the 270M int8 with an int4-b32 draft of itself: 0.93-1.02x, see README), so
+use none there. Greedy output is the same either way, and a sampled output with a seed never
+pauses (pausing follows timings, so the seed would no longer fix the output). The first
+generated token is decoded plainly (the time to first token stays that of the model alone), and
+so are positions where no round fits (the last slots of either model's context, the last token
+of max_tokens).
 """
 
 from __future__ import annotations
@@ -227,8 +228,8 @@ class _Schedule:
         the draft) when even that k is not expected ``PAY_MARGIN`` times as fast as decoding alone,
         except every ``PROBE_EVERY * backoff`` tokens, when a round measures the draft again. The
         margin: on the 270M the expectation ran 5-13% above what was measured (a paused draft's
-        catch-up, calls slower between the other model's), and an int8 model drafted at an
-        expected 1.1x ran at 0.95x."""
+        catch-up, calls slower between the other model's), and an int8 model drafting where it
+        expected about 1.1x ran at 0.95x."""
         best, best_rate = 1, -1.0
         for k in range(1, k_max + 1):
             rate = self.rate(k)
