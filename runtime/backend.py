@@ -132,8 +132,11 @@ class CompiledBackend:
         check_graph(info, self.model.get_signature_list(), self.model.get_input_tensor_details(main),
                     self.model.get_output_tensor_details(main))
         # what the compile read of the file (an int4 file's block scales, checked in every signature)
-        # is in the packed weights now: give those pages back; what a call reads maps again
+        # is in the packed weights now, and LiteRT's code that parsed, delegated and packed the
+        # graph (and its GPU plugin, loaded and unused) runs no more: give those pages back (10 MB
+        # of LiteRT's libraries on the 270M); what a call reads maps again
         host_memory.drop_file_pages(info.path)
+        host_memory.drop_file_pages(litert.library_folder(), folder=True)
         self.io = {}  # per signature, built once: (tokens buffer, input_pos buffer, input map, output map)
         decode = contract.DECODE
         shapes = {} if info.embed_lengths else contract.kv_shapes(cfg, info.context_length)
@@ -335,6 +338,35 @@ def make_backend(info: ModelInfo, threads: int | None = None, kind: str = "auto"
             raise GemmaEdgeError("the in-place KV cache needs ai-edge-litert's CompiledModel: "
                                  "pip install ai-edge-litert")
     return InterpreterBackend(info, threads)
+
+
+def common_prefix(a: list, b: list) -> int:
+    """How many leading items ``a`` and ``b`` share: what a cache holding ``a`` keeps of ``b``.
+
+    By list comparisons (C speed) rather than a loop over items: tested on all but the last
+    ``_TAIL`` items first, the usual case (a draft's cache after a round differs from the context
+    in its last few tokens), else by halving; then item by item over at most ``_TAIL``. A Python
+    loop over a 32k-token context took about 1.5 ms, in each speculative round."""
+    n = min(len(a), len(b))
+    lo, hi = 0, n  # a[:lo] == b[:lo]; they differ before hi, unless hi == n
+    tail = n - _TAIL
+    if tail > 0:
+        if a[:tail] == b[:tail]:
+            lo = tail
+        else:
+            hi = tail
+            while hi - lo > _TAIL:
+                mid = (lo + hi) // 2
+                if a[lo:mid] == b[lo:mid]:
+                    lo = mid
+                else:
+                    hi = mid
+    while lo < hi and a[lo] == b[lo]:
+        lo += 1
+    return lo
+
+
+_TAIL = 64
 
 
 def plan_prefill(n: int, start: int, lengths: list[int], context: int) -> list[tuple[int, int]]:

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import chat as chat_format
 from . import contract, embedding, host_memory, weight_cache
-from .backend import decode_hot_signature, make_backend, run_prefill
+from .backend import common_prefix, decode_hot_signature, make_backend, run_prefill
 from .config import from_ranges
 from .detokenizer import StreamingDetokenizer
 from .errors import DraftError, EmbeddingError, GenerationError, ModelFileError, ModelKindError, TokenizerError
@@ -227,10 +227,7 @@ class Model:
     # ---- the token loop ----------------------------------------------------------
     def _prefill(self, ids: list[int]) -> int:
         """Bring the cache to hold ids[:-1]; returns how many tokens were prefilled."""
-        keep = 0
-        limit = min(len(self._cached), len(ids) - 1)
-        while keep < limit and self._cached[keep] == ids[keep]:
-            keep += 1
+        keep = common_prefix(self._cached, ids[:-1])
         released = getattr(self.backend, "released", 0)
         ring = contract.ring_rewind_limit(self.config)
         if (released and keep < len(self._cached) and keep < released + (self.config.sliding_window or 0)) or (

@@ -1,11 +1,10 @@
 """Files gemma-edge writes: checked before the work starts, written to a temporary name beside
 the target and renamed into place, never over an input, never left half-written; and the one
-way to hash files."""
+way to hash files and bytes."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -106,8 +105,35 @@ def atomic_output(out, force: bool = False, inputs: Iterable = ()) -> Iterator[P
         raise
 
 
+_SMALL = 1 << 20  # bytes up to which ``sha256`` does without OpenSSL
+
+
+def sha256(data: bytes = b""):
+    """A sha256 hash object over ``data`` (``update``, ``digest``, ``hexdigest``).
+
+    Python's own sha256 for up to ``_SMALL`` bytes: hashlib's default is OpenSSL's, six times
+    faster, but importing it maps libcrypto, about 3.5 MB resident for the life of the process,
+    and a load hashes only a few hundred bytes (its weight cache's name, a file's metadata).
+    Larger data (a header on a file's first load, the weights) goes to OpenSSL."""
+    if len(data) <= _SMALL:
+        try:
+            from _sha2 import sha256 as small  # Python 3.12+
+        except ImportError:
+            try:
+                from _sha256 import sha256 as small
+            except ImportError:  # a Python built without its own: OpenSSL's is as good
+                small = None
+        if small is not None:
+            return small(data)
+    import hashlib
+
+    return hashlib.sha256(data)
+
+
 def sha256_files(paths: Iterable, chunk: int = 8 << 20) -> str:
     """sha256 over the files' names and bytes, in the order given (a checkpoint's provenance)."""
+    import hashlib
+
     h = hashlib.sha256()
     for p in paths:
         p = Path(p)

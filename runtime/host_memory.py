@@ -105,17 +105,21 @@ def release(start: int, end: int) -> int:
     return hi - lo
 
 
-def drop_file_pages(path: str) -> int:
-    """Take this process's resident pages of the file at ``path`` out of its memory, where the
-    file is mapped read-only (as LiteRT maps a model): the pages stay in the OS's page cache, and
-    a later read of one maps it again from there. For what a load reads once, such as an int4
+def drop_file_pages(path: str, folder: bool = False) -> int:
+    """Take this process's resident pages of the file at ``path`` (with ``folder``: of every file
+    under the folder ``path``) out of its memory, where the file is mapped read-only (as LiteRT
+    maps a model, and the loader maps a library's code): the pages stay in the OS's page cache,
+    and a later read of one maps it again from there. For what a load reads once, such as an int4
     file's block scales, which XNNPACK checks in every signature at each load but then reads
-    from its packed copy. A mapping that was ever writable and holds private copies of pages is
-    left alone (dropping those would lose what was written). Returns the bytes the mappings had
-    resident (0 where /proc or madvise is not available)."""
+    from its packed copy, or the code that parsed and compiled the graph. A mapping that was
+    ever writable and holds private copies of pages (a library's relocated data) is left alone:
+    dropping those would lose what was written. Returns the bytes the mappings had resident (0
+    where /proc or madvise is not available).
+    """
     if not sys.platform.startswith("linux"):
         return 0
     target = os.path.realpath(path)
+    under = target.rstrip(os.sep) + os.sep
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         madvise = libc.madvise
@@ -129,7 +133,8 @@ def drop_file_pages(path: str) -> int:
         head = line.split(None, 5)
         if len(head) >= 5 and "-" in head[0] and ":" in head[3]:  # a mapping's first line
             current = None
-            if len(head) == 6 and head[5] == target and "w" not in head[1]:
+            name = head[5] if len(head) == 6 else ""
+            if (name.startswith(under) if folder else name == target) and "w" not in head[1]:
                 lo, hi = (int(x, 16) for x in head[0].split("-"))
                 current = (lo, hi, {})
                 mappings.append(current)

@@ -45,6 +45,13 @@ def _native():
     return cm, tb
 
 
+def library_folder() -> str:
+    """The folder of LiteRT's native libraries (ai_edge_litert's)."""
+    import ai_edge_litert
+
+    return os.path.dirname(os.path.realpath(ai_edge_litert.__file__))
+
+
 def compile_file(path: str, threads: int, weight_cache_path: str = ""):
     """A CompiledModel of the file at ``path`` on the CPU (XNNPACK) with ``threads`` threads,
     its packed weights cached at ``weight_cache_path`` when given. Raises what the native

@@ -33,7 +33,6 @@ packs the weights anyway). Files of format 1 carry only the header digest
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import mmap
 import os
@@ -41,6 +40,7 @@ import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from . import fileio
 from .config import GemmaConfig, are_ranges
 from .errors import GemmaEdgeError, ModelFileError
 
@@ -287,24 +287,23 @@ def metadata_entries(meta: FileMeta, tokenizer_model: bytes) -> dict[str, bytes]
 
 
 def metadata_digest(entries: dict[str, bytes]) -> bytes:
-    h = hashlib.sha256()
+    parts = []
     for key in (CONFIG_KEY, TOKENIZER_KEY):
         blob = entries.get(key, b"")
-        h.update(struct.pack("<Q", len(blob)))
-        h.update(blob)
-    return h.digest()
+        parts += [struct.pack("<Q", len(blob)), blob]
+    return fileio.sha256(b"".join(parts)).digest()
 
 
 def weights_digest(buffer_digests: list[bytes]) -> bytes:
     """One digest of the weights from the sha256 of every weight buffer, in file order."""
-    return hashlib.sha256(b"".join(buffer_digests)).digest()
+    return fileio.sha256(b"".join(buffer_digests)).digest()
 
 
 def checksums_blob(header: bytes, entries: dict[str, bytes], weight_buffer_digests: list[bytes]) -> bytes:
     """The checksums entry: ``entries`` as ``metadata_entries`` gave them (those stored ``APART``
     count as weights: their digests are among ``weight_buffer_digests``, in file order)."""
     entries = {k: v for k, v in entries.items() if k not in APART}
-    return (struct.pack("<Q", len(header)) + hashlib.sha256(header).digest() + metadata_digest(entries)
+    return (struct.pack("<Q", len(header)) + fileio.sha256(header).digest() + metadata_digest(entries)
             + weights_digest(weight_buffer_digests))
 
 
@@ -318,7 +317,7 @@ def _check_header(path: str, blob: bytes, expected_len: int) -> None:
         raise ModelFileError(f"{path}: the checksum entry is damaged; {_DAMAGED}")
     n = struct.unpack_from("<Q", blob)[0]
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if n > len(m) or hashlib.sha256(m[:n]).digest() != blob[8:8 + _DIGEST]:
+        if n > len(m) or fileio.sha256(m[:n]).digest() != blob[8:8 + _DIGEST]:
             raise ModelFileError(f"{path}: the file is damaged (its graph no longer matches the checksum "
                                  f"written with it); {_DAMAGED}")
 
@@ -646,11 +645,13 @@ def verify_weights(info: ModelInfo, progress=None) -> bool | None:
     ``progress(done_bytes, total_bytes)`` is called as it reads."""
     if info.weights_sha256 is None:
         return None
+    import hashlib
+
     total = sum(n for _, n in info.weight_regions)
     done, digests = 0, []
     with open(info.path, "rb") as f:
         for offset, n in info.weight_regions:
-            h = hashlib.sha256()
+            h = hashlib.sha256()  # OpenSSL's, for its speed over gigabytes
             f.seek(offset)
             left = n
             while left:

@@ -81,6 +81,7 @@ from typing import Iterator
 import numpy as np
 
 from . import contract
+from .backend import common_prefix
 from .errors import DraftError
 from .sampling import REPETITION_WINDOW, Distribution, apply_repetition_penalty, make_distribution
 
@@ -312,14 +313,8 @@ class Speculator:
     def _missing(self, ctx: list[int], base: int) -> int:
         """How many tokens of ``ctx[base:-1]`` the draft's cache lacks (those past the prefix it
         holds)."""
-        held, want = self.draft._cached, ctx[base:-1]
-        n = min(len(held), len(want))
-        if held[:n] == want[:n]:
-            return len(want) - n
-        i = 0
-        while held[i] == want[i]:
-            i += 1
-        return len(want) - i
+        want = ctx[base:-1]
+        return len(want) - common_prefix(self.draft._cached, want)
 
     def _extra(self, ctx: list[int]) -> tuple[np.ndarray, int]:
         """decode_hot's ``extra_ids`` for a round: the context's latest distinct tokens outside the

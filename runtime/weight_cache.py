@@ -35,7 +35,6 @@ Every note goes to stderr as one line starting ``gemma-edge: note:``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import mmap
 import os
@@ -46,6 +45,7 @@ import sys
 import zlib
 from pathlib import Path
 
+from . import fileio
 from .modelfile import ModelInfo, verify_weights
 
 SUFFIX = ".xnnpack"
@@ -72,12 +72,12 @@ def _key(info: ModelInfo) -> tuple[str, str]:
 
 def _key_of(model_path: str, checksums: bytes) -> tuple[str, str]:
     real = os.path.realpath(model_path)
-    place = hashlib.sha256(real.encode()).hexdigest()[:8]
+    place = fileio.sha256(real.encode()).hexdigest()[:8]
     if checksums:  # the file's own digests: the same content always finds the same cache
-        content = hashlib.sha256(checksums).hexdigest()[:16]
+        content = fileio.sha256(checksums).hexdigest()[:16]
     else:  # format 1: its identity on disk
         st = os.stat(model_path)
-        content = hashlib.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+        content = fileio.sha256(f"{real}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return f"{os.path.basename(model_path)}.{place}", content
 
 

@@ -13,7 +13,7 @@ from gemma_edge.convert import gguf_checkpoint, hf_checkpoint
 from gemma_edge.convert.gguf_checkpoint import config_from_gguf
 from gemma_edge.convert.hf_checkpoint import config_from_hf
 from gemma_edge.convert.names import build_map, norm_scale, source_names
-from gemma_edge.runtime.backend import plan_prefill
+from gemma_edge.runtime.backend import common_prefix, plan_prefill
 from gemma_edge.runtime.config import FULL, SLIDING, GemmaConfig
 from gemma_edge.runtime.errors import GemmaEdgeError, ModelFileError, UnsupportedModelError, WeightMapError
 
@@ -176,6 +176,27 @@ def test_plan_prefill_near_the_cache_end():
     assert plan_prefill(12, 50, [8, 32], 64) == [(8, 8)] + [(1, 1)] * 4  # 8+8 would pass slot 64
     with pytest.raises(GemmaEdgeError, match="cache is full"):
         plan_prefill(3, 62, [8, 32], 64)
+
+
+def test_common_prefix_is_the_item_by_item_count():
+    """``common_prefix`` (list comparisons, halving) against a loop over items, on lists that part
+    at every distance from their ends, on both sides of its 64-item tail."""
+    import random
+
+    def loop(a, b):
+        i = 0
+        while i < min(len(a), len(b)) and a[i] == b[i]:
+            i += 1
+        return i
+
+    rng = random.Random(3)
+    for _ in range(3000):
+        n = rng.choice([0, 1, 2, 63, 64, 65, 129, 500, 3000])
+        a = [rng.randrange(3) for _ in range(n)]
+        b = a[:rng.randrange(n + 1)] + [rng.randrange(3) for _ in range(rng.randrange(200))]
+        if rng.random() < 0.5:
+            a, b = b, a
+        assert common_prefix(a, b) == loop(a, b), (a, b)
 
 
 def test_metadata_reader_errors(tmp_path):
