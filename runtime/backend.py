@@ -346,7 +346,7 @@ def common_prefix(a: list, b: list) -> int:
     By list comparisons (C speed) rather than a loop over items: tested on all but the last
     ``_TAIL`` items first, the usual case (a draft's cache after a round differs from the context
     in its last few tokens), else by halving; then item by item over at most ``_TAIL``. A Python
-    loop over a 32k-token context took about 1.5 ms, in each speculative round."""
+    loop over a 32k-token context took 0.7 ms (this: 0.27 ms), in each speculative round."""
     n = min(len(a), len(b))
     lo, hi = 0, n  # a[:lo] == b[:lo]; they differ before hi, unless hi == n
     tail = n - _TAIL
