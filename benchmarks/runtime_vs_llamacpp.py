@@ -144,7 +144,7 @@ def llama_run(py: str, gguf: str, p: int, n: int, ctx: int, threads: int) -> dic
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", help="the GGUF llama.cpp runs (default: the bundled real Gemma 3 270M)")
-    ap.add_argument("--model", help="gemma-edge int8 file (default: convert the GGUF into --work-dir)")
+    ap.add_argument("--model", help="gemma-edge file, any preset (default: convert the GGUF to int8 into --work-dir)")
     ap.add_argument("--max-context", type=int, default=2048, help="context of the converted file and llama.cpp's n_ctx")
     ap.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "gemma-edge-bench"))
     ap.add_argument("-p", "--prompt-tokens", type=int, default=128)
@@ -215,7 +215,7 @@ def main():
     print(f"{'llama.cpp':12}{l['prefill_tps']:>15.1f}{l['decode_tps']:>14.1f}{l['load_s']:>8.2f}{l['peak_rss_mb']:>13.0f}")
     print(f"ratios (gemma-edge / llama.cpp): prefill {summary['prefill_ratio']:.2f}, decode "
           f"{summary['decode_ratio']:.2f}")
-    print(f"peak RSS / file size: gemma-edge {summary['rss_over_file']:.2f} ({size_mb:.0f} MB int8 file), "
+    print(f"peak RSS / file size: gemma-edge {summary['rss_over_file']:.2f} ({size_mb:.0f} MB {Path(model).name}), "
           f"llama.cpp {summary['llama_rss_over_file']:.2f} ({gguf_mb:.0f} MB GGUF)")
 
 
