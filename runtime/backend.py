@@ -135,8 +135,7 @@ class CompiledBackend:
         # is in the packed weights now, and LiteRT's code that parsed, delegated and packed the
         # graph (and its GPU plugin, loaded and unused) runs no more: give those pages back (10 MB
         # of LiteRT's libraries on the 270M); what a call reads maps again
-        host_memory.drop_file_pages(info.path)
-        host_memory.drop_file_pages(litert.library_folder(), folder=True)
+        host_memory.drop_file_pages(info.path, folders=(litert.library_folder(),))
         self.io = {}  # per signature, built once: (tokens buffer, input_pos buffer, input map, output map)
         decode = contract.DECODE
         shapes = {} if info.embed_lengths else contract.kv_shapes(cfg, info.context_length)

@@ -550,15 +550,16 @@ def resident(match):
     return kb * 1024
 dropped = {}
 real = host_memory.drop_file_pages
-host_memory.drop_file_pages = lambda p, folder=False: dropped.setdefault(('folder ' if folder else '') + p, real(p, folder))
+host_memory.drop_file_pages = lambda *p, **k: dropped.update(real(*p, **k)) or dropped
 info = read_info(path)
 b = B.CompiledBackend(info, threads=1)
 after_load = resident(lambda n: n == path)
 libs_after_load = resident(lambda n: n.startswith(libs))
 got = b.decode(2, 0)
 ref = B.InterpreterBackend(info, threads=1).decode(2, 0)
-print(json.dumps(dict(dropped=dropped, after_load=after_load, libs_after_load=libs_after_load,
-                      file=path, libs='folder ' + libs[:-1], same=bool(np.allclose(got, ref, atol=1e-4)))))
+print(json.dumps(dict(dropped={os.path.realpath(k): v for k, v in dropped.items()}, after_load=after_load,
+                      libs_after_load=libs_after_load, file=path, libs=libs[:-1],
+                      same=bool(np.allclose(got, ref, atol=1e-4)))))
 """
     out = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -596,7 +597,7 @@ libc = ctypes.CDLL(None)
 libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 assert libc.mprotect(ctypes.addressof(ctypes.c_char.from_buffer(cow)), len(cow), mmap.PROT_READ) == 0
 before = rss()
-dropped = host_memory.drop_file_pages(f)
+dropped = host_memory.drop_file_pages(f)[f]
 print(json.dumps(dict(before=before, after=rss(), dropped=dropped, ro=ro[:4].decode(), cow=cow[:4].decode())))
 """
     f = tmp_path / "weights.bin"
