@@ -556,15 +556,22 @@ def test_cli_run_with_a_draft(path, small_draft, plain):
 
 
 def test_cli_convert_for_draft_then_run_with_it(path, small_ckpt, plain, tmp_path):
-    """`gemma-convert --for-draft` writes a draft `gemma-edge info` names as one, which `run
+    """`gemma-convert --for-draft` writes a draft `gemma-edge info` names as one, without the
+    score_<T> signatures a draft never uses (unless --score-lengths asks for them), which `run
     --draft` uses (the model's own text), and which runs alone as any file does."""
     out = tmp_path / "d.tflite"
-    proc = subprocess.run([str(Path(sys.executable).with_name("gemma-convert")), str(small_ckpt), "-o", str(out),
-                           "--quant", "int4-b32", "--max-context", str(DRAFT_CONTEXT), "--prefill-lengths", "8",
-                           "--score-lengths", "0", "--for-draft", "-q"], capture_output=True, text=True, timeout=300)
+    convert = [str(Path(sys.executable).with_name("gemma-convert")), str(small_ckpt), "--quant", "int4-b32",
+               "--max-context", str(DRAFT_CONTEXT), "--prefill-lengths", "8", "--for-draft", "-q"]
+    proc = subprocess.run(convert + ["-o", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     info = _cli("info", out)
     assert info.returncode == 0 and "decode_hot over 64 frequent pieces" in info.stdout, info.stdout + info.stderr
+    assert "score chunks none" in info.stdout, info.stdout
+    asked = tmp_path / "d4.tflite"
+    proc = subprocess.run(convert + ["-o", str(asked), "--score-lengths", "4"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "score chunks 4" in _cli("info", asked).stdout
     want = plain.generate("the model", max_tokens=10, temperature=0.0).text
     proc = _cli("run", path, "--draft", out, "-p", "the model", "-t", "0", "-n", "10", "-v")
     assert proc.returncode == 0 and proc.stdout == want + "\n", proc.stderr
