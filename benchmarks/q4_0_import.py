@@ -324,10 +324,12 @@ def reuse_templates():
 
     build = template.build_template
 
-    def cached(cfg, context, prefill_lengths, score_lengths=(), **kw):
-        key = (json.dumps(cfg.to_dict(), sort_keys=True), int(context), tuple(prefill_lengths), tuple(score_lengths))
+    def cached(cfg, context, prefill_lengths, score_lengths=(), *rest, **kw):
+        shape = repr((rest, sorted((k, v) for k, v in kw.items() if k != "progress")))  # spans, decode_hot, ...
+        key = (json.dumps(cfg.to_dict(), sort_keys=True), int(context), tuple(prefill_lengths), tuple(score_lengths),
+               shape)
         if key not in _TEMPLATES:
-            _TEMPLATES[key] = build(cfg, context, prefill_lengths, score_lengths, **kw)
+            _TEMPLATES[key] = build(cfg, context, prefill_lengths, score_lengths, *rest, **kw)
         return _TEMPLATES[key]
 
     template.build_template = cached
