@@ -35,7 +35,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Both children's memory reading: MB from /proc/self/status (RSS, its anonymous and file-backed
+# Both children's memory reading: MiB from /proc/self/status (RSS, its anonymous and file-backed
 # parts, the peak) and /proc/self/smaps_rollup (PSS: each page divided by the processes mapping it).
 STATUS = r"""
 import re
@@ -189,7 +189,7 @@ def main():
                     help="also run this many processes on the file at once and report each one's PSS, where "
                          "the weight cache's pages are shared (default 2; 1 leaves the case out)")
     args = ap.parse_args()
-    size_mb = os.path.getsize(args.model) / 1e6
+    size_mib = os.path.getsize(args.model) / 2**20  # the unit of every memory figure here (kB // 1024)
     where = os.path.dirname(os.path.abspath(args.model))  # the cache is about the file's size: beside it
     with tempfile.TemporaryDirectory(prefix="gemma-edge-wcache-", dir=where) as cache:
         cases = {}
@@ -214,7 +214,7 @@ def main():
                     for _ in range(args.runs + 1)]
             cases["LiteRT-LM, same file, first load"] = runs[:1]
             cases["LiteRT-LM, same file, later loads"] = runs[1:]
-    print(f"{args.model}: {size_mb:.0f} MB")
+    print(f"{args.model}: {size_mib:.0f} MiB ({os.path.getsize(args.model) / 1e6:.0f} MB); memory in MiB")
     for name, runs in cases.items():
         last = runs[-1]["stages"]
         maps = runs[-1]["maps"]
@@ -222,11 +222,11 @@ def main():
         peak = last["decode"]["VmHWM"]
         together = [r["stages"][s] for r in runs for s in r["stages"] if s.endswith(" running")]
         print(f"\n{name}: load {statistics.median(r['load_s'] for r in runs):.2f} s (median of {len(runs)}), "
-              f"peak RSS {peak} MB = {peak / size_mb:.2f}x the file"
-              + (f"; PSS of each with all running: {', '.join(str(m['Pss']) for m in together)} MB"
-                 f" = {statistics.median(m['Pss'] for m in together) / size_mb:.2f}x the file"
+              f"peak RSS {peak} MiB = {peak / size_mib:.2f}x the file"
+              + (f"; PSS of each with all running: {', '.join(str(m['Pss']) for m in together)} MiB"
+                 f" = {statistics.median(m['Pss'] for m in together) / size_mib:.2f}x the file"
                  if together and all("Pss" in m for m in together) else ""))
-        print(f"  {'stage':<16}{'RSS':>7}{'PSS':>7}{'anon':>7}{'file':>7}{'model':>7}{'cache':>7}  MB"
+        print(f"  {'stage':<16}{'RSS':>7}{'PSS':>7}{'anon':>7}{'file':>7}{'model':>7}{'cache':>7}  MiB"
               + (f"   lookup tables resident ({lookup} tables)" if lookup else ""))
         for stage, m in last.items():
             s = maps.get(stage)
@@ -234,7 +234,7 @@ def main():
             if s:
                 row += f"{s['model_map_rss'] >> 20:>7}{s['cache_map_rss'] >> 20:>7}"
                 if lookup and s["regions_resident"] is not None:
-                    row += (f"      {s['regions_resident'] / 2**20:,.1f} of {s['regions_bytes'] / 2**20:,.0f} MB "
+                    row += (f"      {s['regions_resident'] / 2**20:,.1f} of {s['regions_bytes'] / 2**20:,.0f} MiB "
                             f"({100 * s['regions_resident'] / max(s['regions_bytes'], 1):.2f}%)")
             print(row)
 

@@ -191,8 +191,8 @@ def main():
     def med(rows, k):
         return statistics.median(r[k] for r in rows)
 
-    size_mb = os.path.getsize(model) / 1e6
-    gguf_mb = os.path.getsize(gguf) / 1e6
+    size_mb = os.path.getsize(model) / 2**20  # MiB, as the peak RSS (VmHWM kB / 1024)
+    gguf_mb = os.path.getsize(gguf) / 2**20
     summary = {
         "model": model, "gguf": gguf, "threads": args.threads, "context": args.max_context,
         "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
@@ -210,13 +210,13 @@ def main():
     g, l = summary["gemma_edge"], summary["llama_cpp"]
     print(f"{Path(gguf).name}, {args.threads} threads, context {args.max_context}, p={args.prompt_tokens} "
           f"n={args.gen_tokens}, medians of {args.runs} alternating runs")
-    print(f"{'':12}{'prefill tok/s':>15}{'decode tok/s':>14}{'load s':>8}{'peak RSS MB':>13}")
+    print(f"{'':12}{'prefill tok/s':>15}{'decode tok/s':>14}{'load s':>8}{'peak RSS MiB':>13}")
     print(f"{'gemma-edge':12}{g['prefill_tps']:>15.1f}{g['decode_tps']:>14.1f}{g['load_s']:>8.2f}{g['peak_rss_mb']:>13.0f}")
     print(f"{'llama.cpp':12}{l['prefill_tps']:>15.1f}{l['decode_tps']:>14.1f}{l['load_s']:>8.2f}{l['peak_rss_mb']:>13.0f}")
     print(f"ratios (gemma-edge / llama.cpp): prefill {summary['prefill_ratio']:.2f}, decode "
           f"{summary['decode_ratio']:.2f}")
-    print(f"peak RSS / file size: gemma-edge {summary['rss_over_file']:.2f} ({size_mb:.0f} MB {Path(model).name}), "
-          f"llama.cpp {summary['llama_rss_over_file']:.2f} ({gguf_mb:.0f} MB GGUF)")
+    print(f"peak RSS / file size: gemma-edge {summary['rss_over_file']:.2f} ({size_mb:.0f} MiB {Path(model).name}), "
+          f"llama.cpp {summary['llama_rss_over_file']:.2f} ({gguf_mb:.0f} MiB GGUF)")
 
 
 if __name__ == "__main__":

@@ -294,7 +294,7 @@ def bench(model, prompt_tokens, gen_tokens, runs, threads, as_json, draft):
                f"ttft       {f(r['ttft_s'], 1000, ' ms')} for {r['prompt_tokens']} prompt tokens\n"
                f"prefill    {f(r['prefill_tps'])} tok/s\n"
                f"decode     {f(r['decode_tps'])} tok/s over {r['gen_tokens']} tokens, {r['runs']} runs\n"
-               f"peak RSS   {r['peak_rss_mb']:.0f} MB")
+               f"peak RSS   {r['peak_rss_mb']:.0f} MiB ({r['rss_over_file']:.2f}x the file)")
     if draft:
         d = r["draft"]
         click.echo(f"draft      {d['model']} ({d['quant']}): mean k {d['mean_k']:.1f}, {d['accepted']}/{d['drafted']} "

@@ -9,6 +9,7 @@ chat's second turn prefills only its new tokens.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -597,7 +598,8 @@ class Model:
             "threads": self.backend.threads, "prompt_tokens": len(ids), "gen_tokens": gen_tokens,
             "runs": runs, "load_s": self.load_seconds,
             "ttft_s": stat("ttft_s"), "prefill_tps": stat("prefill_tps"), "decode_tps": stat("decode_tps"),
-            "peak_rss_mb": host_memory.peak_rss_mb(),
+            "peak_rss_mb": (peak := host_memory.peak_rss_mb()),  # MiB (VmHWM's kB / 1024)
+            "rss_over_file": peak * 2**20 / os.path.getsize(self.info.path),
             **({"draft": self._draft_summary(spec)} if spec else {}),
         }
 

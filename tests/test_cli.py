@@ -114,6 +114,8 @@ def test_bench_json(path):
     assert r["runs"] == 2 and r["gen_tokens"] == 8 and r["prompt_tokens"] == 8
     assert r["decode_tps"]["median"] > 0 and r["prefill_tps"]["median"] > 0
     assert r["decode_tps"]["min"] <= r["decode_tps"]["median"] <= r["decode_tps"]["max"]
+    # peak RSS in MiB, over the file's bytes in the same unit
+    assert r["rss_over_file"] == pytest.approx(r["peak_rss_mb"] * 2**20 / os.path.getsize(path))
 
 
 # ---- gemma-edge: bad input -------------------------------------------------------------------
