@@ -458,7 +458,7 @@ def info(model, verify, as_json):
         ]
     chunks = (f"embed chunks {', '.join(map(str, i.embed_lengths))}" if e is not None else
               f"prefill chunks {', '.join(map(str, i.prefill_lengths))}; score chunks "
-              f"{', '.join(map(str, i.score_lengths)) or 'none (no eval in chunks, no --draft)'}"
+              f"{', '.join(map(str, i.score_lengths)) or 'none (eval scores token by token; no draft can speed it up)'}"
               + (f"; decode_hot over {c.embed_hot_rows} frequent pieces (a draft"
                  + (", with " + ", ".join(f"decode_hot_s{s}" for s in i.decode_hot_spans) if i.decode_hot_spans else "")
                  + ")" if i.decode_hot else ""))
