@@ -133,8 +133,8 @@ class CompiledBackend:
                     self.model.get_output_tensor_details(main))
         # what the compile read of the file (an int4 file's block scales, checked in every signature)
         # is in the packed weights now, and LiteRT's code that parsed, delegated and packed the
-        # graph (and its GPU plugin, loaded and unused) runs no more: give those pages back (10 MB
-        # of LiteRT's libraries on the 270M); what a call reads maps again
+        # graph (and its GPU plugin, loaded and unused) runs no more: give those pages back (10 MiB
+        # of LiteRT's libraries on the 270M, net of what later calls map again); what a call reads maps again
         host_memory.drop_file_pages(info.path, folders=(litert.library_folder(),))
         self.io = {}  # per signature, built once: (tokens buffer, input_pos buffer, input map, output map)
         decode = contract.DECODE

@@ -572,6 +572,10 @@ def test_cli_convert_for_draft_then_run_with_it(path, small_ckpt, plain, tmp_pat
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "score chunks 4" in _cli("info", asked).stdout
+    reported = tmp_path / "dr.tflite"  # --report keeps the defaults: its perplexity reads through them
+    proc = subprocess.run(convert + ["-o", str(reported), "--report"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "score chunks 4, 8, 32" in _cli("info", reported).stdout
     want = plain.generate("the model", max_tokens=10, temperature=0.0).text
     proc = _cli("run", path, "--draft", out, "-p", "the model", "-t", "0", "-n", "10", "-v")
     assert proc.returncode == 0 and proc.stdout == want + "\n", proc.stderr
